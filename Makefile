@@ -1,0 +1,40 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both install first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# torch 2.13.0 CPU build is what a machine without a GPU gets; a machine with CUDA keeps its own torch.
+CPU_TORCH := torch==2.13.0
+
+.PHONY: install demo test lint typecheck unit bench-sim clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "torch already present: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip install --quiet torch; \
+	else \
+		$(PY) -m pip install --quiet $(CPU_TORCH); \
+	fi
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	@touch $@
+
+demo: install
+	$(VENV)/bin/offload-run
+
+lint: install
+	$(VENV)/bin/ruff check offload cache_policies tests bench
+	$(VENV)/bin/ruff format --check offload cache_policies tests bench
+
+typecheck: install
+	$(VENV)/bin/mypy offload cache_policies
+
+unit: install
+	$(PY) -m pytest -q
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

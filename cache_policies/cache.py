@@ -1,0 +1,182 @@
+"""The expert cache: residency, slot numbers and waves, driven by a :class:`CachePolicy`.
+
+One class serves the runtime and the trace simulator, so both make identical decisions (DESIGN invariant 4).
+
+Semantics of one layer access (the experts one MoE layer needs for one forward call):
+
+- Experts are touched in ascending id order. A resident expert is a hit; a missing one is a miss and takes a
+  free slot, or the slot of a victim the policy picks. The layer's own experts are never evicted to make
+  room for each other.
+- If the layer needs more experts than its partition has slots (prefill over many tokens), the access runs
+  in *waves*: the first wave holds every resident expert (all hits) and then misses in ascending order until
+  the partition is full; each later wave loads the next misses and may evict experts of earlier waves,
+  whose computation is done. Only a single token's top-k must fit at once.
+
+Scope ``"layer"`` gives each layer its own partition (its own slots and policy); ``"global"`` shares one
+partition of ``capacity`` slots across all layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cache_policies.policy import CachePolicy
+
+Scope = Literal["layer", "global"]
+PolicyFactory = Callable[[int], CachePolicy]  # capacity -> a fresh policy
+
+
+@dataclass(slots=True)
+class Wave:
+    """Experts of one layer that are resident together and computed together."""
+
+    experts: list[int] = field(default_factory=list)  # ascending within the wave
+    slots: list[int] = field(default_factory=list)  # slot of each expert, same order
+    loads: list[int] = field(default_factory=list)  # positions in `experts` that must be copied in
+    evicted: list[tuple[int, int]] = field(default_factory=list)  # (layer, expert) that lost a slot
+
+
+@dataclass(slots=True)
+class AccessPlan:
+    layer: int
+    waves: list[Wave]
+    hits: int
+    misses: int
+
+
+@dataclass(slots=True)
+class _Partition:
+    policy: CachePolicy
+    capacity: int
+    first_slot: int
+    resident: dict[int, int] = field(default_factory=dict)  # key -> slot
+    free: list[int] = field(default_factory=list)  # popped from the end: lowest slot first
+
+    def __post_init__(self) -> None:
+        self.free = list(range(self.first_slot + self.capacity - 1, self.first_slot - 1, -1))
+
+
+class ExpertCache:
+    """Residency of ``(layer, expert)`` keys in ``slots`` device slots.
+
+    ``capacity`` is the slot count of one partition: per layer for scope ``"layer"``, in total for
+    ``"global"``. ``slots`` is the total either way.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        capacity: int,
+        policy: PolicyFactory,
+        scope: Scope = "global",
+    ) -> None:
+        if num_layers < 1 or num_experts < 1:
+            raise ValueError(f"need at least one layer and one expert, got {num_layers} x {num_experts}")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        capacity = min(capacity, num_experts if scope == "layer" else num_layers * num_experts)
+        parts = num_layers if scope == "layer" else 1
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.scope: Scope = scope
+        self.capacity = capacity
+        self.slots = capacity * parts
+        self._parts = [_Partition(policy(capacity), capacity, i * capacity) for i in range(parts)]
+        self._now = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    # -- queries -------------------------------------------------------------------------------------
+    def slot_of(self, layer: int, expert: int) -> int | None:
+        key = layer * self.num_experts + expert
+        return self._partition(layer).resident.get(key)
+
+    def resident(self) -> dict[tuple[int, int], int]:
+        """Every resident ``(layer, expert)`` and its slot."""
+        out = {}
+        for part in self._parts:
+            for key, slot in part.resident.items():
+                out[divmod(key, self.num_experts)] = slot
+        return out
+
+    def _partition(self, layer: int) -> _Partition:
+        return self._parts[layer if self.scope == "layer" else 0]
+
+    # -- the one decision path -----------------------------------------------------------------------
+    def access(self, layer: int, experts: Sequence[int]) -> AccessPlan:
+        """Plan one layer access. ``experts`` must be unique and ascending."""
+        part = self._partition(layer)
+        policy = part.policy
+        policy.begin_access(self._now)
+        self._now += 1
+        base = layer * self.num_experts
+        if len(experts) <= part.capacity:
+            waves = [self._single_wave(part, base, experts)]
+        else:
+            waves = self._waves(part, base, experts)
+        misses = sum(len(w.loads) for w in waves)
+        hits = len(experts) - misses
+        self.hits += hits
+        self.misses += misses
+        return AccessPlan(layer, waves, hits, misses)
+
+    def _single_wave(self, part: _Partition, base: int, experts: Sequence[int]) -> Wave:
+        resident, policy = part.resident, part.policy
+        protected = {base + e for e in experts}
+        wave = Wave(list(experts))
+        for i, expert in enumerate(experts):
+            key = base + expert
+            slot = resident.get(key)
+            if slot is not None:
+                policy.hit(key)
+            else:
+                slot = self._make_room(part, protected, wave)
+                policy.use(key)
+                policy.insert(key)
+                resident[key] = slot
+                wave.loads.append(i)
+            wave.slots.append(slot)
+        return wave
+
+    def _waves(self, part: _Partition, base: int, experts: Sequence[int]) -> list[Wave]:
+        resident, policy = part.resident, part.policy
+        hit_experts = [e for e in experts if base + e in resident]
+        missing = [e for e in experts if base + e not in resident]
+        waves: list[Wave] = []
+        for expert in hit_experts:  # all hits fit: the partition holds them right now
+            policy.hit(base + expert)
+        room = part.capacity - len(hit_experts)
+        todo = hit_experts + missing[:room]
+        todo.sort()
+        pending = missing[room:]
+        current = Wave()
+        while True:
+            protected = {base + e for e in todo}
+            for expert in todo:
+                key = base + expert
+                slot = resident.get(key)
+                if slot is None:
+                    slot = self._make_room(part, protected, current)
+                    policy.use(key)
+                    policy.insert(key)
+                    resident[key] = slot
+                    current.loads.append(len(current.experts))
+                current.experts.append(expert)
+                current.slots.append(slot)
+            waves.append(current)
+            if not pending:
+                return waves
+            todo, pending = pending[: part.capacity], pending[part.capacity :]
+            current = Wave()
+
+    def _make_room(self, part: _Partition, protected: set[int], wave: Wave) -> int:
+        if part.free:
+            return part.free.pop()
+        victim = part.policy.evict(protected)
+        self.evictions += 1
+        wave.evicted.append(divmod(victim, self.num_experts))
+        return part.resident.pop(victim)

@@ -1,0 +1,29 @@
+"""Least recently used: a hit refreshes recency; the victim is the stalest unprotected key."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Container
+
+from cache_policies.policy import CachePolicy
+
+
+class LRU(CachePolicy):
+    name = "lru"
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self._order: OrderedDict[int, None] = OrderedDict()  # oldest first
+
+    def hit(self, key: int) -> None:
+        self._order.move_to_end(key)
+
+    def insert(self, key: int) -> None:
+        self._order[key] = None
+
+    def evict(self, protected: Container[int]) -> int:
+        for key in self._order:
+            if key not in protected:
+                del self._order[key]
+                return key
+        raise RuntimeError("every resident key is protected; the cache is smaller than one access")

@@ -1,0 +1,115 @@
+"""Runtime options as one frozen, validated dataclass; device and dtype are normalized here and only here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from cache_policies import ONLINE_POLICIES
+from offload.errors import OffloadError
+from offload.units import parse_size
+
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+
+KernelChoice = Literal["auto", "torch", "triton"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` means CUDA when present, else CPU. A bare ``cuda`` becomes the current CUDA device."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise OffloadError(f"unknown device {device!r}: use cuda, cuda:N or cpu") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OffloadError("device cuda was asked for, but this torch build sees no CUDA device")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise OffloadError(f"device {dev} is not supported: use cuda or cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Accepts ``bf16|fp16|fp32`` (and the torch spellings); ``None`` keeps the checkpoint's dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in _DTYPES.values():
+            raise OffloadError(f"dtype {dtype} is not supported: use bf16, fp16 or fp32")
+        return dtype
+    found = _DTYPES.get(str(dtype).lower().removeprefix("torch."))
+    if found is None:
+        raise OffloadError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
+    return found
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Everything that shapes an offloaded model besides the checkpoint itself."""
+
+    vram_budget: (
+        int  # bytes the runtime may use on the device, all of it: weights, KV cache, workspace, slots
+    )
+    device: torch.device
+    dtype: torch.dtype | None = None
+    policy: str = "lru"
+    cache_scope: Literal["global", "layer"] = "global"
+    max_context: int = 4096  # tokens of KV cache the budget reserves (batch 1)
+    kernel: KernelChoice = "auto"
+    pin_memory: bool | None = None  # None: pin host experts when the device is CUDA
+    workspace_bytes: int | None = None  # None: estimated from the model's shapes and max_context
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.policy not in ONLINE_POLICIES:
+            raise OffloadError(
+                f"unknown policy {self.policy!r} for the runtime; choose one of: {', '.join(ONLINE_POLICIES)}"
+            )
+        if self.cache_scope not in ("global", "layer"):
+            raise OffloadError(f"cache_scope must be 'global' or 'layer', got {self.cache_scope!r}")
+        if self.max_context < 1:
+            raise OffloadError(f"max_context must be at least 1 token, got {self.max_context}")
+        if self.kernel not in ("auto", "torch", "triton"):
+            raise OffloadError(f"kernel must be auto, torch or triton, got {self.kernel!r}")
+        if self.extra:
+            raise OffloadError(f"unknown option(s): {', '.join(sorted(self.extra))}")
+
+    @property
+    def pin(self) -> bool:
+        return self.device.type == "cuda" if self.pin_memory is None else self.pin_memory
+
+    @classmethod
+    def create(
+        cls,
+        vram_budget: str | int,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        **options: Any,
+    ) -> OffloadConfig:
+        """Build from user-facing values (size strings, device names), raising OffloadError on bad ones."""
+        try:
+            budget = parse_size(vram_budget)
+        except ValueError as exc:
+            raise OffloadError(str(exc)) from None
+        known = {name for name in cls.__dataclass_fields__ if name != "extra"}
+        extra = {k: v for k, v in options.items() if k not in known}
+        kwargs = {k: v for k, v in options.items() if k in known}
+        return cls(
+            vram_budget=budget,
+            device=resolve_device(device),
+            dtype=resolve_dtype(dtype),
+            extra=extra,
+            **kwargs,
+        )

@@ -1,0 +1,38 @@
+"""The module that takes the place of each transformers ``*Experts`` module.
+
+It keeps HF's forward signature ``(hidden_states, top_k_index, top_k_weights)``, so the router, the MoE
+block around it and ``generate()`` run unchanged; the weights live in the runtime, not in the module.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from offload.runtime import OffloadRuntime
+
+
+class OffloadedExperts(nn.Module):
+    _runtime: OffloadRuntime
+
+    def __init__(self, runtime: OffloadRuntime, layer: int, replaces: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_experts = int(replaces.num_experts)  # type: ignore[arg-type]
+        self.replaced_class = type(replaces).__name__
+        # A plain attribute, not a submodule: the runtime is shared by every layer and holds no parameters.
+        object.__setattr__(self, "_runtime", runtime)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [T, H]
+        top_k_index: torch.Tensor,  # [T, k]
+        top_k_weights: torch.Tensor,  # [T, k]
+    ) -> torch.Tensor:
+        return self._runtime.forward_layer(self.layer, hidden_states, top_k_index, top_k_weights)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}, replaces={self.replaced_class}"

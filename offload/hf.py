@@ -1,0 +1,243 @@
+"""transformers integration: build the skeleton, load experts into the host store, swap in the offloaded module.
+
+Loading reuses transformers' own checkpoint conversion (key renames, per-expert merges, transposes) so every
+architecture's on-disk layout is handled by the code that defines it. It runs in chunks:
+
+1. the model skeleton is built on the meta device and surveyed; the budget is checked before a byte is read;
+2. for each MoE layer, only that layer's expert tensors are converted, on the CPU, packed into the host
+   store and released, and the experts module is replaced; peak host RAM stays near the final store;
+3. everything else is loaded straight to the device, then transformers' finalization moves non-persistent
+   buffers, initializes them and ties weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    convert_and_load_state_dict_in_model,
+    rename_source_key,
+)
+from transformers.modeling_utils import LoadStateDictConfig
+from transformers.utils import logging as hf_logging
+
+from offload.budget import BudgetPlan, plan_budget
+from offload.checkpoint import Checkpoint, close_shards, load_config, open_shards, resolve
+from offload.config import OffloadConfig
+from offload.errors import CheckpointError, UnsupportedModelError
+from offload.experts import OffloadedExperts
+from offload.kernels import ExpertActivation
+from offload.runtime import OffloadRuntime
+from offload.survey import ModelSurvey, expert_param_names, survey
+
+RUNTIME_ATTR = "_offload_runtime"
+log = logging.getLogger(__name__)
+
+
+def plan_for(model_survey: ModelSurvey, config: OffloadConfig) -> BudgetPlan:
+    workspace = config.workspace_bytes
+    if workspace is None:
+        workspace = model_survey.workspace_bytes(config.max_context)
+    return plan_budget(
+        budget_bytes=config.vram_budget,
+        resident_bytes=model_survey.resident_bytes,
+        kv_cache_bytes=model_survey.kv_bytes_per_token * config.max_context,
+        workspace_bytes=workspace,
+        expert_bytes=model_survey.layout.nbytes,
+        num_layers=model_survey.num_layers,
+        num_experts=model_survey.num_experts,
+        top_k=model_survey.top_k,
+        per_layer=config.cache_scope == "layer",
+    )
+
+
+def load_offloaded(name_or_path: str, config: OffloadConfig, progress: bool = True) -> PreTrainedModel:
+    """Build an offloaded transformers model from a safetensors checkpoint."""
+    checkpoint = resolve(name_or_path)
+    hf_config = load_config(checkpoint)
+    model_class = causal_lm_class(hf_config)
+    dtype = config.dtype or checkpoint_dtype(hf_config)
+    with torch.device("meta"):
+        model = model_class._from_config(hf_config, dtype=dtype)
+    model_survey = survey(model, dtype)
+    runtime = OffloadRuntime(config, model_survey, plan_for(model_survey, config))
+    shards = open_shards(checkpoint)
+    try:
+        _load_weights(model, checkpoint, shards, runtime, dtype, progress)
+    finally:
+        close_shards(shards)
+    model.eval()
+    if model.can_generate():
+        # No generation_config.json: keep the one derived from the model config.
+        with contextlib.suppress(OSError):
+            model.generation_config = GenerationConfig.from_pretrained(checkpoint.directory)
+    setattr(model, RUNTIME_ATTR, runtime)
+    return model
+
+
+def wrap_model(model: PreTrainedModel, config: OffloadConfig, progress: bool = True) -> PreTrainedModel:
+    """Offload the experts of a model already loaded on the CPU; everything else moves to the device."""
+    if getattr(model, RUNTIME_ATTR, None) is not None:
+        raise UnsupportedModelError("this model is already offloaded")
+    dtype = config.dtype or model.dtype
+    model_survey = survey(model, dtype)
+    runtime = OffloadRuntime(config, model_survey, plan_for(model_survey, config))
+    names = model_survey.layer_names
+    for layer, name in enumerate(tqdm(names, desc="Packing experts", unit="layer", disable=not progress)):
+        _take_over(model, runtime, layer, name)
+    model.to(device=config.device, dtype=dtype)  # type: ignore[call-arg]
+    setattr(model, RUNTIME_ATTR, runtime)
+    return model
+
+
+def runtime_of(model: nn.Module) -> OffloadRuntime:
+    runtime = getattr(model, RUNTIME_ATTR, None)
+    if runtime is None:
+        raise ValueError("this model is not offloaded: build it with offload.from_pretrained or offload.wrap")
+    return runtime
+
+
+def causal_lm_class(hf_config: PretrainedConfig) -> type[PreTrainedModel]:
+    try:
+        model_class: type[PreTrainedModel] = AutoModelForCausalLM._model_mapping[type(hf_config)]  # type: ignore[assignment]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"model type {hf_config.model_type!r} has no causal language model class in transformers"
+        ) from None
+    return model_class
+
+
+def checkpoint_dtype(hf_config: PretrainedConfig) -> torch.dtype:
+    dtype = getattr(hf_config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+
+
+def _load_weights(
+    model: PreTrainedModel,
+    checkpoint: Checkpoint,
+    shards: list,
+    runtime: OffloadRuntime,
+    dtype: torch.dtype,
+    progress: bool,
+) -> None:
+    handle_of = {key: handle for handle in shards for key in handle.keys()}  # noqa: SIM118 - not a dict
+    conversions = get_model_conversion_mapping(model)
+    layer_names = runtime.survey.layer_names
+    by_layer, rest = _split_keys(model, conversions, handle_of, layer_names)
+    dtype_plan = model._get_dtype_plan(dtype)
+
+    def chunk_config(device: torch.device | str) -> LoadStateDictConfig:
+        return LoadStateDictConfig(
+            pretrained_model_name_or_path=str(checkpoint.directory),
+            device_map={"": device},
+            dtype=dtype,
+            dtype_plan=dtype_plan,
+            weight_mapping=copy.deepcopy(conversions),  # type: ignore[arg-type]
+        )
+
+    def slices(keys: list[str]) -> dict[str, Any]:
+        return {key: handle_of[key].get_slice(key) for key in keys}
+
+    with _quiet_transformers_progress():
+        bar = tqdm(layer_names, desc="Loading experts", unit="layer", disable=not progress)
+        for layer, name in enumerate(bar):
+            if not by_layer[layer]:
+                raise CheckpointError(f"checkpoint {checkpoint.directory} has no experts for {name}")
+            info, _ = convert_and_load_state_dict_in_model(
+                model, slices(by_layer[layer]), chunk_config("cpu")
+            )
+            _raise_on_errors(info, checkpoint)
+            _take_over(model, runtime, layer, name)
+        load_config = chunk_config(runtime.config.device)
+        info, _ = convert_and_load_state_dict_in_model(model, slices(rest), load_config)
+        info = type(model)._finalize_model_loading(model, load_config, info)
+    _raise_on_errors(info, checkpoint, check_missing=True)
+    on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.directory} left {len(on_meta)} tensors unloaded, e.g. {on_meta[0]}"
+        )
+
+
+def _split_keys(
+    model: PreTrainedModel, conversions: list[Any], handle_of: dict[str, Any], layer_names: tuple[str, ...]
+) -> tuple[list[list[str]], list[str]]:
+    """Checkpoint keys per MoE layer (by the parameter each one becomes) and all other keys."""
+    transforms = copy.deepcopy(conversions)  # renaming marks transforms as used; keep the originals clean
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta_state = model.state_dict()
+    layer_of = {name: i for i, name in enumerate(layer_names)}
+    by_layer: list[list[str]] = [[] for _ in layer_names]
+    rest: list[str] = []
+    for key in handle_of:
+        target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        layer = layer_of.get(target.rpartition(".")[0])
+        (rest if layer is None else by_layer[layer]).append(key)
+    return by_layer, rest
+
+
+def _raise_on_errors(info: Any, checkpoint: Checkpoint, check_missing: bool = False) -> None:
+    where = checkpoint.directory
+    if info.mismatched_keys:
+        key, got, expected = sorted(info.mismatched_keys)[0]
+        raise CheckpointError(
+            f"checkpoint {where} does not match its config: {key} has shape {tuple(got)}, expected {tuple(expected)}"
+        )
+    if info.conversion_errors:
+        key, message = next(iter(info.conversion_errors.items()))
+        raise CheckpointError(f"checkpoint {where}: cannot convert {key}: {str(message).splitlines()[0]}")
+    if check_missing and info.missing_keys:
+        missing = sorted(info.missing_keys)
+        raise CheckpointError(
+            f"checkpoint {where} is missing {len(missing)} weight(s), e.g. {missing[0]}: truncated or for another model"
+        )
+
+
+@contextmanager
+def _quiet_transformers_progress():
+    """transformers draws a bar per load call; ours counts layers instead."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+# -- replacing the experts modules ------------------------------------------------------------------------
+
+
+def _take_over(model: nn.Module, runtime: OffloadRuntime, layer: int, name: str) -> None:
+    """Pack the experts module ``name`` into the host store, free its weights, and put ours in its place."""
+    module = model.get_submodule(name)
+    param_names = expert_param_names(runtime.survey.layout)
+    weights = {p: getattr(module, p) for p in param_names}
+    unloaded = [p for p, t in weights.items() if t is None or t.is_meta]
+    if unloaded:
+        raise CheckpointError(f"the checkpoint has no {unloaded[0]} for {name}")
+    runtime.attach_layer(layer, {p: t.detach() for p, t in weights.items()}, ExpertActivation.from_hf(module))
+    for (
+        p
+    ) in param_names:  # the host store has the bytes now; a custom gate may keep the module, not its weights
+        setattr(module, p, None)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, OffloadedExperts(runtime, layer, module))

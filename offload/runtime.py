@@ -1,0 +1,104 @@
+"""The offload runtime: host store, slot pool, copy engine, cache and kernel, wired for one model.
+
+Each MoE layer call goes: route (HF code) -> group pairs by expert (one host sync) -> plan (cache) ->
+per wave: execute copies, compute the wave's experts out of their slots -> sum the top-k outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from cache_policies import ExpertCache, make_policy_factory
+from offload.budget import BudgetPlan
+from offload.config import OffloadConfig
+from offload.kernels import ExpertActivation, RoutedTokens, expert_pairs_torch
+from offload.scheduler import Scheduler
+from offload.slots import SlotPool
+from offload.stats import OffloadStats
+from offload.store import HostExpertStore
+from offload.survey import ModelSurvey
+from offload.transport import make_copy_engine
+
+ExpertKernel = Callable[..., None]  # signature of offload.kernels.expert_pairs_torch
+
+
+class OffloadRuntime:
+    def __init__(self, config: OffloadConfig, survey: ModelSurvey, budget: BudgetPlan) -> None:
+        self.config = config
+        self.survey = survey
+        self.budget = budget
+        device = config.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self._memory_baseline = torch.cuda.memory_allocated(device)
+        layers, experts = survey.num_layers, survey.num_experts
+        self.store = HostExpertStore(survey.layout, layers, experts, pin=config.pin)
+        self.pool = SlotPool(survey.layout, budget.slots, device)
+        self.engine = make_copy_engine(self.pool)
+        per_layer = config.cache_scope == "layer"
+        self.cache = ExpertCache(
+            layers,
+            experts,
+            budget.slots // layers if per_layer else budget.slots,
+            make_policy_factory(config.policy),
+            scope=config.cache_scope,
+        )
+        self.scheduler = Scheduler(self.cache, self.store, self.engine)
+        self.kernel: ExpertKernel = expert_pairs_torch
+        self.activations: list[ExpertActivation | None] = [None] * layers
+        self.layer_calls = 0
+
+    def attach_layer(
+        self, layer: int, weights: dict[str, torch.Tensor], activation: ExpertActivation
+    ) -> None:
+        """Pack one MoE layer's HF expert tensors into the host store."""
+        self.store.fill_layer(layer, weights)
+        self.activations[layer] = activation
+
+    @torch.no_grad()
+    def forward_layer(
+        self,
+        layer: int,
+        hidden_states: torch.Tensor,  # [T, H]
+        top_k_index: torch.Tensor,  # [T, k]
+        top_k_weights: torch.Tensor,  # [T, k]
+    ) -> torch.Tensor:  # [T, H]
+        activation = self.activations[layer]
+        if activation is None:
+            raise RuntimeError(f"MoE layer {layer} was never attached to the runtime")
+        routed = RoutedTokens.build(hidden_states, top_k_index, top_k_weights, self.survey.num_experts)
+        plan = self.scheduler.plan(layer, routed.experts)
+        tokens, top_k = top_k_index.shape
+        # Same accumulation as transformers: weighted pairs in the promoted dtype, summed over k, cast back.
+        out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
+        pairs_out = torch.zeros(
+            (tokens * top_k, hidden_states.shape[-1]), dtype=out_dtype, device=hidden_states.device
+        )
+        for wave in plan.waves:
+            self.scheduler.execute(layer, wave)
+            self.kernel(routed, wave.experts, wave.slots, self.pool, activation, pairs_out)
+            self.scheduler.finish(wave)
+        self.layer_calls += 1
+        return pairs_out.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def stats(self) -> OffloadStats:
+        device = self.config.device
+        peak = None
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - self._memory_baseline
+        return OffloadStats(
+            expert_hits=self.cache.hits,
+            expert_misses=self.cache.misses,
+            bytes_host_to_device=self.engine.bytes_copied,
+            copy_seconds=self.engine.copy_seconds,
+            slots=self.pool.num_slots,
+            total_experts=self.survey.total_experts,
+            budget_bytes=self.budget.budget_bytes,
+            planned_bytes=self.budget.planned_bytes,
+            peak_device_bytes=peak,
+            layer_calls=self.layer_calls,
+            waves=self.scheduler.waves,
+            evictions=self.cache.evictions,
+        )

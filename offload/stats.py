@@ -1,0 +1,39 @@
+"""Counters are part of the API: what the runtime did, in numbers a user can check."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OffloadStats:
+    expert_hits: int  # expert uses served from a resident slot
+    expert_misses: int  # expert uses that had to be copied in first (demand misses)
+    bytes_host_to_device: int
+    copy_seconds: float  # time spent copying experts (on the copy stream on CUDA)
+    slots: int
+    total_experts: int
+    budget_bytes: int
+    planned_bytes: int  # what the budget planner reserved: resident + KV + workspace + slots
+    peak_device_bytes: int | None  # torch.cuda.max_memory_allocated since load; None on CPU
+    layer_calls: int  # MoE layer forward calls
+    waves: int  # slot-pool waves run (more than layer_calls when a layer needs more experts than slots)
+    evictions: int
+
+    @property
+    def expert_uses(self) -> int:
+        return self.expert_hits + self.expert_misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.expert_hits / self.expert_uses if self.expert_uses else 0.0
+
+    @property
+    def copy_gb_per_s(self) -> float:
+        return self.bytes_host_to_device / self.copy_seconds / 1e9 if self.copy_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(expert_uses=self.expert_uses, hit_rate=self.hit_rate, copy_gb_per_s=self.copy_gb_per_s)
+        return out

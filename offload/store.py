@@ -1,0 +1,49 @@
+"""The host tier: every expert of every MoE layer, packed, in (pinned) host RAM."""
+
+from __future__ import annotations
+
+import torch
+
+from offload.layout import ExpertLayout
+
+
+class HostExpertStore:
+    """One uint8 buffer ``[experts, layout.nbytes]`` per MoE layer; expert ``(l, e)`` is one contiguous row.
+
+    Layers are allocated as they are filled, so host RAM grows with loading instead of up front. Buffers are
+    page-locked when ``pin`` is set, which lets the copy engine move them asynchronously at link speed.
+    """
+
+    def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, pin: bool) -> None:
+        self.layout = layout
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.pin = pin
+        self._layers: list[torch.Tensor | None] = [None] * num_layers
+
+    def fill_layer(self, layer: int, weights: dict[str, torch.Tensor]) -> None:
+        """Pack one layer from HF experts tensors (see :meth:`ExpertLayout.canonicalize`)."""
+        fields = self.layout.canonicalize(weights)
+        buffer = torch.zeros((self.num_experts, self.layout.nbytes), dtype=torch.uint8, pin_memory=self.pin)
+        views = self.layout.views(buffer)
+        for name, tensor in fields.items():
+            views[name].copy_(tensor)
+        self._layers[layer] = buffer
+
+    def expert(self, layer: int, expert: int) -> torch.Tensor:
+        """uint8 ``[nbytes]``: the bytes one copy moves."""
+        buffer = self._layers[layer]
+        if buffer is None:
+            raise RuntimeError(f"MoE layer {layer} has not been loaded into the host store")
+        return buffer[expert]
+
+    def views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        return self.layout.views(self.expert(layer, expert))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self._layers if b is not None)
+
+    @property
+    def complete(self) -> bool:
+        return all(b is not None for b in self._layers)

@@ -1,0 +1,197 @@
+"""What a transformers model looks like to the runtime: its MoE layers, expert layout and fixed costs.
+
+Works on a meta-device skeleton (nothing loaded yet, so the budget is checked before any byte is read)
+and on a model already in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from offload.errors import UnsupportedModelError
+from offload.layout import ExpertLayout
+
+# Attributes that `transformers.integrations.moe.use_experts_implementation` sets on every experts module.
+_EXPERTS_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
+_TOP_K_NAMES = (
+    "num_experts_per_tok",
+    "moe_topk",
+    "moe_k",
+    "top_k",
+    "num_selected_experts",
+    "experts_per_token",
+)
+_NUM_EXPERTS_NAMES = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """True for modules whose class uses transformers' experts interface (``@use_experts_implementation``)."""
+    return all(hasattr(module, flag) for flag in _EXPERTS_FLAGS) and hasattr(module, "num_experts")
+
+
+def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of every experts module, in forward order."""
+    return [(name, m) for name, m in model.named_modules() if is_experts_module(m)]
+
+
+def expert_param_names(layout: ExpertLayout) -> tuple[str, ...]:
+    names = ["gate_up_proj" if layout.has_gate else "up_proj", "down_proj"]
+    if layout.has_bias:
+        names += [n + "_bias" for n in names]
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class ModelSurvey:
+    model_type: str
+    layer_names: tuple[str, ...]  # qualified names of the experts modules, one per MoE layer
+    num_experts: int
+    top_k: int
+    layout: ExpertLayout
+    resident_bytes: int  # everything that stays on the device: all but the routed experts
+    kv_bytes_per_token: int
+    vocab_size: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_names)
+
+    @property
+    def total_experts(self) -> int:
+        return self.num_layers * self.num_experts
+
+    def workspace_bytes(self, tokens: int) -> int:
+        """Activations of one forward over ``tokens`` tokens (batch 1), generously rounded up.
+
+        Residual stream and attention temporaries (~8 hidden-sized tensors per token), the MoE pair buffers
+        (gathered inputs, gate/up output, activation, weighted fp32 output for each of k choices), last-token
+        logits in fp32, and 64 MiB of allocator slack.
+        """
+        layout = self.layout
+        e, h, i, k = layout.element_size, layout.hidden_size, layout.intermediate_size, self.top_k
+        residual = tokens * h * e * 8
+        moe = tokens * k * ((layout.gate_up_rows + i + h) * e + h * 4)
+        logits = self.vocab_size * 4 * 2  # generate() keeps the last token's logits, in fp32, plus softmax
+        return residual + moe + logits + 64 * 2**20
+
+
+def survey(model: PreTrainedModel, dtype: torch.dtype) -> ModelSurvey:
+    """Inspect ``model`` (meta or real). Raises UnsupportedModelError for dense or unsupported models."""
+    config = model.config
+    found = experts_modules(model)
+    if not found:
+        if _num_experts(config) > 1:
+            raise UnsupportedModelError(
+                f"model type {config.model_type!r} has MoE layers, but no experts module using transformers' "
+                "experts interface; see offload-run --list-architectures for what is supported"
+            )
+        raise UnsupportedModelError(
+            f"model type {config.model_type!r} is a dense model (no MoE layers): there are no experts to offload; "
+            "load it with transformers directly"
+        )
+    layouts = {_layout(m, dtype) for _, m in found}
+    counts = {int(m.num_experts) for _, m in found}  # type: ignore[arg-type]
+    if len(layouts) > 1 or len(counts) > 1:
+        raise UnsupportedModelError(
+            f"model type {config.model_type!r} mixes MoE layers of different expert shapes, which one slot pool "
+            "cannot hold"
+        )
+    layout = layouts.pop()
+    experts_names = {name for name, _ in found}
+    return ModelSurvey(
+        model_type=config.model_type,
+        layer_names=tuple(name for name, _ in found),
+        num_experts=counts.pop(),
+        top_k=_top_k(config, model, found[0][0]),
+        layout=layout,
+        resident_bytes=_resident_bytes(model, experts_names, dtype),
+        kv_bytes_per_token=_kv_bytes_per_token(config, dtype),
+        vocab_size=int(getattr(config.get_text_config(), "vocab_size", 0) or 0),
+    )
+
+
+def _layout(module: nn.Module, dtype: torch.dtype) -> ExpertLayout:
+    has_gate = bool(module.has_gate)
+    first: torch.Tensor = module.gate_up_proj if has_gate else module.up_proj  # type: ignore[assignment]
+    down: torch.Tensor = module.down_proj  # type: ignore[assignment]
+    # first: [E, G*I, H] ([E, H, G*I] if transposed); down: [E, H, I] ([E, I, H] if transposed)
+    transposed = bool(module.is_transposed)
+    hidden = first.shape[1] if transposed else first.shape[2]
+    intermediate = down.shape[1] if transposed else down.shape[2]
+    return ExpertLayout(
+        hidden_size=int(hidden),
+        intermediate_size=int(intermediate),
+        has_gate=has_gate,
+        has_bias=bool(module.has_bias),
+        dtype=dtype,
+        source_concatenated=bool(module.is_concatenated),
+        source_transposed=transposed,
+    )
+
+
+def _num_experts(config: PretrainedConfig) -> int:
+    text = config.get_text_config()
+    for name in _NUM_EXPERTS_NAMES:
+        value = getattr(text, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _top_k(config: PretrainedConfig, model: nn.Module, experts_name: str) -> int:
+    text = config.get_text_config()
+    for name in _TOP_K_NAMES:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    # Fall back to the router living beside the experts module (block.gate.top_k or block.top_k).
+    block = model.get_submodule(experts_name.rpartition(".")[0])
+    for owner in (block, *block.children()):
+        value = getattr(owner, "top_k", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise UnsupportedModelError(f"cannot tell how many experts each token uses in {config.model_type!r}")
+
+
+def _resident_bytes(model: nn.Module, experts_names: set[str], dtype: torch.dtype) -> int:
+    """Bytes of every parameter and buffer outside the experts modules, tied weights counted once.
+
+    Floating-point tensors are counted at ``dtype``, the dtype they will have on the device.
+    """
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    prefixes = tuple(name + "." for name in experts_names)
+    seen: set[int] = set()
+    total = 0
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+        if name.startswith(prefixes) or name in tied or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        size = (
+            torch.empty((), dtype=dtype).element_size()
+            if tensor.is_floating_point()
+            else tensor.element_size()
+        )
+        total += tensor.numel() * size
+    return total
+
+
+def _kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token adds, summed over attention layers (linear-attention states are constant)."""
+    text = config.get_text_config()
+    element = torch.empty((), dtype=dtype).element_size()
+    heads = int(getattr(text, "num_attention_heads", 0) or 0)
+    layer_types = getattr(text, "layer_types", None)
+    layers = int(text.num_hidden_layers)
+    if layer_types:
+        layers = sum(1 for t in layer_types if "attention" in str(t) and "linear" not in str(t))
+    if getattr(text, "kv_lora_rank", None):  # multi-head latent attention: HF caches decompressed k and v
+        per_layer = heads * (int(text.qk_nope_head_dim) + int(text.qk_rope_head_dim) + int(text.v_head_dim))
+    else:
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+        head_dim = getattr(text, "head_dim", None) or (text.hidden_size // max(heads, 1))
+        per_layer = 2 * kv_heads * int(head_dim)
+    return per_layer * layers * element
