@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from transformers.core_model_loading import (
 )
 from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
+from transformers.utils.loading_report import LoadStateDictInfo
 
 from offload.budget import BudgetPlan, plan_budget
 from offload.checkpoint import Checkpoint, close_shards, load_config, open_shards, resolve
@@ -42,7 +43,6 @@ from offload.runtime import OffloadRuntime
 from offload.survey import ModelSurvey, expert_param_names, survey
 
 RUNTIME_ATTR = "_offload_runtime"
-log = logging.getLogger(__name__)
 
 
 def plan_for(model_survey: ModelSurvey, config: OffloadConfig) -> BudgetPlan:
@@ -62,14 +62,32 @@ def plan_for(model_survey: ModelSurvey, config: OffloadConfig) -> BudgetPlan:
     )
 
 
+def budget_for_slots(model_survey: ModelSurvey, config: OffloadConfig, slots: int) -> int:
+    """The budget that leaves exactly ``slots`` expert slots with ``config``'s other settings."""
+    plan = plan_for(model_survey, replace(config, vram_budget=2**62))
+    return plan.fixed_bytes + slots * plan.expert_bytes
+
+
+def survey_checkpoint(name_or_path: str, dtype: torch.dtype | None = None) -> ModelSurvey:
+    """Survey a checkpoint without reading its weights."""
+    model, dtype = _skeleton(resolve(name_or_path), dtype)
+    return survey(model, dtype)
+
+
+def _skeleton(checkpoint: Checkpoint, dtype: torch.dtype | None) -> tuple[PreTrainedModel, torch.dtype]:
+    """The model built on the meta device: shapes and names, no memory."""
+    hf_config = load_config(checkpoint)
+    model_class = causal_lm_class(hf_config)
+    dtype = dtype or checkpoint_dtype(hf_config)
+    with torch.device("meta"):
+        model = model_class._from_config(hf_config, dtype=dtype)
+    return model, dtype
+
+
 def load_offloaded(name_or_path: str, config: OffloadConfig, progress: bool = True) -> PreTrainedModel:
     """Build an offloaded transformers model from a safetensors checkpoint."""
     checkpoint = resolve(name_or_path)
-    hf_config = load_config(checkpoint)
-    model_class = causal_lm_class(hf_config)
-    dtype = config.dtype or checkpoint_dtype(hf_config)
-    with torch.device("meta"):
-        model = model_class._from_config(hf_config, dtype=dtype)
+    model, dtype = _skeleton(checkpoint, config.dtype)
     model_survey = survey(model, dtype)
     runtime = OffloadRuntime(config, model_survey, plan_for(model_survey, config))
     shards = open_shards(checkpoint)
@@ -139,7 +157,7 @@ def _load_weights(
     handle_of = {key: handle for handle in shards for key in handle.keys()}  # noqa: SIM118 - not a dict
     conversions = get_model_conversion_mapping(model)
     layer_names = runtime.survey.layer_names
-    by_layer, rest = _split_keys(model, conversions, handle_of, layer_names)
+    by_layer, rest = _route_keys(model, conversions, handle_of, layer_names, checkpoint)
     dtype_plan = model._get_dtype_plan(dtype)
 
     def chunk_config(device: torch.device | str) -> LoadStateDictConfig:
@@ -157,8 +175,6 @@ def _load_weights(
     with _quiet_transformers_progress():
         bar = tqdm(layer_names, desc="Loading experts", unit="layer", disable=not progress)
         for layer, name in enumerate(bar):
-            if not by_layer[layer]:
-                raise CheckpointError(f"checkpoint {checkpoint.directory} has no experts for {name}")
             info, _ = convert_and_load_state_dict_in_model(
                 model, slices(by_layer[layer]), chunk_config("cpu")
             )
@@ -175,10 +191,17 @@ def _load_weights(
         )
 
 
-def _split_keys(
-    model: PreTrainedModel, conversions: list[Any], handle_of: dict[str, Any], layer_names: tuple[str, ...]
+def _route_keys(
+    model: PreTrainedModel,
+    conversions: list[Any],
+    handle_of: dict[str, Any],
+    layer_names: tuple[str, ...],
+    checkpoint: Checkpoint,
 ) -> tuple[list[list[str]], list[str]]:
-    """Checkpoint keys per MoE layer (by the parameter each one becomes) and all other keys."""
+    """Checkpoint keys per MoE layer (by the parameter each one becomes) and all other keys.
+
+    Also checks, before any weight is read, that the keys cover every parameter of the model.
+    """
     transforms = copy.deepcopy(conversions)  # renaming marks transforms as used; keep the originals clean
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -186,10 +209,17 @@ def _split_keys(
     layer_of = {name: i for i, name in enumerate(layer_names)}
     by_layer: list[list[str]] = [[] for _ in layer_names]
     rest: list[str] = []
+    targets: set[str] = set()
     for key in handle_of:
         target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        targets.add(target)
         layer = layer_of.get(target.rpartition(".")[0])
         (rest if layer is None else by_layer[layer]).append(key)
+    missing = set(meta_state) - targets - set(getattr(model, "all_tied_weights_keys", {}) or {})
+    info = LoadStateDictInfo(missing, set(), set(), [], {}, set())
+    model._adjust_missing_and_unexpected_keys(info)  # drops keys the model declares optional
+    if info.missing_keys:
+        _raise_on_errors(info, checkpoint, check_missing=True)
     return by_layer, rest
 
 

@@ -1,0 +1,248 @@
+"""``offload-run``: generate text with an offloaded MoE model and print what the offloading cost.
+
+Bad input gets one line on stderr and exit code 2; nothing is written unless the run succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+from offload.errors import OffloadError
+from offload.units import format_size, parse_size
+
+PROG = "offload-run"
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Run a Hugging Face MoE checkpoint whose experts do not fit in the VRAM budget. "
+        "With no --model, runs the embedded random-weight demo.",
+    )
+    p.add_argument(
+        "--model", help="checkpoint directory, or a hub id already in the local Hugging Face cache"
+    )
+    p.add_argument("--vram-budget", help="device memory the runtime may use, e.g. 12GB, 12GiB, 800MB, 1.5G")
+    p.add_argument("--prompt", help="text to continue (default: a fixed demo sentence)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default 48)")
+    p.add_argument("--policy", default="lru", help="expert cache policy (default lru)")
+    p.add_argument(
+        "--cache-scope", choices=("global", "layer"), default="global", help="one cache or one per layer"
+    )
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when present, else cpu")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: the checkpoint's dtype")
+    p.add_argument(
+        "--max-context", type=int, default=4096, help="KV-cache tokens the budget reserves (default 4096)"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
+    p.add_argument("--stats-json", type=Path, help="write the run's counters and timings to this JSON file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(build_parser().parse_args(argv))
+    except (UsageError, OffloadError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    _validate(args)
+    import torch
+
+    import offload
+    from offload.config import OffloadConfig
+    from offload.demo import DEMO_CACHE_FRACTION, DEMO_PROMPT, demo_checkpoint
+    from offload.hf import budget_for_slots, load_offloaded, plan_for, survey_checkpoint
+
+    demo = args.model is None
+    options: dict[str, Any] = dict(
+        device=args.device,
+        dtype=args.dtype,
+        policy=args.policy,
+        max_context=args.max_context,
+        cache_scope=args.cache_scope,
+    )
+    if demo:
+        print(
+            "Demo: a random-weight Mixtral-architecture model (8 MoE layers x 8 experts, top-2).",
+            file=sys.stderr,
+        )
+        print(
+            "The weights are random, so the generated text is noise; the offloading is real.", file=sys.stderr
+        )
+        model_path = str(demo_checkpoint())
+        if args.vram_budget is None:
+            config = OffloadConfig.create(1, **options)
+            model_survey = survey_checkpoint(model_path, config.dtype)
+            slots = max(model_survey.top_k, round(DEMO_CACHE_FRACTION * model_survey.total_experts))
+            args.vram_budget = str(budget_for_slots(model_survey, config, slots))
+    else:
+        model_path = args.model
+    config = OffloadConfig.create(args.vram_budget, **options)
+    plan_for(
+        survey_checkpoint(model_path, config.dtype), config
+    )  # dense model, budget: fail before any loading
+    tokenizer = _tokenizer(model_path)
+    inputs = tokenizer(args.prompt if args.prompt is not None else DEMO_PROMPT, return_tensors="pt")
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    if prompt_tokens + args.max_new_tokens > args.max_context:
+        raise UsageError(
+            f"prompt ({prompt_tokens} tokens) plus --max-new-tokens ({args.max_new_tokens}) exceeds "
+            f"--max-context ({args.max_context})"
+        )
+    torch.manual_seed(args.seed)
+    model = load_offloaded(model_path, config)
+    result = _generate(model, tokenizer, inputs.to(model.device), args)
+    stats = offload.stats(model)
+    print(_summary(result, stats), file=sys.stderr)
+    if args.stats_json is not None:
+        _write_json(args.stats_json, {"model": model_path, "demo": demo, **result, **stats.as_dict()})
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """Everything checkable before loading, so bad input fails in a second, not after minutes of loading."""
+    if args.model is not None and args.vram_budget is None:
+        raise UsageError("--vram-budget is required with --model (e.g. --vram-budget 12GB)")
+    if args.vram_budget is not None:
+        try:
+            parse_size(args.vram_budget)
+        except ValueError as exc:
+            raise UsageError(f"--vram-budget: {exc}") from None
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.max_context < 1:
+        raise UsageError(f"--max-context must be at least 1, got {args.max_context}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be 0 or more, got {args.temperature}")
+    if args.stats_json is not None:
+        parent = args.stats_json.expanduser().resolve().parent
+        if not parent.is_dir():
+            raise UsageError(f"--stats-json: folder {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise UsageError(f"--stats-json: folder {parent} is not writable")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    from offload.checkpoint import resolve
+
+    directory = resolve(model_path).directory
+    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        raise OffloadError(f"checkpoint {directory} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OffloadError(f"cannot load the tokenizer of {directory}: {first_line}") from None
+
+
+class _TimedStreamer:
+    """Prints decoded text as it arrives and timestamps the first generated token (the end of prefill)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        from transformers import TextStreamer
+
+        self._text = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._calls = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value: Any) -> None:
+        self._calls += 1
+        if self._calls == 2:  # call 1 is the prompt, call 2 the token the prefill produced
+            self.first_token_at = time.perf_counter()
+        self._text.put(value)
+
+    def end(self) -> None:
+        self._text.end()
+
+
+def _generate(model: Any, tokenizer: Any, inputs: Any, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    streamer = _TimedStreamer(tokenizer)
+    sampling = (
+        {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    )
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    end = time.perf_counter()
+    new_tokens = int(output.shape[1]) - prompt_tokens
+    first = streamer.first_token_at or end
+    return {
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "prefill_seconds": first - start,
+        "decode_seconds": end - first,
+        "prefill_tokens_per_s": prompt_tokens / max(first - start, 1e-9),
+        "decode_tokens_per_s": (new_tokens - 1) / (end - first) if new_tokens > 1 and end > first else 0.0,
+    }
+
+
+def _summary(result: dict[str, Any], stats: Any) -> str:
+    peak = (
+        f"peak {format_size(stats.peak_device_bytes)} of {format_size(stats.budget_bytes)} budget"
+        if stats.peak_device_bytes is not None
+        else f"peak n/a on CPU, budget {format_size(stats.budget_bytes)}"
+    )
+    return "\n".join(
+        [
+            "",
+            "--- offload-run summary ---",
+            f"prefill : {result['prompt_tokens']} tokens in {result['prefill_seconds']:.3f} s "
+            f"({result['prefill_tokens_per_s']:.1f} tok/s)",
+            f"decode  : {result['new_tokens']} tokens, {result['decode_tokens_per_s']:.2f} tok/s after the first",
+            f"experts : hit rate {stats.hit_rate:.1%} ({stats.expert_hits} hits, {stats.expert_misses} misses)",
+            f"copied  : {stats.bytes_host_to_device / 1e9:.3f} GB at {stats.copy_gb_per_s:.2f} GB/s achieved",
+            f"slots   : {stats.slots} / {stats.total_experts} experts",
+            f"memory  : {peak} (planned {format_size(stats.planned_bytes)})",
+        ]
+    )
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write next to the target and rename, so a failure never leaves half a file."""
+    path = path.expanduser()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
