@@ -24,9 +24,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/offload-run
 
+LINT_PATHS := offload cache_policies tests $(wildcard bench/*.py)
+
 lint: install
-	$(VENV)/bin/ruff check offload cache_policies tests bench
-	$(VENV)/bin/ruff format --check offload cache_policies tests bench
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 typecheck: install
 	$(VENV)/bin/mypy offload cache_policies

@@ -38,6 +38,7 @@ from offload.checkpoint import Checkpoint, close_shards, load_config, open_shard
 from offload.config import OffloadConfig
 from offload.errors import CheckpointError, UnsupportedModelError
 from offload.experts import OffloadedExperts
+from offload.hostmem import release_freed_host_memory
 from offload.kernels import ExpertActivation
 from offload.runtime import OffloadRuntime
 from offload.survey import ModelSurvey, expert_param_names, survey
@@ -180,6 +181,7 @@ def _load_weights(
             )
             _raise_on_errors(info, checkpoint)
             _take_over(model, runtime, layer, name)
+            release_freed_host_memory()
         load_config = chunk_config(runtime.config.device)
         info, _ = convert_and_load_state_dict_in_model(model, slices(rest), load_config)
         info = type(model)._finalize_model_loading(model, load_config, info)
