@@ -1,0 +1,1 @@
+"""Command-line entry points: offload-run and offload-bench."""
