@@ -16,6 +16,7 @@ expert size is unknown (pass ``expert_bytes`` to get bytes moved and simulated t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import zipfile
@@ -51,7 +52,7 @@ def load_trace(
         arrays = _read_npz(path)
         if "meta" in arrays:
             trace = from_arrays(arrays, str(path))
-            return _override(trace, num_experts, expert_bytes, model)
+            return _override(trace, str(path), num_experts, expert_bytes, model)
         if "encoder_topk_ids" in arrays or "decoder_topk_ids" in arrays:
             return flame_from_arrays(
                 arrays, str(path), part=part, num_experts=num_experts, expert_bytes=expert_bytes, model=model
@@ -71,20 +72,19 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _override(
-    trace: RoutingTrace, num_experts: int | None, expert_bytes: int | None, model: str | None
+    trace: RoutingTrace, where: str, num_experts: int | None, expert_bytes: int | None, model: str | None
 ) -> RoutingTrace:
     if num_experts is None and expert_bytes is None and model is None:
         return trace
-    return RoutingTrace(
-        trace.ids,
-        trace.step_offsets,
-        trace.num_experts if num_experts is None else num_experts,
-        model=trace.model if model is None else model,
-        expert_bytes=trace.expert_bytes if expert_bytes is None else expert_bytes,
-        weights=trace.weights,
-        layer_ids=trace.layer_ids,
-        source=trace.source,
-    )
+    try:
+        return dataclasses.replace(
+            trace,
+            num_experts=trace.num_experts if num_experts is None else num_experts,
+            model=trace.model if model is None else model,
+            expert_bytes=trace.expert_bytes if expert_bytes is None else expert_bytes,
+        )
+    except TraceError as e:
+        raise TraceError(f"{where}: {e}") from None
 
 
 def _infer_experts(ids: np.ndarray, num_experts: int | None) -> int:
@@ -121,14 +121,17 @@ def import_jsonl(
                     f"{path}: step {number}, layer {layer} has {len(chosen)} experts, the first step has {top_k}"
                 )
     ids = np.asarray(rows, dtype=np.int64)  # [steps (= tokens), layers, top_k]
-    return RoutingTrace(
-        ids,
-        np.arange(len(rows) + 1, dtype=np.int64),
-        _infer_experts(ids, num_experts),
-        model=path.stem if model is None else model,
-        expert_bytes=expert_bytes,
-        source=f"imported from JSONL {path.name}",
-    )
+    try:
+        return RoutingTrace(
+            ids,
+            np.arange(len(rows) + 1, dtype=np.int64),
+            _infer_experts(ids, num_experts),
+            model=path.stem if model is None else model,
+            expert_bytes=expert_bytes,
+            source=f"imported from JSONL {path.name}",
+        )
+    except TraceError as e:
+        raise TraceError(f"{path}: {e}") from None
 
 
 def _jsonl_step(line: str, where: str) -> list[list[int]]:

@@ -24,6 +24,7 @@ that says what is wrong and where.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -107,6 +108,19 @@ class RoutingTrace:
             raise TraceError(f"steps disagree on [layers, top_k]: {sorted({a.shape[1:] for a in arrays})}")
         w = None if weights is None else np.concatenate([np.asarray(x, dtype=np.float32) for x in weights])
         return cls(np.concatenate(arrays), offsets, num_experts, weights=w, **meta)
+
+    def slice_steps(self, start: int, stop: int) -> RoutingTrace:
+        """Steps ``start:stop`` as a trace of their own (e.g. a profiling part and an evaluation part)."""
+        if not 0 <= start < stop <= self.num_steps:
+            raise TraceError(f"step range {start}:{stop} is not inside the {self.num_steps} steps")
+        first, last = int(self.step_offsets[start]), int(self.step_offsets[stop])
+        return dataclasses.replace(
+            self,
+            ids=self.ids[first:last],
+            step_offsets=self.step_offsets[start : stop + 1] - first,
+            weights=None if self.weights is None else self.weights[first:last],
+            source=f"{self.source}; steps {start}:{stop}".lstrip("; "),
+        )
 
     # -- files ---------------------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
@@ -227,8 +241,6 @@ def _validate(t: RoutingTrace) -> None:
         raise TraceError(
             f"ids must have at least one token, layer and expert per token, got shape {ids.shape}"
         )
-    if top_k > t.num_experts:
-        raise TraceError(f"top_k={top_k} is more than the {t.num_experts} experts")
     _validate_offsets(t.step_offsets, tokens)
     bad = np.argwhere((ids < 0) | (ids >= t.num_experts))
     if len(bad):
