@@ -61,6 +61,9 @@ class LFRU(CachePolicy):
         self._push((self._bump(key), self._live[key][1], key))
 
     def insert(self, key: int) -> None:
+        # After a demand miss, use() has just scored the key. A key inserted without a use (a prefetch, later)
+        # ranks as if used now, so it is not the first victim before its predicted use; its history is not
+        # touched, so that use still counts once.
         self._inserts += 1
         self._push((self._score.get(key, self._clock), self._inserts, key))
 
