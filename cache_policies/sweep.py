@@ -6,6 +6,8 @@
 Capacity: per-layer slots = round(fraction x experts) (halves round up); global slots = that x layers, so
 both scopes get the same device memory. Belady, the offline optimum, is always run: every policy is
 reported as a share of its hit rate. Writes ``sweep.csv``, ``sweep.md`` and ``sweep.png`` into ``--out``.
+With ``--copy-gbps`` and ``--layer-compute-ms`` (and the expert size, from the trace or ``--expert-bytes``)
+the CSV also gets simulated tokens/s and stall fraction (the timing model of :mod:`cache_policies.simulator`).
 
 Everything is validated (traces read, policies and fractions checked) before anything is written, and the
 three files are written to a temporary directory and moved into place at the end, so a failed sweep leaves
@@ -30,7 +32,7 @@ from cache_policies.access import AccessSequence, expert_counts
 from cache_policies.cache import Scope
 from cache_policies.importers import load_trace
 from cache_policies.registry import POLICIES
-from cache_policies.simulator import SimResult, simulate
+from cache_policies.simulator import SimResult, TimingModel, simulate
 from cache_policies.sweep_report import write_csv, write_markdown, write_plot
 from cache_policies.trace import RoutingTrace, TraceError
 
@@ -94,6 +96,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="half-life of lfru's score in layer accesses (default: 256)",
     )
     parser.add_argument(
+        "--expert-bytes", type=int, metavar="N", help="bytes of one expert (overrides the traces' own)"
+    )
+    parser.add_argument(
+        "--copy-gbps",
+        type=float,
+        metavar="GB/S",
+        help="host-to-device bandwidth: with --layer-compute-ms, adds simulated tokens/s to sweep.csv",
+    )
+    parser.add_argument(
+        "--layer-compute-ms",
+        type=float,
+        metavar="MS",
+        help="compute time of one layer access besides expert copies (timing model, see simulator.py)",
+    )
+    parser.add_argument(
         "--static-profile",
         metavar="FILE",
         help="trace whose expert counts the static policy pins (default: each trace profiles itself)",
@@ -114,10 +131,15 @@ def run(args: argparse.Namespace, prog: str = "offload-bench sweep") -> int:
         scopes: tuple[Scope, ...] = ("layer", "global") if args.scope == "both" else (args.scope,)
         if not args.lfru_half_life > 0 or not math.isfinite(args.lfru_half_life):
             raise UsageError(f"--lfru-half-life must be a positive number, got {args.lfru_half_life}")
-        traces = load_traces(args.trace)
+        timing = parse_timing(args.copy_gbps, args.layer_compute_ms)
+        if args.expert_bytes is not None and args.expert_bytes < 1:
+            raise UsageError(f"--expert-bytes must be positive, got {args.expert_bytes}")
+        traces = load_traces(args.trace, args.expert_bytes)
         profile = None if args.static_profile is None else load_trace(args.static_profile)
         for t in traces:
             check_capacities(t, fractions)
+            if timing is not None and t.trace.expert_bytes is None:
+                raise UsageError(f"trace {t.label} does not give the expert size: pass --expert-bytes")
             if profile is not None and (profile.num_layers, profile.num_experts) != (
                 t.trace.num_layers,
                 t.trace.num_experts,
@@ -141,6 +163,7 @@ def run(args: argparse.Namespace, prog: str = "offload-bench sweep") -> int:
         seed=args.seed,
         half_life=args.lfru_half_life,
         static_profile=None if profile_seq is None else expert_counts(profile_seq),
+        timing=timing,
     )
     static_note = (
         f"static pins the most used experts of {Path(args.static_profile).name}"
@@ -181,15 +204,26 @@ def parse_fractions(text: str) -> list[float]:
     return sorted(set(fractions))
 
 
+def parse_timing(copy_gbps: float | None, layer_compute_ms: float | None) -> TimingModel | None:
+    if copy_gbps is None and layer_compute_ms is None:
+        return None
+    if copy_gbps is None or layer_compute_ms is None:
+        raise UsageError("the timing model needs both --copy-gbps and --layer-compute-ms")
+    try:
+        return TimingModel(bandwidth_gbps=copy_gbps, compute_s_per_layer=layer_compute_ms / 1e3)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def layer_slots(fraction: float, num_experts: int) -> int:
     """round(fraction x experts), halves up (Python's round() would send 2.5 to 2)."""
     return math.floor(fraction * num_experts + 0.5)
 
 
-def load_traces(paths: Sequence[str]) -> list[LoadedTrace]:
+def load_traces(paths: Sequence[str], expert_bytes: int | None = None) -> list[LoadedTrace]:
     loaded: list[LoadedTrace] = []
     for path in paths:
-        trace = load_trace(path)
+        trace = load_trace(path, expert_bytes=expert_bytes)
         label = Path(path).stem
         if any(t.label == label for t in loaded):
             label = f"{label}-{len(loaded)}"
@@ -215,6 +249,7 @@ def sweep(
     seed: int = 0,
     half_life: float = 256.0,
     static_profile: np.ndarray | None = None,
+    timing: TimingModel | None = None,
 ) -> list[SweepRow]:
     rows: list[SweepRow] = []
     for t in traces:
@@ -231,7 +266,15 @@ def sweep(
                         options["half_life"] = half_life
                     elif name == "static" and static_profile is not None:
                         options["profile"] = static_profile
-                    results[name] = simulate(t.seq, name, capacity, scope, options=options or None)
+                    results[name] = simulate(
+                        t.seq,
+                        name,
+                        capacity,
+                        scope,
+                        options=options or None,
+                        timing=timing,
+                        expert_bytes=t.trace.expert_bytes,
+                    )
                 bound = results["belady"]
                 rows.extend(SweepRow(t.label, fraction, results[name], bound) for name in policies)
     return rows

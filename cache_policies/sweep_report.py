@@ -25,6 +25,8 @@ CSV_COLUMNS = (
     "share_of_belady",
     "evictions",
     "bytes_moved",  # empty when the trace does not give the expert size
+    "tokens_per_s",  # simulated, with --copy-gbps and --layer-compute-ms; empty otherwise
+    "stall_fraction",
 )
 
 
@@ -50,6 +52,8 @@ def write_csv(path: Path, rows: Sequence[SweepRow]) -> None:
                     f"{row.share_of_belady:.6f}",
                     r.evictions,
                     "" if r.bytes_moved is None else r.bytes_moved,
+                    "" if r.tokens_per_s is None else f"{r.tokens_per_s:.4g}",
+                    "" if r.stall_fraction is None else f"{r.stall_fraction:.4f}",
                 ]
             )
 

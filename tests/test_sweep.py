@@ -151,6 +151,21 @@ def test_static_profile_from_another_trace(
     assert code == 2 and "--static-profile has 3 layers" in err
 
 
+def test_timing_columns(tmp_path: Path, traces: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    argv = ["--trace", str(traces[0]), "--policies", "lru", "--scope", "layer", "--cache-fractions", "0.25"]
+    argv += ["--expert-bytes", "5000000", "--copy-gbps", "10", "--layer-compute-ms", "2", "--out", str(out)]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    for row in read_csv(out / "sweep.csv"):
+        misses = int(row["misses"])
+        copy_s = misses * 5e6 / 10e9  # 0.5 ms per miss
+        total_s = 80 * 2 * 2e-3 + copy_s  # 80 steps x 2 layers x 2 ms, plus the copies
+        assert int(row["bytes_moved"]) == misses * 5_000_000
+        assert float(row["tokens_per_s"]) == pytest.approx(80 / total_s, rel=1e-3)
+        assert float(row["stall_fraction"]) == pytest.approx(copy_s / total_s, abs=1e-4)
+
+
 def test_existing_out_dir_keeps_other_files(
     tmp_path: Path, traces: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -174,6 +189,16 @@ BAD_INPUT = {
     "bad scope": (["--trace", "{a}", "--scope", "both-ish"], "invalid choice"),
     "no trace": ([], "--trace"),
     "bad half-life": (["--trace", "{a}", "--lfru-half-life", "-3"], "--lfru-half-life"),
+    "half a timing model": (["--trace", "{a}", "--copy-gbps", "25"], "needs both --copy-gbps and"),
+    "timing without expert size": (
+        ["--trace", "{a}", "--copy-gbps", "25", "--layer-compute-ms", "1"],
+        "pass --expert-bytes",
+    ),
+    "zero bandwidth": (
+        ["--trace", "{a}", "--copy-gbps", "0", "--layer-compute-ms", "1", "--expert-bytes", "8"],
+        "bandwidth",
+    ),
+    "bad expert size": (["--trace", "{a}", "--expert-bytes", "0"], "--expert-bytes must be positive"),
 }
 
 
