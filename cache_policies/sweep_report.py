@@ -32,7 +32,7 @@ CSV_COLUMNS = (
 
 def write_csv(path: Path, rows: Sequence[SweepRow]) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         for row in rows:
             r = row.result
