@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sim_speed.json"))
     args = parser.parse_args(argv)
     pinning = pin_one_core()
+    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None  # others share the box
 
     results = []
     prepared = []
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             "implementation": platform.python_implementation(),
             "platform": platform.platform(terse=True),
             "numpy": np.__version__,
+            "load_average_1min_at_start": load_before,
         },
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "traces": prepared,
