@@ -4,9 +4,11 @@ One class serves the runtime and the trace simulator, so both make identical dec
 
 Semantics of one layer access (the experts one MoE layer needs for one forward call):
 
-- Experts are touched in ascending id order. A resident expert is a hit; a missing one is a miss and takes a
-  free slot, or the slot of a victim the policy picks. The layer's own experts are never evicted to make
-  room for each other.
+- Experts are touched in ascending id order: first every resident one (a hit, reported to the policy in
+  ascending order), then every missing one (a miss, loaded in ascending order), which takes a free slot, or
+  the slot of a victim the policy picks. The layer's own experts are never evicted to make room for each
+  other. (Hits before loads is what ``reference_hit_rates.txt`` specifies for LRU; the other policies do not
+  depend on it.)
 - If the layer needs more experts than its partition has slots (prefill over many tokens), the access runs
   in *waves*: the first wave holds every resident expert (all hits) and then misses in ascending order until
   the partition is full; each later wave loads the next misses and may evict experts of earlier waves,
@@ -114,42 +116,55 @@ class ExpertCache:
         policy.begin_access(self._now)
         self._now += 1
         base = layer * self.num_experts
+        resident = part.resident
+        hit_experts = []
+        missing = []
+        for expert in experts:
+            if base + expert in resident:
+                hit_experts.append(expert)
+            else:
+                missing.append(expert)
+        # Every hit is recorded before the first miss is loaded: the residents are all in the first wave,
+        # and for LRU this order is part of the reference semantics (a hit is not staler than a load).
+        for expert in hit_experts:
+            policy.hit(base + expert)
         if len(experts) <= part.capacity:
-            waves = [self._single_wave(part, base, experts)]
+            waves = (
+                [self._single_wave(part, base, experts)] if missing else [self._all_hits(part, base, experts)]
+            )
         else:
-            waves = self._waves(part, base, experts)
-        misses = sum(len(w.loads) for w in waves)
+            waves = self._waves(part, base, hit_experts, missing)
+        misses = len(missing)
         hits = len(experts) - misses
         self.hits += hits
         self.misses += misses
         return AccessPlan(layer, waves, hits, misses)
 
+    def _all_hits(self, part: _Partition, base: int, experts: Sequence[int]) -> Wave:
+        resident = part.resident
+        return Wave(list(experts), [resident[base + e] for e in experts])
+
     def _single_wave(self, part: _Partition, base: int, experts: Sequence[int]) -> Wave:
         resident, policy = part.resident, part.policy
         protected = {base + e for e in experts}
         wave = Wave(list(experts))
+        slots = wave.slots
         for i, expert in enumerate(experts):
             key = base + expert
             slot = resident.get(key)
-            if slot is not None:
-                policy.hit(key)
-            else:
+            if slot is None:
                 slot = self._make_room(part, protected, wave)
                 policy.use(key)
                 policy.insert(key)
                 resident[key] = slot
                 wave.loads.append(i)
-            wave.slots.append(slot)
+            slots.append(slot)
         return wave
 
-    def _waves(self, part: _Partition, base: int, experts: Sequence[int]) -> list[Wave]:
+    def _waves(self, part: _Partition, base: int, hit_experts: list[int], missing: list[int]) -> list[Wave]:
         resident, policy = part.resident, part.policy
-        hit_experts = [e for e in experts if base + e in resident]
-        missing = [e for e in experts if base + e not in resident]
         waves: list[Wave] = []
-        for expert in hit_experts:  # all hits fit: the partition holds them right now
-            policy.hit(base + expert)
-        room = part.capacity - len(hit_experts)
+        room = part.capacity - len(hit_experts)  # all hits fit: the partition holds them right now
         todo = hit_experts + missing[:room]
         todo.sort()
         pending = missing[room:]

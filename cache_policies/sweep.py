@@ -1,0 +1,304 @@
+"""``offload-bench sweep``: hit rates of every policy x cache size x scope on routing traces, Belady beside them.
+
+    offload-bench sweep --trace olmoe.jsonl --trace flame.npz --policies lru,lfu,fifo,belady \\
+        --cache-fractions 0.125,0.25,0.5 --scope both --out results/
+
+Capacity: per-layer slots = round(fraction x experts) (halves round up); global slots = that x layers, so
+both scopes get the same device memory. Belady, the offline optimum, is always run: every policy is
+reported as a share of its hit rate. Writes ``sweep.csv``, ``sweep.md`` and ``sweep.png`` into ``--out``.
+With ``--copy-gbps`` and ``--layer-compute-ms`` (and the expert size, from the trace or ``--expert-bytes``)
+the CSV also gets simulated tokens/s and stall fraction (the timing model of :mod:`cache_policies.simulator`).
+
+Everything is validated (traces read, policies and fractions checked) before anything is written, and the
+three files are written to a temporary directory and moved into place at the end, so a failed sweep leaves
+``--out`` as it was. Bad input: one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+
+from cache_policies.access import AccessSequence, expert_counts
+from cache_policies.cache import Scope
+from cache_policies.importers import load_trace
+from cache_policies.registry import POLICIES
+from cache_policies.simulator import SimResult, TimingModel, simulate
+from cache_policies.sweep_report import write_csv, write_markdown, write_plot
+from cache_policies.trace import RoutingTrace, TraceError
+
+DEFAULT_POLICIES = ("lru", "lfu", "fifo", "random", "lfru", "static", "belady")
+DEFAULT_FRACTIONS = (0.125, 0.25, 0.5)
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (``prog: error: ...``) and exits with code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    trace: str
+    fraction: float
+    result: SimResult
+    belady: SimResult  # the bound at the same trace, scope and capacity
+
+    @property
+    def share_of_belady(self) -> float:
+        bound = self.belady.hit_rate
+        return self.result.hit_rate / bound if bound > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class LoadedTrace:
+    label: str  # the name in the csv: the file name without its extension
+    trace: RoutingTrace
+    seq: AccessSequence
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trace", action="append", required=True, metavar="FILE", help="routing trace (repeatable)"
+    )
+    parser.add_argument(
+        "--policies",
+        default=",".join(DEFAULT_POLICIES),
+        help=f"comma-separated, from: {', '.join(POLICIES)} (default: all). Belady is always run.",
+    )
+    parser.add_argument(
+        "--cache-fractions",
+        default=",".join(map(str, DEFAULT_FRACTIONS)),
+        help="comma-separated fractions of each layer's experts (default: 0.125,0.25,0.5)",
+    )
+    parser.add_argument("--scope", default="both", choices=("layer", "global", "both"))
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random policy (default: 0)")
+    parser.add_argument(
+        "--lfru-half-life",
+        type=float,
+        default=256.0,
+        metavar="ACCESSES",
+        help="half-life of lfru's score in layer accesses (default: 256)",
+    )
+    parser.add_argument(
+        "--expert-bytes", type=int, metavar="N", help="bytes of one expert (overrides the traces' own)"
+    )
+    parser.add_argument(
+        "--copy-gbps",
+        type=float,
+        metavar="GB/S",
+        help="host-to-device bandwidth: with --layer-compute-ms, adds simulated tokens/s to sweep.csv",
+    )
+    parser.add_argument(
+        "--layer-compute-ms",
+        type=float,
+        metavar="MS",
+        help="compute time of one layer access besides expert copies (timing model, see simulator.py)",
+    )
+    parser.add_argument(
+        "--static-profile",
+        metavar="FILE",
+        help="trace whose expert counts the static policy pins (default: each trace profiles itself)",
+    )
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "offload-bench sweep") -> int:
+    parser = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0] if __doc__ else None)
+    add_arguments(parser)
+    return run(parser.parse_args(argv), prog)
+
+
+def run(args: argparse.Namespace, prog: str = "offload-bench sweep") -> int:
+    """Run a parsed sweep command; returns the exit code."""
+    try:
+        policies = parse_policies(args.policies)
+        fractions = parse_fractions(args.cache_fractions)
+        scopes: tuple[Scope, ...] = ("layer", "global") if args.scope == "both" else (args.scope,)
+        if not args.lfru_half_life > 0 or not math.isfinite(args.lfru_half_life):
+            raise UsageError(f"--lfru-half-life must be a positive number, got {args.lfru_half_life}")
+        timing = parse_timing(args.copy_gbps, args.layer_compute_ms)
+        if args.expert_bytes is not None and args.expert_bytes < 1:
+            raise UsageError(f"--expert-bytes must be positive, got {args.expert_bytes}")
+        traces = load_traces(args.trace, args.expert_bytes)
+        profile = None if args.static_profile is None else load_trace(args.static_profile)
+        for t in traces:
+            check_capacities(t, fractions)
+            if timing is not None and t.trace.expert_bytes is None:
+                raise UsageError(f"trace {t.label} does not give the expert size: pass --expert-bytes")
+            if profile is not None and (profile.num_layers, profile.num_experts) != (
+                t.trace.num_layers,
+                t.trace.num_experts,
+            ):
+                raise UsageError(
+                    f"--static-profile has {profile.num_layers} layers x {profile.num_experts} experts, "
+                    f"trace {t.label} has {t.trace.num_layers} x {t.trace.num_experts}"
+                )
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a directory")
+    except (UsageError, TraceError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    profile_seq = None if profile is None else AccessSequence.from_trace(profile)
+    rows = sweep(
+        traces,
+        policies,
+        fractions,
+        scopes,
+        seed=args.seed,
+        half_life=args.lfru_half_life,
+        static_profile=None if profile_seq is None else expert_counts(profile_seq),
+        timing=timing,
+    )
+    static_note = (
+        f"static pins the most used experts of {Path(args.static_profile).name}"
+        if args.static_profile
+        else "static is profiled on the trace it is evaluated on: an optimistic upper bound for pinning"
+    )
+    try:
+        write_outputs(out, rows, traces, static_note)
+    except OSError as e:
+        print(f"{prog}: error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out / 'sweep.csv'}, sweep.md, sweep.png ({len(rows)} rows)")
+    return 0
+
+
+# -- input ------------------------------------------------------------------------------------------------
+def parse_policies(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise UsageError("--policies is empty")
+    unknown = [name for name in names if name not in POLICIES]
+    if unknown:
+        raise UsageError(f"unknown policy {unknown[0]!r}; choose from: {', '.join(POLICIES)}")
+    names = list(dict.fromkeys(names))  # drop repeats, keep order
+    return names if "belady" in names else [*names, "belady"]
+
+
+def parse_fractions(text: str) -> list[float]:
+    fractions = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise UsageError(f"cache fraction {item.strip()!r} is not a number") from None
+        if not (0 < value <= 1):
+            raise UsageError(f"cache fraction {value} must be in (0, 1]")
+        fractions.append(value)
+    return sorted(set(fractions))
+
+
+def parse_timing(copy_gbps: float | None, layer_compute_ms: float | None) -> TimingModel | None:
+    if copy_gbps is None and layer_compute_ms is None:
+        return None
+    if copy_gbps is None or layer_compute_ms is None:
+        raise UsageError("the timing model needs both --copy-gbps and --layer-compute-ms")
+    try:
+        return TimingModel(bandwidth_gbps=copy_gbps, compute_s_per_layer=layer_compute_ms / 1e3)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def layer_slots(fraction: float, num_experts: int) -> int:
+    """round(fraction x experts), halves up (Python's round() would send 2.5 to 2)."""
+    return math.floor(fraction * num_experts + 0.5)
+
+
+def load_traces(paths: Sequence[str], expert_bytes: int | None = None) -> list[LoadedTrace]:
+    loaded: list[LoadedTrace] = []
+    for path in paths:
+        trace = load_trace(path, expert_bytes=expert_bytes)
+        label = Path(path).stem
+        if any(t.label == label for t in loaded):
+            label = f"{label}-{len(loaded)}"
+        loaded.append(LoadedTrace(label, trace, AccessSequence.from_trace(trace)))
+    return loaded
+
+
+def check_capacities(t: LoadedTrace, fractions: Sequence[float]) -> None:
+    for fraction in fractions:
+        if layer_slots(fraction, t.trace.num_experts) < 1:
+            raise UsageError(
+                f"cache fraction {fraction} gives no slot for the {t.trace.num_experts} experts of {t.label}"
+            )
+
+
+# -- the grid ---------------------------------------------------------------------------------------------
+def sweep(
+    traces: Sequence[LoadedTrace],
+    policies: Sequence[str],
+    fractions: Sequence[float],
+    scopes: Sequence[Scope],
+    *,
+    seed: int = 0,
+    half_life: float = 256.0,
+    static_profile: np.ndarray | None = None,
+    timing: TimingModel | None = None,
+) -> list[SweepRow]:
+    rows: list[SweepRow] = []
+    for t in traces:
+        for scope in scopes:
+            for fraction in fractions:
+                slots = layer_slots(fraction, t.trace.num_experts)
+                capacity = slots if scope == "layer" else slots * t.trace.num_layers
+                results = {}
+                for name in policies:
+                    options: dict[str, object] = {}
+                    if name == "random":
+                        options["seed"] = seed
+                    elif name == "lfru":
+                        options["half_life"] = half_life
+                    elif name == "static" and static_profile is not None:
+                        options["profile"] = static_profile
+                    results[name] = simulate(
+                        t.seq,
+                        name,
+                        capacity,
+                        scope,
+                        options=options or None,
+                        timing=timing,
+                        expert_bytes=t.trace.expert_bytes,
+                    )
+                bound = results["belady"]
+                rows.extend(SweepRow(t.label, fraction, results[name], bound) for name in policies)
+    return rows
+
+
+# -- output -----------------------------------------------------------------------------------------------
+def write_outputs(out: Path, rows: list[SweepRow], traces: Sequence[LoadedTrace], static_note: str) -> None:
+    """Write the three files beside ``out`` first, then move them in: never a half-written ``out``."""
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    try:
+        write_csv(tmp / "sweep.csv", rows)
+        write_markdown(tmp / "sweep.md", rows, [(t.label, t.trace.describe()) for t in traces], static_note)
+        write_plot(tmp / "sweep.png", rows)
+        if not out.exists():
+            tmp.rename(out)
+            return
+        for name in ("sweep.csv", "sweep.md", "sweep.png"):
+            (tmp / name).replace(out / name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
