@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch 2.13.0 CPU build is what a machine without a GPU gets; a machine with CUDA keeps its own torch.
 CPU_TORCH := torch==2.13.0
 
-.PHONY: install demo test lint typecheck unit bench-sim clean
+.PHONY: install demo test lint typecheck unit clean
 
 install: $(VENV)/.installed
 

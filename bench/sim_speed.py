@@ -62,9 +62,7 @@ def best_rate(seq: AccessSequence, policy: str, capacity: int, scope: str, repea
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--traces", default=str(ROOT.parent / "shared" / "traces"), help="folder of the traces"
-    )
+    parser.add_argument("--traces", default=str(ROOT / "data" / "traces"), help="folder of the traces")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fraction", type=float, default=0.25)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sim_speed.json"))

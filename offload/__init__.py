@@ -1,17 +1,32 @@
 """moe-offload: run Mixture-of-Experts models larger than GPU memory.
 
-model = offload.from_pretrained(path, vram_budget="12GB")
-model.generate(...)
-offload.stats(model).hit_rate
+    model = offload.from_pretrained(path, vram_budget="12GB")
+    model.generate(...)
+    offload.stats(model).hit_rate
+
+Names are imported on first use, so ``offload-bench sweep`` (pure Python) starts without torch.
 """
 
-from offload.api import from_pretrained, stats, wrap
-from offload.budget import BudgetPlan
-from offload.config import OffloadConfig
-from offload.errors import BudgetError, CheckpointError, OffloadError, UnsupportedModelError
-from offload.stats import OffloadStats
-from offload.units import format_size, parse_size
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "from_pretrained": "offload.api",
+    "wrap": "offload.api",
+    "stats": "offload.api",
+    "routing_trace": "offload.api",
+    "BudgetPlan": "offload.budget",
+    "OffloadConfig": "offload.config",
+    "BudgetError": "offload.errors",
+    "CheckpointError": "offload.errors",
+    "OffloadError": "offload.errors",
+    "UnsupportedModelError": "offload.errors",
+    "OffloadStats": "offload.counters",
+    "format_size": "offload.units",
+    "parse_size": "offload.units",
+}
 __all__ = [
     "BudgetError",
     "BudgetPlan",
@@ -23,6 +38,28 @@ __all__ = [
     "format_size",
     "from_pretrained",
     "parse_size",
+    "routing_trace",
     "stats",
     "wrap",
 ]
+
+if TYPE_CHECKING:
+    from offload.api import from_pretrained, routing_trace, stats, wrap
+    from offload.budget import BudgetPlan
+    from offload.config import OffloadConfig
+    from offload.counters import OffloadStats
+    from offload.errors import BudgetError, CheckpointError, OffloadError, UnsupportedModelError
+    from offload.units import format_size, parse_size
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'offload' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

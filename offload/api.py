@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel
 
 from offload.config import OffloadConfig
+from offload.counters import OffloadStats
 from offload.hf import load_offloaded, runtime_of, wrap_model
-from offload.stats import OffloadStats
+
+if TYPE_CHECKING:
+    from cache_policies import RoutingTrace
 
 
 def from_pretrained(
@@ -70,3 +73,14 @@ def wrap(
 def stats(model: PreTrainedModel) -> OffloadStats:
     """Counters of an offloaded model since it was loaded."""
     return runtime_of(model).stats()
+
+
+def routing_trace(model: PreTrainedModel) -> RoutingTrace:
+    """The routing of every forward so far, as a :class:`cache_policies.RoutingTrace` (``.save(path)`` writes
+    the native format). Needs ``record_trace=True`` at load time."""
+    runtime = runtime_of(model)
+    if runtime.recorder is None:
+        raise ValueError("routing is not being recorded: load the model with record_trace=True")
+    if runtime.recorder.num_steps == 0:
+        raise ValueError("nothing recorded yet: run a forward or generate() first")
+    return runtime.recorder.trace(model=runtime.model_name, expert_bytes=runtime.survey.layout.nbytes)

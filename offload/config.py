@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 
-from cache_policies import ONLINE_POLICIES
+from cache_policies import ONLINE_POLICIES, POLICIES
 from offload.errors import OffloadError
 from offload.units import parse_size
 
@@ -70,9 +70,17 @@ class OffloadConfig:
     kernel: KernelChoice = "auto"
     pin_memory: bool | None = None  # None: pin host experts when the device is CUDA
     workspace_bytes: int | None = None  # None: estimated from the model's shapes and max_context
+    seed: int = 0  # for the random policy
+    policy_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"half_life": 128} for lfru
+    static_profile: str | None = None  # routing trace whose expert counts the static policy pins
+    record_trace: bool = False  # keep the routing of every forward (offload.routing_trace)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.policy in POLICIES and self.policy not in ONLINE_POLICIES:
+            raise OffloadError(
+                f"policy {self.policy!r} needs the future and runs only in the simulator (offload-bench sweep)"
+            )
         if self.policy not in ONLINE_POLICIES:
             raise OffloadError(
                 f"unknown policy {self.policy!r} for the runtime; choose one of: {', '.join(ONLINE_POLICIES)}"

@@ -90,7 +90,9 @@ def load_offloaded(name_or_path: str, config: OffloadConfig, progress: bool = Tr
     checkpoint = resolve(name_or_path)
     model, dtype = _skeleton(checkpoint, config.dtype)
     model_survey = survey(model, dtype)
-    runtime = OffloadRuntime(config, model_survey, plan_for(model_survey, config))
+    runtime = OffloadRuntime(
+        config, model_survey, plan_for(model_survey, config), model_name=str(name_or_path)
+    )
     shards = open_shards(checkpoint)
     try:
         _load_weights(model, checkpoint, shards, runtime, dtype, progress)
@@ -111,7 +113,8 @@ def wrap_model(model: PreTrainedModel, config: OffloadConfig, progress: bool = T
         raise UnsupportedModelError("this model is already offloaded")
     dtype = config.dtype or model.dtype
     model_survey = survey(model, dtype)
-    runtime = OffloadRuntime(config, model_survey, plan_for(model_survey, config))
+    name = str(getattr(model.config, "name_or_path", "") or model.config.model_type)
+    runtime = OffloadRuntime(config, model_survey, plan_for(model_survey, config), model_name=name)
     names = model_survey.layer_names
     for layer, name in enumerate(tqdm(names, desc="Packing experts", unit="layer", disable=not progress)):
         _take_over(model, runtime, layer, name)

@@ -10,13 +10,14 @@ from collections.abc import Callable
 
 import torch
 
-from cache_policies import ExpertCache, make_policy_factory
+from cache_policies import ExpertCache
 from offload.budget import BudgetPlan
 from offload.config import OffloadConfig
+from offload.counters import OffloadStats
 from offload.kernels import ExpertActivation, RoutedTokens, expert_pairs_torch
-from offload.scheduler import Scheduler
+from offload.recorder import RoutingRecorder
+from offload.scheduler import Scheduler, policy_factory
 from offload.slots import SlotPool
-from offload.stats import OffloadStats
 from offload.store import HostExpertStore
 from offload.survey import ModelSurvey
 from offload.transport import make_copy_engine
@@ -25,8 +26,11 @@ ExpertKernel = Callable[..., None]  # signature of offload.kernels.expert_pairs_
 
 
 class OffloadRuntime:
-    def __init__(self, config: OffloadConfig, survey: ModelSurvey, budget: BudgetPlan) -> None:
+    def __init__(
+        self, config: OffloadConfig, survey: ModelSurvey, budget: BudgetPlan, model_name: str = ""
+    ) -> None:
         self.config = config
+        self.model_name = model_name
         self.survey = survey
         self.budget = budget
         device = config.device
@@ -42,13 +46,14 @@ class OffloadRuntime:
             layers,
             experts,
             budget.slots // layers if per_layer else budget.slots,
-            make_policy_factory(config.policy),
+            policy_factory(config, layers, experts, survey.top_k),
             scope=config.cache_scope,
         )
         self.scheduler = Scheduler(self.cache, self.store, self.engine)
         self.kernel: ExpertKernel = expert_pairs_torch
         self.activations: list[ExpertActivation | None] = [None] * layers
         self.layer_calls = 0
+        self.recorder = RoutingRecorder(layers, experts) if config.record_trace else None
 
     def attach_layer(
         self, layer: int, weights: dict[str, torch.Tensor], activation: ExpertActivation
@@ -68,6 +73,8 @@ class OffloadRuntime:
         activation = self.activations[layer]
         if activation is None:
             raise RuntimeError(f"MoE layer {layer} was never attached to the runtime")
+        if self.recorder is not None:
+            self.recorder.record(layer, top_k_index, top_k_weights)
         routed = RoutedTokens.build(hidden_states, top_k_index, top_k_weights, self.survey.num_experts)
         plan = self.scheduler.plan(layer, routed.experts)
         tokens, top_k = top_k_index.shape

@@ -291,3 +291,28 @@ def test_embedded_demo(
     assert [p.name for p in built] == ["demo-mixtral-random-v1"]  # no leftover staging folder
     weights = sum(f.stat().st_size for f in built[0].glob("*.safetensors"))
     assert 200e6 < weights < 500e6  # "a few hundred MB"
+
+
+def test_record_trace_then_static_profile(
+    cli_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    budget = budget_for(cli_checkpoint, 6, 64)
+    base = ["--model", str(cli_checkpoint), "--vram-budget", budget, "--device", "cpu", "--max-context", "64"]
+    base += ["--prompt", "profile me"]
+    trace_file = tmp_path / "routing.npz"
+    code, _, err = run([*base, "--max-new-tokens", "5", "--record-trace", str(trace_file)], capsys)
+    assert code == 0, err
+    from cache_policies import load_trace
+
+    trace = load_trace(trace_file)
+    assert trace.num_steps == 5 and trace.num_layers == 3
+    code, _, err = run(
+        [*base, "--max-new-tokens", "3", "--policy", "static", "--static-profile", str(trace_file)], capsys
+    )
+    assert code == 0, err
+    code, _, err = run([*base, "--policy", "static"], capsys)
+    assert_usage_error(code, err, "static_profile")
+    code, _, err = run([*base, "--policy", "static", "--static-profile", str(tmp_path / "none.npz")], capsys)
+    assert_usage_error(code, err, "--static-profile", "does not exist")
+    code, _, err = run([*base, "--record-trace", "/nonexistent-dir/t.npz"], capsys)
+    assert_usage_error(code, err, "--record-trace", "does not exist")

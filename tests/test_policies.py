@@ -25,10 +25,9 @@ from cache_policies import (
 )
 from cache_policies.static import pinned_keys
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+TRACES = Path(__file__).resolve().parents[1] / "data" / "traces"
 REFERENCE = TRACES / "reference_hit_rates.txt"
 TRACE_FILES = {"olmoe": "olmoe-1b-7b_decode_299.jsonl", "flame": "flame-moe-290m_routing.npz"}
-needs_traces = pytest.mark.skipif(not REFERENCE.exists(), reason="shared traces not present")
 
 
 # -- the reference figures ----------------------------------------------------------------------------------
@@ -64,7 +63,6 @@ def sequences() -> dict[str, AccessSequence]:
     return {name: AccessSequence.from_trace(load_trace(TRACES / f)) for name, f in TRACE_FILES.items()}
 
 
-@needs_traces
 def test_reference_file_has_all_24_numbers_per_trace() -> None:
     for trace in TRACE_FILES:
         rates = [r for row in REF_ROWS if row[0] == trace for r in row[4].items()]
@@ -72,7 +70,6 @@ def test_reference_file_has_all_24_numbers_per_trace() -> None:
         assert len(rates) == 24
 
 
-@needs_traces
 @pytest.mark.parametrize(
     "trace,scope,fraction,capacity,rates", REF_ROWS, ids=[f"{r[0]}-{r[1]}-{r[2]}" for r in REF_ROWS]
 )

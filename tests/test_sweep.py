@@ -12,7 +12,7 @@ import pytest
 from cache_policies import AccessSequence, RoutingTrace, simulate
 from cache_policies.sweep import main as sweep_main
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+TRACES = Path(__file__).resolve().parents[1] / "data" / "traces"
 OLMOE = TRACES / "olmoe-1b-7b_decode_299.jsonl"
 ALL = ["lru", "lfu", "fifo", "random", "lfru", "static", "belady"]
 
@@ -119,7 +119,6 @@ def test_belady_is_always_run(tmp_path: Path, traces: list[Path], capsys: pytest
     assert {r["scope"] for r in rows} == {"layer"}
 
 
-@pytest.mark.skipif(not OLMOE.exists(), reason="shared traces not present")
 def test_sweep_reproduces_the_reference_on_a_shared_trace(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

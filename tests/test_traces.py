@@ -12,12 +12,9 @@ import pytest
 from cache_policies import RoutingTrace, TraceError, load_trace
 from cache_policies.trace import FORMAT, from_arrays
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+TRACES = Path(__file__).resolve().parents[1] / "data" / "traces"
 OLMOE = TRACES / "olmoe-1b-7b_decode_299.jsonl"
 FLAME = TRACES / "flame-moe-290m_routing.npz"
-needs_traces = pytest.mark.skipif(
-    not OLMOE.exists() or not FLAME.exists(), reason="shared traces not present"
-)
 
 
 def small_trace(**overrides: Any) -> RoutingTrace:
@@ -118,7 +115,6 @@ def test_save_overwrites_whole(tmp_path: Path) -> None:
 
 
 # -- importers ----------------------------------------------------------------------------------------------
-@needs_traces
 def test_import_olmoe_jsonl() -> None:
     trace = load_trace(OLMOE)
     assert (trace.num_steps, trace.num_tokens, trace.num_layers, trace.top_k, trace.num_experts) == (
@@ -133,7 +129,6 @@ def test_import_olmoe_jsonl() -> None:
     assert trace.weights is None and trace.expert_bytes is None
 
 
-@needs_traces
 def test_import_flame_encoder_and_decoder() -> None:
     trace = load_trace(FLAME)
     with np.load(FLAME, allow_pickle=False) as z:
@@ -283,3 +278,21 @@ def test_pickled_arrays_are_refused(tmp_path: Path) -> None:
     np.savez(path, **{**arrays, "ids": np.array([object()], dtype=object)})  # type: ignore[arg-type]
     with pytest.raises(TraceError, match=r"not a readable \.npz"):
         load_trace(path)
+
+
+def test_vendored_traces_are_the_published_files() -> None:
+    """data/traces holds unmodified copies of the shared traces; their checksums are pinned."""
+    import hashlib
+
+    sums = (TRACES / "SHA256SUMS").read_text().split("\n")
+    pinned = dict(reversed(line.split()) for line in sums if line.strip())
+    assert set(pinned) == {
+        "flame-moe-290m_routing.npz",
+        "olmoe-1b-7b_decode_299.jsonl",
+        "reference_hit_rates.txt",
+    }
+    for name, digest in pinned.items():
+        assert hashlib.sha256((TRACES / name).read_bytes()).hexdigest() == digest, name
+    # The olmoe file's published prefix and suffix (traces README: "sha256 7d8e7f63...4383b").
+    assert pinned["olmoe-1b-7b_decode_299.jsonl"].startswith("7d8e7f63")
+    assert pinned["olmoe-1b-7b_decode_299.jsonl"].endswith("4383b")

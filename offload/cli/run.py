@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
     p.add_argument("--stats-json", type=Path, help="write the run's counters and timings to this JSON file")
+    p.add_argument(
+        "--record-trace", type=Path, help="write this run's routing as a trace (native .npz format)"
+    )
+    p.add_argument(
+        "--static-profile", type=Path, help="routing trace whose most used experts --policy static pins"
+    )
     return p
 
 
@@ -83,6 +89,9 @@ def _run(args: argparse.Namespace) -> int:
         policy=args.policy,
         max_context=args.max_context,
         cache_scope=args.cache_scope,
+        seed=args.seed,
+        static_profile=None if args.static_profile is None else str(args.static_profile),
+        record_trace=args.record_trace is not None,
     )
     if demo:
         print(
@@ -117,6 +126,8 @@ def _run(args: argparse.Namespace) -> int:
     result = _generate(model, tokenizer, inputs.to(model.device), args)
     stats = offload.stats(model)
     print(_summary(result, stats), file=sys.stderr)
+    if args.record_trace is not None:
+        offload.routing_trace(model).save(args.record_trace.expanduser())
     if args.stats_json is not None:
         _write_json(args.stats_json, {"model": model_path, "demo": demo, **result, **stats.as_dict()})
     return 0
@@ -137,12 +148,15 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-context must be at least 1, got {args.max_context}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be 0 or more, got {args.temperature}")
-    if args.stats_json is not None:
-        parent = args.stats_json.expanduser().resolve().parent
-        if not parent.is_dir():
-            raise UsageError(f"--stats-json: folder {parent} does not exist")
-        if not os.access(parent, os.W_OK):
-            raise UsageError(f"--stats-json: folder {parent} is not writable")
+    for flag, path in (("--stats-json", args.stats_json), ("--record-trace", args.record_trace)):
+        if path is not None:
+            parent = path.expanduser().resolve().parent
+            if not parent.is_dir():
+                raise UsageError(f"{flag}: folder {parent} does not exist")
+            if not os.access(parent, os.W_OK):
+                raise UsageError(f"{flag}: folder {parent} is not writable")
+    if args.static_profile is not None and not args.static_profile.expanduser().is_file():
+        raise UsageError(f"--static-profile: {args.static_profile} does not exist")
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
