@@ -13,7 +13,7 @@ import torch
 from cache_policies import ExpertCache, make_policy_factory
 from offload.budget import BudgetPlan
 from offload.config import OffloadConfig
-from offload.kernels import ExpertActivation, RoutedTokens, expert_pairs_torch
+from offload.kernels import ExpertActivation, RoutedTokens, select_kernel
 from offload.scheduler import Scheduler
 from offload.slots import SlotPool
 from offload.stats import OffloadStats
@@ -46,7 +46,7 @@ class OffloadRuntime:
             scope=config.cache_scope,
         )
         self.scheduler = Scheduler(self.cache, self.store, self.engine)
-        self.kernel: ExpertKernel = expert_pairs_torch
+        self.kernel: ExpertKernel = select_kernel(config.kernel, device)
         self.activations: list[ExpertActivation | None] = [None] * layers
         self.layer_calls = 0
 
