@@ -191,6 +191,33 @@ def check(case: Case, kernel: Callable[..., None], waves: list[list[tuple[int, i
     torch.testing.assert_close(out, ref, **TOL[case.layout.dtype])
 
 
+def as_fp32(case: Case) -> Case:
+    """The same experts and inputs (already rounded to the case's dtype), in fp32: an oracle."""
+    layout = ExpertLayout(
+        case.layout.hidden_size, case.layout.intermediate_size, case.layout.has_gate, case.layout.has_bias,
+        torch.float32,
+    )  # fmt: skip
+    store = torch.zeros((case.store.shape[0], layout.nbytes), dtype=torch.uint8, device=DEVICE)
+    ours = layout.views(store)
+    for name, view in case.layout.views(case.store).items():
+        ours[name].copy_(view.float())
+    r = case.routed
+    routed = RoutedTokens.build(r.hidden.float(), r.top_k_index, r.top_k_weights.float(), case.store.shape[0])
+    return Case(layout, store, SlotPool(layout, case.pool.num_slots, DEVICE), routed, case.activation)
+
+
+def check_against_oracle(case: Case, kernel: Callable[..., None]) -> None:
+    """Large reductions in 16 bits: compare kernel and reference with an fp32 oracle. The kernel keeps
+    fp32 between the two matmuls, so it must be within the dtype's tolerance of the oracle and no less
+    accurate than the reference (which rounds gate/up and the activation)."""
+    waves = case.one_wave()
+    oracle = as_fp32(case).run(expert_pairs_torch, waves).float()
+    ref_err = (case.run(expert_pairs_torch, waves).float() - oracle).abs().max().item()
+    out = case.run(kernel, waves).float()
+    torch.testing.assert_close(out, oracle, **TOL[case.layout.dtype])
+    assert (out - oracle).abs().max().item() <= 1.5 * ref_err + 1e-6
+
+
 # -- correctness grid -------------------------------------------------------------------------------------
 
 PATHS = ["decode", "prefill"]
@@ -262,6 +289,23 @@ def test_bf16_with_upcast(path: str) -> None:
     """bf16 in the interpreter: the GEMV upcasts its loads; the tl.dot tiles are upcast to fp32 (the
     interpreter's bf16 tl.dot is wrong). On a GPU the tl.dot runs in bf16: see the gpu tests."""
     check(make_case(dtype=torch.bfloat16, has_bias=True), triton_kernel(path=path, block_m=16))
+
+
+@in_process
+@pytest.mark.parametrize("path", PATHS)
+def test_prepared_launches_and_oracle(path: str) -> None:
+    """prepare() (host work once, then launches only) gives the same bits as a call; and bf16 against an
+    fp32 oracle, the check the GPU tests make at real sizes."""
+    case = make_case(dtype=torch.bfloat16, tokens=6)
+    kernel = triton_kernel(path=path, block_m=16)
+    waves = case.one_wave()
+    expected = case.run(kernel, waves)
+    out = torch.zeros_like(expected)
+    experts, slots = zip(*waves[0], strict=True)
+    run = kernel.prepare(case.routed, list(experts), list(slots), case.pool, case.activation, out)
+    run()
+    assert torch.equal(out, expected)
+    check_against_oracle(case, kernel)
 
 
 @in_process
@@ -447,10 +491,29 @@ def test_launches_compile_for_gpus(run: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 4, 64, 512])
 def test_gpu_realistic_shapes(dtype: torch.dtype, tokens: int) -> None:
-    """Qwen3-30B-A3B-like expert shapes, the heuristics' own tiles and split-K, bf16 tl.dot on tensor cores."""
+    """Qwen3-30B-A3B expert shapes, the heuristics' own tiles and split-K, 16-bit tl.dot on tensor cores."""
     case = make_case(tokens=tokens, hidden=2048, inter=768, num_experts=128, top_k=8, slots=140, dtype=dtype)
     for path in ("auto", "decode", "prefill"):
-        check(case, triton_kernel(path=path))
+        check_against_oracle(case, triton_kernel(path=path))
+
+
+@gpu
+@needs_cuda
+def test_gpu_prepared_launches_replay_in_a_cuda_graph() -> None:
+    """What bench/kernels.py times: prepare() once, capture the launches in a CUDA graph, replay."""
+    case = make_case(tokens=3, hidden=256, inter=512, num_experts=16, top_k=4, dtype=torch.bfloat16)
+    waves = case.one_wave()
+    expected = case.run(triton_kernel(), waves)
+    out = torch.zeros_like(expected)
+    experts, slots = zip(*waves[0], strict=True)
+    run = triton_kernel().prepare(case.routed, list(experts), list(slots), case.pool, case.activation, out)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
 
 
 @gpu
