@@ -2,8 +2,9 @@
 
 - ``auto``: Triton on CUDA; the torch reference on CPU. ``torch.nn.functional.grouped_mm`` was measured on
   CPU (torch 2.13, 2 cores, OLMoE and Qwen3-30B-A3B expert shapes, 1/16/256 tokens, fp32 and bf16; see
-  docs/kernels.md): it is a loop of per-group matmuls there, bitwise equal to the reference and no faster,
-  so it brings nothing on CPU. It stays selectable as a baseline (``bench/kernels.py``).
+  docs/kernels.md): its outputs are bitwise equal to the reference and it is not consistently faster
+  (within about 20% either way, slower at one token), so it brings nothing on CPU. It is the GPU
+  baseline of ``bench/kernels.py`` (:mod:`offload.kernels.grouped_mm`).
 - ``torch``: the reference, :func:`offload.kernels.expert_pairs_torch`, on any device.
 - ``triton``: the fused Triton kernels. On CPU only through Triton's interpreter, which must be switched on
   with ``TRITON_INTERPRET=1`` in the environment before triton is imported (see :func:`interpreter_ready`);
@@ -71,4 +72,8 @@ def _triton_kernel(device: torch.device) -> ExpertKernel:
         )
     from offload.kernels import triton_moe
 
+    if device.type != "cuda" and not triton_moe.INTERPRETED:  # the variable changed after the kernels' import
+        raise OffloadError(
+            "the Triton kernels were built for the GPU in this process: set TRITON_INTERPRET=1 before starting Python"
+        )
     return triton_moe.expert_pairs_triton

@@ -40,7 +40,7 @@ from offload.kernels.triton_prefill import pairs_gemm
 from offload.layout import ExpertLayout
 from offload.slots import SlotPool
 
-Path = Literal["decode", "prefill"]
+KernelPath = Literal["decode", "prefill"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class GemmTiles:
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    path: Path
+    path: KernelPath
     gate_up: GemvTiles | GemmTiles
     down: GemvTiles | GemmTiles
 
@@ -167,7 +167,7 @@ def plan_launch(
 ) -> LaunchPlan:
     """Path and tiles for one layer call: ``num_pairs = T*k``, the largest and the number of non-empty
     experts of the call (all waves together). Pure: same inputs, same plan."""
-    path: Path
+    path: KernelPath
     if opts.path == "auto":
         path = "decode" if max_pairs_per_expert <= opts.decode_max_pairs_per_expert else "prefill"
     else:
@@ -189,7 +189,7 @@ def plan_launch(
 
 
 # The bf16 tl.dot trap is the interpreter's (on CPU tensors, or on CUDA ones when debugging with it).
-_INTERPRETED = isinstance(pairs_gemm, InterpretedFunction)
+INTERPRETED = isinstance(pairs_gemm, InterpretedFunction)
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -355,7 +355,7 @@ class TritonMoeKernel:
                 slot_map_ptr=table[:num_experts],
                 blocks_ptr=table[num_experts:],
                 num_blocks=len(blocks) // 3,
-                UPCAST=_INTERPRETED and layout.dtype == torch.bfloat16,
+                UPCAST=INTERPRETED and layout.dtype == torch.bfloat16,
                 PRECISION=_dot_precision(),
             )
             for stage, tiles in zip(stages, (plan.gate_up, plan.down), strict=True):
