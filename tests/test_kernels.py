@@ -483,6 +483,26 @@ def test_launches_compile_for_gpus(run: str) -> None:
         assert "splitk_reduce" in done.stdout  # Mixtral's down projection at one token splits K
 
 
+@pytest.mark.skipif(
+    HAS_CUDA or os.environ.get("OFFLOAD_KERNEL_TESTS_CHILD") == "1", reason="CPU smoke, run once"
+)
+def test_bench_smoke(tmp_path: Path) -> None:
+    """bench/kernels.py --smoke runs (tiny shapes, CPU, interpreter) and writes a labelled JSON."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script sets it itself
+    out = tmp_path / "smoke.json"
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "bench/kernels.py", "--smoke", "--tokens", "1", "--tokens", "16",
+           "--impl", "triton", "--impl", "grouped_mm", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["smoke"] is True and "NOT performance" in result["what"]
+    assert {r["impl"] for r in result["rows"]} == {"triton", "grouped_mm"}
+    assert all(r["max_abs_err_vs_torch"] < 1e-5 for r in result["rows"])
+
+
 # -- GPU only ---------------------------------------------------------------------------------------------
 
 
