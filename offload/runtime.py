@@ -14,7 +14,7 @@ from cache_policies import ExpertCache
 from offload.budget import BudgetPlan
 from offload.config import OffloadConfig
 from offload.counters import OffloadStats
-from offload.kernels import ExpertActivation, RoutedTokens, expert_pairs_torch
+from offload.kernels import ExpertActivation, RoutedTokens, select_kernel
 from offload.recorder import RoutingRecorder
 from offload.scheduler import Scheduler, policy_factory
 from offload.slots import SlotPool
@@ -50,7 +50,7 @@ class OffloadRuntime:
             scope=config.cache_scope,
         )
         self.scheduler = Scheduler(self.cache, self.store, self.engine)
-        self.kernel: ExpertKernel = expert_pairs_torch
+        self.kernel: ExpertKernel = select_kernel(config.kernel, device)
         self.activations: list[ExpertActivation | None] = [None] * layers
         self.layer_calls = 0
         self.recorder = RoutingRecorder(layers, experts) if config.record_trace else None
