@@ -21,6 +21,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+# transformers probes for the hub "kernels" package with `import kernels`, which would find bench/kernels.py
+# while this script's folder is on sys.path: keep it off.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 RESULTS = Path(__file__).resolve().parent / "results" / "load_memory.json"
 
 

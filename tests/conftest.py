@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's interpreter, which must be switched on before triton
+    # is first imported (importing torch does not import it; transformers and offload may).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import transformers
 
 HAS_CUDA = torch.cuda.is_available()
@@ -76,10 +83,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def save_tiny(config: transformers.PretrainedConfig, directory: Path, seed: int = 0) -> Path:
+def save_tiny(
+    config: transformers.PretrainedConfig, directory: Path, seed: int = 0, model_class: type | None = None
+) -> Path:
     """Random weights (scaled up so routing is decisive and outputs are far from zero), saved in fp32."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if model_class is None:
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        model = model_class._from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() >= 2:

@@ -316,3 +316,18 @@ def test_record_trace_then_static_profile(
     assert_usage_error(code, err, "--static-profile", "does not exist")
     code, _, err = run([*base, "--record-trace", "/nonexistent-dir/t.npz"], capsys)
     assert_usage_error(code, err, "--record-trace", "does not exist")
+
+
+def test_kernel_flag(cli_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--kernel triton runs (in Triton's interpreter on CPU) and gives the torch path's greedy text."""
+    budget = budget_for(cli_checkpoint, 4, 64, "fp32")
+    base = ["--model", str(cli_checkpoint), "--vram-budget", budget, "--device", "cpu", "--max-context", "64"]
+    base += ["--dtype", "fp32", "--prompt", "abc", "--max-new-tokens", "4"]
+    outs = {}
+    for kernel in ("torch", "triton"):
+        code, out, err = run([*base, "--kernel", kernel], capsys)
+        assert code == 0, err
+        outs[kernel] = out
+    assert outs["torch"] == outs["triton"]
+    code, _, err = run([*base, "--kernel", "cuda"], capsys)
+    assert_usage_error(code, err, "--kernel")

@@ -1,15 +1,8 @@
 """Triton fused MoE kernels against the torch reference, on CPU through Triton's interpreter.
 
-Without CUDA these tests need Triton's interpreter, and ``TRITON_INTERPRET=1`` only works if it is set
-before *triton* is imported: triton decorates its own library (``tl.zeros``, ``tl.sum``) at import, and
-``import offload`` imports triton (through transformers -> torch._dynamo). So:
-
-- if this module is the first to import triton (``pytest tests/test_kernels.py``), it sets the variable
-  itself, before importing ``offload``, and runs everything in process;
-- otherwise (the whole suite, where earlier modules imported ``offload``), the in-process tests skip and
-  ``test_interpreter_suite_in_subprocess`` runs this file in a fresh Python with the variable set.
-
-With CUDA the kernels are compiled for the GPU and everything runs in process.
+Without CUDA these tests run in Triton's interpreter. ``TRITON_INTERPRET=1`` only works if it is set before
+*triton* is imported (triton decorates its own library, ``tl.zeros``, ``tl.sum``, at import), so
+``tests/conftest.py`` sets it before anything imports triton. With CUDA the kernels are compiled for the GPU.
 
 Tolerances, kernel vs reference in the same dtype (``assert_close``: ``|a - b| <= atol + rtol * |b|``), with
 outputs of order 1: fp32 ``1e-5`` / ``1e-5`` (observed <= 5e-7: summation order only); fp16 ``2e-3`` /
@@ -31,23 +24,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+from offload.errors import OffloadError
+from offload.kernels import ExpertActivation, RoutedTokens, expert_pairs_torch, select_kernel
+from offload.kernels.dispatch import interpreter_ready
+from offload.layout import ExpertLayout
+from offload.slots import SlotPool
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"  # before offload (and so triton) is imported
-
-import torch.nn.functional as F  # noqa: E402
-
-from offload.errors import OffloadError  # noqa: E402
-from offload.kernels import ExpertActivation, RoutedTokens, expert_pairs_torch, select_kernel  # noqa: E402
-from offload.kernels.dispatch import interpreter_ready  # noqa: E402
-from offload.layout import ExpertLayout  # noqa: E402
-from offload.slots import SlotPool  # noqa: E402
-
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-IN_PROCESS = HAS_CUDA or interpreter_ready()
-in_process = pytest.mark.skipif(
-    not IN_PROCESS, reason="triton was imported without TRITON_INTERPRET=1: run in a subprocess instead"
+assert HAS_CUDA or interpreter_ready(), (
+    "tests/conftest.py must set TRITON_INTERPRET=1 before triton is imported"
 )
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -57,16 +45,6 @@ TOL = {
     torch.float16: dict(atol=2e-3, rtol=2e-3),
     torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
 }
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="this file's tests run in this process")
-def test_interpreter_suite_in_subprocess() -> None:
-    """This whole file, in a fresh Python with TRITON_INTERPRET=1 set from the start."""
-    env = dict(os.environ, TRITON_INTERPRET="1", OFFLOAD_KERNEL_TESTS_CHILD="1")
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
-    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
 
 
 def triton_kernel(**options: object):
@@ -236,7 +214,6 @@ VARIANTS = [
 ]
 
 
-@in_process
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("kind", "has_gate", "has_bias"), VARIANTS)
 def test_activations_bias_and_gate(path: str, kind: str, has_gate: bool, has_bias: bool) -> None:
@@ -254,7 +231,6 @@ SHAPES: dict[str, dict] = {
 }
 
 
-@in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -272,7 +248,6 @@ def test_shapes(shape: str, path: str, dtype: torch.dtype) -> None:
     check(case, triton_kernel(path=path, block_m=16), waves)
 
 
-@in_process
 @pytest.mark.parametrize("split", [2, 3])
 @pytest.mark.parametrize("has_gate", [True, False])
 def test_decode_split_k(split: int, has_gate: bool) -> None:
@@ -283,7 +258,6 @@ def test_decode_split_k(split: int, has_gate: bool) -> None:
     assert kernel.last_plan.gate_up.split == split and kernel.last_plan.down.split == split
 
 
-@in_process
 @pytest.mark.parametrize("path", PATHS)
 def test_bf16_with_upcast(path: str) -> None:
     """bf16 in the interpreter: the GEMV upcasts its loads; the tl.dot tiles are upcast to fp32 (the
@@ -291,7 +265,6 @@ def test_bf16_with_upcast(path: str) -> None:
     check(make_case(dtype=torch.bfloat16, has_bias=True), triton_kernel(path=path, block_m=16))
 
 
-@in_process
 @pytest.mark.parametrize("path", PATHS)
 def test_prepared_launches_and_oracle(path: str) -> None:
     """prepare() (host work once, then launches only) gives the same bits as a call; and bf16 against an
@@ -308,7 +281,6 @@ def test_prepared_launches_and_oracle(path: str) -> None:
     check_against_oracle(case, kernel)
 
 
-@in_process
 def test_padding_expert_ids_are_skipped() -> None:
     """Some models route padding to expert E (out of range): those rows must stay untouched."""
     case = make_case(tokens=5)
@@ -322,7 +294,6 @@ def test_padding_expert_ids_are_skipped() -> None:
         assert torch.all(out[2] == 0)
 
 
-@in_process
 def test_custom_activation_falls_back_to_torch() -> None:
     case = make_case()
     case.activation = ExpertActivation("custom", True, case.activation.fn)
@@ -335,7 +306,6 @@ def test_custom_activation_falls_back_to_torch() -> None:
 # -- invariants: wave independence, determinism -----------------------------------------------------------
 
 
-@in_process
 @pytest.mark.parametrize(("path", "split"), [("decode", None), ("decode", 2), ("prefill", None)])
 def test_bitwise_independent_of_waves_and_slots(path: str, split: int | None) -> None:
     case = make_case(tokens=8, num_experts=9, top_k=3, slots=12, has_bias=True, seed=3)
@@ -347,7 +317,6 @@ def test_bitwise_independent_of_waves_and_slots(path: str, split: int | None) ->
         assert torch.equal(case.run(kernel, waves), whole), f"waves of {size}"
 
 
-@in_process
 def test_launch_heuristics() -> None:
     """plan_launch is pure: the path and tiles come from the layer call (T*k, pair counts), the shapes and
     the device, never from the wave, which is what keeps results wave-independent."""
@@ -394,9 +363,8 @@ def test_dispatch() -> None:
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU behaviour")
 def test_dispatch_triton_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    if IN_PROCESS:
-        assert callable(select_kernel("triton", "cpu"))
-        monkeypatch.delenv("TRITON_INTERPRET")
+    assert callable(select_kernel("triton", "cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1") as err:
         select_kernel("triton", "cpu")
     assert isinstance(err.value, OffloadError)  # the CLI's one-line error, not a traceback
@@ -426,7 +394,6 @@ def tiny_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@in_process
 def test_generate_triton_equals_torch(tiny_mixtral: Path) -> None:
     """Greedy generation: same tokens with kernel="triton" as with "torch"; and with triton, bitwise the
     same logits whether every expert is resident or only two slots exist (prefill runs in several waves)."""
@@ -466,7 +433,6 @@ AOT_RUNS = {
 }
 
 
-@pytest.mark.skipif(os.environ.get("OFFLOAD_KERNEL_TESTS_CHILD") == "1", reason="the parent process runs it")
 @pytest.mark.parametrize("run", list(AOT_RUNS))
 def test_launches_compile_for_gpus(run: str) -> None:
     """The launches the heuristics make for real shapes (decode with split-K, prefill tiles) compile to cubin
@@ -483,9 +449,7 @@ def test_launches_compile_for_gpus(run: str) -> None:
         assert "splitk_reduce" in done.stdout  # Mixtral's down projection at one token splits K
 
 
-@pytest.mark.skipif(
-    HAS_CUDA or os.environ.get("OFFLOAD_KERNEL_TESTS_CHILD") == "1", reason="CPU smoke, run once"
-)
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU smoke run of the benchmark")
 def test_bench_smoke(tmp_path: Path) -> None:
     """bench/kernels.py --smoke runs (tiny shapes, CPU, interpreter) and writes a labelled JSON."""
     import json

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when present, else cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: the checkpoint's dtype")
     p.add_argument(
+        "--kernel",
+        choices=("auto", "triton", "torch"),
+        default="auto",
+        help="expert compute: auto (Triton on CUDA, torch on CPU), triton, or the torch reference",
+    )
+    p.add_argument(
         "--max-context", type=int, default=4096, help="KV-cache tokens the budget reserves (default 4096)"
     )
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
@@ -89,6 +95,7 @@ def _run(args: argparse.Namespace) -> int:
         policy=args.policy,
         max_context=args.max_context,
         cache_scope=args.cache_scope,
+        kernel=args.kernel,
         seed=args.seed,
         static_profile=None if args.static_profile is None else str(args.static_profile),
         record_trace=args.record_trace is not None,
