@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
     WeightConverter,
@@ -30,6 +36,7 @@ from transformers.core_model_loading import (
     rename_source_key,
 )
 from transformers.modeling_utils import LoadStateDictConfig
+from transformers.models.auto.auto_factory import _get_model_class
 from transformers.utils import logging as hf_logging
 from transformers.utils.loading_report import LoadStateDictInfo
 
@@ -77,8 +84,7 @@ def survey_checkpoint(name_or_path: str, dtype: torch.dtype | None = None) -> Mo
 
 def _skeleton(checkpoint: Checkpoint, dtype: torch.dtype | None) -> tuple[PreTrainedModel, torch.dtype]:
     """The model built on the meta device: shapes and names, no memory."""
-    hf_config = load_config(checkpoint)
-    model_class = causal_lm_class(hf_config)
+    model_class, hf_config = model_class_for(load_config(checkpoint))
     dtype = dtype or checkpoint_dtype(hf_config)
     with torch.device("meta"):
         model = model_class._from_config(hf_config, dtype=dtype)
@@ -130,14 +136,27 @@ def runtime_of(model: nn.Module) -> OffloadRuntime:
     return runtime
 
 
-def causal_lm_class(hf_config: PretrainedConfig) -> type[PreTrainedModel]:
-    try:
-        model_class: type[PreTrainedModel] = AutoModelForCausalLM._model_mapping[type(hf_config)]  # type: ignore[assignment]
-    except KeyError:
-        raise UnsupportedModelError(
-            f"model type {hf_config.model_type!r} has no causal language model class in transformers"
-        ) from None
-    return model_class
+GENERATIVE_AUTO_CLASSES = (AutoModelForCausalLM, AutoModelForImageTextToText)
+
+
+def model_class_for(hf_config: PretrainedConfig) -> tuple[type[PreTrainedModel], PretrainedConfig]:
+    """The text-generation class transformers' Auto classes would build for ``hf_config``, and the config
+    to build it with (a composite config's text part, when the class takes only that)."""
+    for auto in GENERATIVE_AUTO_CLASSES:
+        if type(hf_config) not in auto._model_mapping:
+            continue
+        model_class: type[PreTrainedModel] = _get_model_class(hf_config, auto._model_mapping)
+        text_class = (getattr(hf_config, "sub_configs", None) or {}).get("text_config")
+        if text_class is not None and getattr(model_class, "config_class", None) is text_class:
+            quantization = getattr(hf_config, "quantization_config", None)
+            hf_config = hf_config.get_text_config()
+            if quantization is not None:
+                hf_config.quantization_config = quantization
+        return model_class, hf_config
+    raise UnsupportedModelError(
+        f"model type {hf_config.model_type!r} has no text-generation class in transformers "
+        "(causal LM or image-text-to-text); see offload-run --list-architectures"
+    )
 
 
 def checkpoint_dtype(hf_config: PretrainedConfig) -> torch.dtype:
@@ -217,6 +236,10 @@ def _route_keys(
     targets: set[str] = set()
     for key in handle_of:
         target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        if (
+            target not in meta_state and key in meta_state
+        ):  # as transformers does: a rename that lands nowhere
+            target, _ = rename_source_key(key, [], [], model.base_model_prefix, meta_state)
         targets.add(target)
         layer = layer_of.get(target.rpartition(".")[0])
         (rest if layer is None else by_layer[layer]).append(key)

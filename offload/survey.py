@@ -22,6 +22,7 @@ _TOP_K_NAMES = (
     "moe_topk",
     "moe_k",
     "top_k",
+    "top_k_experts",
     "num_selected_experts",
     "experts_per_token",
 )
@@ -180,18 +181,33 @@ def _resident_bytes(model: nn.Module, experts_names: set[str], dtype: torch.dtyp
 
 
 def _kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
-    """KV-cache bytes one token adds, summed over attention layers (linear-attention states are constant)."""
+    """KV-cache bytes one token adds, summed over attention layers.
+
+    Linear-attention, Mamba and convolution layers keep a fixed-size state and add nothing per token.
+    Sliding-window layers are counted in full (an upper bound). Configs whose head sizes vary by layer are
+    read layer by layer (``per_layer_config``).
+    """
     text = config.get_text_config()
     element = torch.empty((), dtype=dtype).element_size()
-    heads = int(getattr(text, "num_attention_heads", 0) or 0)
-    layer_types = getattr(text, "layer_types", None)
     layers = int(text.num_hidden_layers)
-    if layer_types:
-        layers = sum(1 for t in layer_types if "attention" in str(t) and "linear" not in str(t))
-    if getattr(text, "kv_lora_rank", None):  # multi-head latent attention: HF caches decompressed k and v
-        per_layer = heads * (int(text.qk_nope_head_dim) + int(text.qk_rope_head_dim) + int(text.v_head_dim))
-    else:
-        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-        head_dim = getattr(text, "head_dim", None) or (text.hidden_size // max(heads, 1))
-        per_layer = 2 * kv_heads * int(head_dim)
-    return per_layer * layers * element
+    layer_types = list(getattr(text, "layer_types", None) or [])
+    per_layer = getattr(text, "per_layer_config", None)
+    total = 0
+    for i in range(layers):
+        kind = str(layer_types[i]) if i < len(layer_types) else "attention"
+        if "attention" not in kind or "linear" in kind:
+            continue
+        total += _kv_values_per_token(per_layer[i] if per_layer is not None else text)
+    return total * element
+
+
+def _kv_values_per_token(layer_config: PretrainedConfig) -> int:
+    heads = int(getattr(layer_config, "num_attention_heads", 0) or 0)
+    if getattr(
+        layer_config, "kv_lora_rank", None
+    ):  # multi-head latent attention: HF caches decompressed k and v
+        qk = int(layer_config.qk_nope_head_dim) + int(layer_config.qk_rope_head_dim)
+        return heads * (qk + int(layer_config.v_head_dim))
+    kv_heads = int(getattr(layer_config, "num_key_value_heads", None) or heads)
+    head_dim = getattr(layer_config, "head_dim", None) or (layer_config.hidden_size // max(heads, 1))
+    return 2 * kv_heads * int(head_dim)

@@ -63,64 +63,73 @@ SMALL: dict[str, Any] = {
 ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"], "num_dense_layers": 1},
-    "gemma4_text": {"vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 16},
+    "gemma4_text": {
+        "vocab_size_per_layer_input": 128,
+        "hidden_size_per_layer_input": 16,
+        "enable_moe_block": True,
+        "top_k_experts": 2,
+    },
     "zaya": {"num_experts_per_tok": 1},
-    "axk2": {"index_n_heads": 4, "index_head_dim": 16, "index_topk": 64},
-    "deepseek_v32": {"index_n_heads": 4, "index_head_dim": 16, "index_topk": 64},
-    "glm_moe_dsa": {"index_n_heads": 4, "index_head_dim": 16, "index_topk": 64},
+    # DeepSeek sparse attention: the indexer mask assumes as many KV heads as query heads.
+    "axk2": {"index_n_heads": 4, "index_head_dim": 16, "index_topk": 64, "num_key_value_heads": 4},
+    "deepseek_v32": {"index_n_heads": 4, "index_head_dim": 16, "index_topk": 64, "num_key_value_heads": 4},
+    "glm_moe_dsa": {"index_n_heads": 4, "index_head_dim": 16, "index_topk": 64, "num_key_value_heads": 4},
+    "qwen4_exp_text": {
+        "indexer_n_heads": 2,
+        "indexer_kv_heads": 1,
+        "indexer_head_dim": 16,
+        "indexer_budget": 64,
+        "indexer_compress_ratio": 4,
+    },
 }
 
 
-def moe_causal_lm_types() -> dict[str, type]:
-    """model_type -> causal LM class, for every type whose causal LM contains an experts-interface module.
-
-    Found from transformers itself: a class uses the experts interface when its ``forward`` is the wrapper
-    that ``transformers.integrations.moe.use_experts_implementation`` installs.
-    """
+def uses_experts_interface(model_class: type) -> bool:
+    """True when the modeling module of ``model_class`` defines an experts class with transformers' experts
+    interface: its ``forward`` is the wrapper ``use_experts_implementation`` installs."""
     import inspect
     import sys
 
-    from torch import nn
     from transformers.integrations import moe
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING,
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+
+    module = sys.modules[model_class.__module__]
+    return any(
+        inspect.isclass(obj)
+        and getattr(getattr(obj, "forward", None), "__code__", None) is not None
+        and obj.forward.__code__.co_filename == moe.__file__
+        for obj in vars(module).values()
     )
 
-    found = {}
-    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        try:
-            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[model_type]]
-        except (KeyError, ImportError, AttributeError):
-            continue
-        module = sys.modules[model_class.__module__]
-        for obj in vars(module).values():
-            if (
-                inspect.isclass(obj)
-                and issubclass(obj, nn.Module)
-                and getattr(getattr(obj, "forward", None), "__code__", None) is not None
-                and obj.forward.__code__.co_filename == moe.__file__
-            ):
+
+def moe_generative_types() -> dict[str, type]:
+    """model_type -> generation class (causal LM, else image-text-to-text) for every model type whose
+    modeling code uses the experts interface. Enumerated from transformers' own auto mappings."""
+    from transformers.models.auto import modeling_auto
+
+    found: dict[str, type] = {}
+    for mapping in (
+        modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING,
+        modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+    ):
+        for model_type in mapping._model_mapping:
+            if model_type in found or model_type not in CONFIG_MAPPING:
+                continue
+            try:
+                model_class = mapping[CONFIG_MAPPING[model_type]]
+            except (KeyError, ImportError, AttributeError):
+                continue
+            model_class = model_class[0] if isinstance(model_class, tuple) else model_class
+            if uses_experts_interface(model_class):
                 found[model_type] = model_class
-                break
     return found
 
 
 def tiny_config(model_type: str, **overrides: Any) -> transformers.PretrainedConfig:
-    config = _tiny(CONFIG_MAPPING[model_type], {**ARCH_OVERRIDES.get(model_type, {}), **overrides})
-    text = config.get_text_config()
-    types = getattr(text, "layer_types", None)
-    if types and "linear_attention" in types and "full_attention" not in types:
-        # Linear-attention hybrids put full attention every few layers; make one of the three full.
-        types = list(types)
-        types[1] = "full_attention"
-        config = _tiny(
-            CONFIG_MAPPING[model_type], {**ARCH_OVERRIDES.get(model_type, {}), "layer_types": types}
-        )
-    return config
+    return _tiny(CONFIG_MAPPING[model_type], overrides)
 
 
 def _tiny(config_class: type, overrides: dict[str, Any]) -> transformers.PretrainedConfig:
+    overrides = {**ARCH_OVERRIDES.get(getattr(config_class, "model_type", ""), {}), **overrides}
     fields = (
         {f.name for f in dataclasses.fields(config_class)}
         if dataclasses.is_dataclass(config_class)
@@ -129,7 +138,10 @@ def _tiny(config_class: type, overrides: dict[str, Any]) -> transformers.Pretrai
     kwargs = {k: v for k, v in {**SMALL, **overrides}.items() if k in fields}
     for name, sub_class in (getattr(config_class, "sub_configs", None) or {}).items():
         if name in fields and dataclasses.is_dataclass(sub_class):  # text, vision, audio towers: shrink each
-            kwargs[name] = _tiny(
-                sub_class, ARCH_OVERRIDES.get(getattr(sub_class, "model_type", ""), {})
-            ).to_dict()
-    return config_class(**kwargs)
+            kwargs[name] = _tiny(sub_class, {}).to_dict()
+    config = config_class(**kwargs)
+    types = getattr(config, "layer_types", None)
+    if types and set(types) == {"linear_attention"} and "layer_types" in fields:
+        # Linear-attention hybrids put full attention every few layers; make one of the three full.
+        return _tiny(config_class, {**overrides, "layer_types": [types[0], "full_attention", *types[2:]]})
+    return config
