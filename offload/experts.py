@@ -18,13 +18,23 @@ if TYPE_CHECKING:
 class OffloadedExperts(nn.Module):
     _runtime: OffloadRuntime
 
-    def __init__(self, runtime: OffloadRuntime, layer: int, replaces: nn.Module) -> None:
+    def __init__(
+        self, runtime: OffloadRuntime, layer: int, replaces: nn.Module, placeholders: dict[str, torch.Tensor]
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.num_experts = int(replaces.num_experts)  # type: ignore[arg-type]
         self.replaced_class = type(replaces).__name__
         # A plain attribute, not a submodule: the runtime is shared by every layer and holds no parameters.
         object.__setattr__(self, "_runtime", runtime)
+        # Loaded by construction (the weights are in the runtime's host store): transformers' weight
+        # initialization must skip this module, and a model's _init_weights that reaches for
+        # `block.experts.gate_up_proj` finds a weightless placeholder that its init functions skip.
+        self._is_hf_initialized = True
+        for name, tensor in placeholders.items():
+            placeholder = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+            placeholder._is_hf_initialized = True  # type: ignore[attr-defined]
+            object.__setattr__(self, name, placeholder)
 
     def forward(
         self,

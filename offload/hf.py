@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -47,6 +47,7 @@ from offload.errors import CheckpointError, UnsupportedModelError
 from offload.experts import OffloadedExperts
 from offload.hostmem import release_freed_host_memory
 from offload.kernels import ExpertActivation
+from offload.quantized import dequantizing_quantizer
 from offload.runtime import OffloadRuntime
 from offload.survey import ModelSurvey, expert_param_names, survey
 
@@ -78,32 +79,47 @@ def budget_for_slots(model_survey: ModelSurvey, config: OffloadConfig, slots: in
 
 def survey_checkpoint(name_or_path: str, dtype: torch.dtype | None = None) -> ModelSurvey:
     """Survey a checkpoint without reading its weights."""
-    model, dtype = _skeleton(resolve(name_or_path), dtype)
-    return survey(model, dtype)
+    skeleton = _skeleton(resolve(name_or_path), dtype)
+    return survey(skeleton.model, skeleton.dtype)
 
 
-def _skeleton(checkpoint: Checkpoint, dtype: torch.dtype | None) -> tuple[PreTrainedModel, torch.dtype]:
-    """The model built on the meta device: shapes and names, no memory."""
+@dataclass
+class _Skeleton:
+    model: PreTrainedModel  # on the meta device: shapes and names, no memory
+    dtype: torch.dtype
+    quantizer: Any  # transformers' quantizer, set to dequantize; None for full-precision checkpoints
+
+
+def _skeleton(checkpoint: Checkpoint, dtype: torch.dtype | None) -> _Skeleton:
     model_class, hf_config = model_class_for(load_config(checkpoint))
-    dtype = dtype or checkpoint_dtype(hf_config)
+    quantizer = dequantizing_quantizer(hf_config)
+    # A quantized checkpoint that names no compute dtype gets bf16, what such checkpoints are quantized from.
+    dtype = dtype or checkpoint_dtype(hf_config, torch.float32 if quantizer is None else torch.bfloat16)
     with torch.device("meta"):
         model = model_class._from_config(hf_config, dtype=dtype)
-    return model, dtype
+    if quantizer is not None:  # as from_pretrained does; dequantizing replaces no module
+        quantizer.preprocess_model(model=model, dtype=dtype, device_map=None, checkpoint_files=None)
+    return _Skeleton(model, dtype, quantizer)
 
 
 def load_offloaded(name_or_path: str, config: OffloadConfig, progress: bool = True) -> PreTrainedModel:
     """Build an offloaded transformers model from a safetensors checkpoint."""
     checkpoint = resolve(name_or_path)
-    model, dtype = _skeleton(checkpoint, config.dtype)
+    skeleton = _skeleton(checkpoint, config.dtype)
+    model, dtype = skeleton.model, skeleton.dtype
     model_survey = survey(model, dtype)
     runtime = OffloadRuntime(
         config, model_survey, plan_for(model_survey, config), model_name=str(name_or_path)
     )
     shards = open_shards(checkpoint)
     try:
-        _load_weights(model, checkpoint, shards, runtime, dtype, progress)
+        _load_weights(model, checkpoint, shards, runtime, dtype, skeleton.quantizer, progress)
     finally:
         close_shards(shards)
+    if skeleton.quantizer is not None:
+        skeleton.quantizer.postprocess_model(
+            model
+        )  # drops the quantization config: the weights are dequantized
     model.eval()
     if model.can_generate():
         # No generation_config.json: keep the one derived from the model config.
@@ -153,17 +169,22 @@ def model_class_for(hf_config: PretrainedConfig) -> tuple[type[PreTrainedModel],
             if quantization is not None:
                 hf_config.quantization_config = quantization
         return model_class, hf_config
+    from offload.architectures import unsupported_message
+
     raise UnsupportedModelError(
-        f"model type {hf_config.model_type!r} has no text-generation class in transformers "
-        "(causal LM or image-text-to-text); see offload-run --list-architectures"
+        unsupported_message(hf_config.model_type, "transformers has no text-generation class for it")
     )
 
 
-def checkpoint_dtype(hf_config: PretrainedConfig) -> torch.dtype:
+def checkpoint_dtype(hf_config: PretrainedConfig, default: torch.dtype = torch.float32) -> torch.dtype:
     dtype = getattr(hf_config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+    return (
+        dtype
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2
+        else default
+    )
 
 
 # -- loading ----------------------------------------------------------------------------------------------
@@ -175,10 +196,11 @@ def _load_weights(
     shards: list,
     runtime: OffloadRuntime,
     dtype: torch.dtype,
+    quantizer: Any,
     progress: bool,
 ) -> None:
     handle_of = {key: handle for handle in shards for key in handle.keys()}  # noqa: SIM118 - not a dict
-    conversions = get_model_conversion_mapping(model)
+    conversions = get_model_conversion_mapping(model, hf_quantizer=quantizer)
     layer_names = runtime.survey.layer_names
     by_layer, rest = _route_keys(model, conversions, handle_of, layer_names, checkpoint)
     dtype_plan = model._get_dtype_plan(dtype)
@@ -189,6 +211,7 @@ def _load_weights(
             device_map={"": device},
             dtype=dtype,
             dtype_plan=dtype_plan,
+            hf_quantizer=quantizer,
             weight_mapping=copy.deepcopy(conversions),  # type: ignore[arg-type]
         )
 
@@ -234,13 +257,17 @@ def _route_keys(
     by_layer: list[list[str]] = [[] for _ in layer_names]
     rest: list[str] = []
     targets: set[str] = set()
+    pattern_owner = {pattern: c for c in converters for pattern in c.source_patterns}
     for key in handle_of:
-        target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
         if (
             target not in meta_state and key in meta_state
         ):  # as transformers does: a rename that lands nowhere
-            target, _ = rename_source_key(key, [], [], model.base_model_prefix, meta_state)
+            target, pattern = rename_source_key(key, [], [], model.base_model_prefix, meta_state)
         targets.add(target)
+        if pattern is not None:  # a one-to-many converter (one fused tensor split in several) names its first
+            first, *others = pattern_owner[pattern].target_patterns
+            targets.update(target.replace(first, other) for other in others)
         layer = layer_of.get(target.rpartition(".")[0])
         (rest if layer is None else by_layer[layer]).append(key)
     missing = set(meta_state) - targets - set(getattr(model, "all_tied_weights_keys", {}) or {})
@@ -292,10 +319,9 @@ def _take_over(model: nn.Module, runtime: OffloadRuntime, layer: int, name: str)
     if unloaded:
         raise CheckpointError(f"the checkpoint has no {unloaded[0]} for {name}")
     runtime.attach_layer(layer, {p: t.detach() for p, t in weights.items()}, ExpertActivation.from_hf(module))
-    for (
-        p
-    ) in param_names:  # the host store has the bytes now; a custom gate may keep the module, not its weights
+    # The host store has the bytes now. A custom gate may keep the module alive, but not its weights.
+    for p in param_names:
         setattr(module, p, None)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, OffloadedExperts(runtime, layer, module))
+    setattr(parent, child, OffloadedExperts(runtime, layer, module, placeholders=weights))

@@ -6,6 +6,8 @@ and on a model already in memory.
 
 from __future__ import annotations
 
+import copy
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from offload.errors import UnsupportedModelError
 from offload.layout import ExpertLayout
+
+log = logging.getLogger(__name__)
 
 # Attributes that `transformers.integrations.moe.use_experts_implementation` sets on every experts module.
 _EXPERTS_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
@@ -56,6 +60,7 @@ class ModelSurvey:
     resident_bytes: int  # everything that stays on the device: all but the routed experts
     kv_bytes_per_token: int
     vocab_size: int
+    kv_measured: bool = True  # False: the KV bytes come from a config formula, not from the model's own cache
 
     @property
     def num_layers(self) -> int:
@@ -86,23 +91,39 @@ def survey(model: PreTrainedModel, dtype: torch.dtype) -> ModelSurvey:
     found = experts_modules(model)
     if not found:
         if _num_experts(config) > 1:
+            from offload.architectures import unsupported_message
+
             raise UnsupportedModelError(
-                f"model type {config.model_type!r} has MoE layers, but no experts module using transformers' "
-                "experts interface; see offload-run --list-architectures for what is supported"
+                unsupported_message(
+                    config.model_type, "its experts module does not use transformers' experts interface"
+                )
             )
         raise UnsupportedModelError(
             f"model type {config.model_type!r} is a dense model (no MoE layers): there are no experts to offload; "
             "load it with transformers directly"
         )
+    kv_bytes, measured = kv_bytes_per_token(type(model), config, dtype)
+    experts_names = {name for name, _ in found}
+    tied = [
+        t
+        for t in (getattr(model, "all_tied_weights_keys", None) or {})
+        if t.rpartition(".")[0] in experts_names
+    ]
+    if tied:
+        from offload.architectures import unsupported_message
+
+        raise UnsupportedModelError(
+            unsupported_message(config.model_type, f"it ties expert weights between modules (e.g. {tied[0]})")
+        )
     layouts = {_layout(m, dtype) for _, m in found}
     counts = {int(m.num_experts) for _, m in found}  # type: ignore[arg-type]
     if len(layouts) > 1 or len(counts) > 1:
+        from offload.architectures import unsupported_message
+
         raise UnsupportedModelError(
-            f"model type {config.model_type!r} mixes MoE layers of different expert shapes, which one slot pool "
-            "cannot hold"
+            unsupported_message(config.model_type, "its MoE layers have experts of different shapes")
         )
     layout = layouts.pop()
-    experts_names = {name for name, _ in found}
     return ModelSurvey(
         model_type=config.model_type,
         layer_names=tuple(name for name, _ in found),
@@ -110,8 +131,9 @@ def survey(model: PreTrainedModel, dtype: torch.dtype) -> ModelSurvey:
         top_k=_top_k(config, model, found[0][0]),
         layout=layout,
         resident_bytes=_resident_bytes(model, experts_names, dtype),
-        kv_bytes_per_token=_kv_bytes_per_token(config, dtype),
+        kv_bytes_per_token=kv_bytes,
         vocab_size=int(getattr(config.get_text_config(), "vocab_size", 0) or 0),
+        kv_measured=measured,
     )
 
 
@@ -180,13 +202,53 @@ def _resident_bytes(model: nn.Module, experts_names: set[str], dtype: torch.dtyp
     return total
 
 
-def _kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
-    """KV-cache bytes one token adds, summed over attention layers.
+def kv_bytes_per_token(
+    model_class: type[PreTrainedModel], config: PretrainedConfig, dtype: torch.dtype
+) -> tuple[int, bool]:
+    """KV-cache bytes one token adds, and whether they were measured.
 
-    Linear-attention, Mamba and convolution layers keep a fixed-size state and add nothing per token.
-    Sliding-window layers are counted in full (an upper bound). Configs whose head sizes vary by layer are
-    read layer by layer (``per_layer_config``).
+    Measured: the model is built on the meta device and its decoder run over 4 and 12 tokens; the growth of
+    its own cache tensors (whatever they hold: full keys and values, MLA latents, indexer keys, nothing for
+    linear-attention or Mamba layers) is the answer, with no memory used. Where the model cannot run on the
+    meta device (data-dependent ops), a config formula stands in and ``measured`` is False.
     """
+    try:
+        return _measure_kv_bytes_per_token(model_class, config, dtype), True
+    except Exception as exc:  # any failure of a foreign forward on meta: fall back to the formula
+        log.warning("KV cache of %s estimated from its config (meta run failed: %s)", config.model_type, exc)
+        return _kv_formula(config, dtype), False
+
+
+def _measure_kv_bytes_per_token(
+    model_class: type[PreTrainedModel], config: PretrainedConfig, dtype: torch.dtype
+) -> int:
+    config = copy.deepcopy(config)
+    config._experts_implementation = "batched_mm"  # indexing only: runs on meta, unlike grouped_mm's histc
+    with torch.device("meta"):
+        model = model_class._from_config(config, dtype=dtype)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    sizes = []
+    for tokens in (4, 12):
+        ids = torch.zeros((1, tokens), dtype=torch.long, device="meta")
+        with torch.no_grad():
+            cache = decoder(input_ids=ids, use_cache=True).past_key_values
+        layers = getattr(cache, "layers", None)
+        if layers is None:
+            raise TypeError(f"unknown cache type {type(cache).__name__}")
+        sizes.append(
+            sum(
+                t.numel() * t.element_size()
+                for layer in layers
+                for t in vars(layer).values()
+                if torch.is_tensor(t)
+            )
+        )
+    return (sizes[1] - sizes[0]) // 8
+
+
+def _kv_formula(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """Standard and latent attention from the config: full keys and values, the MLA latent for
+    ``kv_lora_rank`` models; linear-attention, Mamba and convolution layers add nothing per token."""
     text = config.get_text_config()
     element = torch.empty((), dtype=dtype).element_size()
     layers = int(text.num_hidden_layers)
@@ -202,12 +264,9 @@ def _kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
 
 
 def _kv_values_per_token(layer_config: PretrainedConfig) -> int:
+    if getattr(layer_config, "kv_lora_rank", None):  # multi-head latent attention caches the latent
+        return int(layer_config.kv_lora_rank) + int(layer_config.qk_rope_head_dim)
     heads = int(getattr(layer_config, "num_attention_heads", 0) or 0)
-    if getattr(
-        layer_config, "kv_lora_rank", None
-    ):  # multi-head latent attention: HF caches decompressed k and v
-        qk = int(layer_config.qk_nope_head_dim) + int(layer_config.qk_rope_head_dim)
-        return heads * (qk + int(layer_config.v_head_dim))
     kv_heads = int(getattr(layer_config, "num_key_value_heads", None) or heads)
     head_dim = getattr(layer_config, "head_dim", None) or (layer_config.hidden_size // max(heads, 1))
     return 2 * kv_heads * int(head_dim)

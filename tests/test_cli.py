@@ -146,7 +146,7 @@ def test_unsupported_architecture(tmp_path: Path, capsys: pytest.CaptureFixture[
     code, _, err = run(
         ["--model", str(tmp_path / "jetmoe"), "--vram-budget", "1GB", "--device", "cpu"], capsys
     )
-    assert_usage_error(code, err, "jetmoe", "--list-architectures")
+    assert_usage_error(code, err, "jetmoe", "experts interface", "supported: ", "mixtral")
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -331,3 +331,12 @@ def test_kernel_flag(cli_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -
     assert outs["torch"] == outs["triton"]
     code, _, err = run([*base, "--kernel", "cuda"], capsys)
     assert_usage_error(code, err, "--kernel")
+
+
+def test_list_architectures(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["--list-architectures"], capsys)
+    assert code == 0
+    supported, _, unsupported = out.partition("Not supported:")
+    for model_type in ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v2", "gpt_oss", "phimoe"):
+        assert f"  {model_type} " in supported
+    assert "  jetmoe " in unsupported and "experts interface" in unsupported

@@ -63,13 +63,35 @@ SMALL: dict[str, Any] = {
 ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"], "num_dense_layers": 1},
+    "diffusion_gemma": {"vision_config": {"model_type": "gemma4_vision"}},
+    "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse", "sparse"]},
+    "glm5_next_text": {
+        "num_key_value_heads": 4,
+        "qk_rope_head_dim": 0,
+        "qk_nope_head_dim": 16,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+    },
+    "glm4v_moe_text": {
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "mrope_section": [1, 1, 2],
+        }
+    },
     "gemma4_text": {
         "vocab_size_per_layer_input": 128,
         "hidden_size_per_layer_input": 16,
         "enable_moe_block": True,
         "top_k_experts": 2,
     },
+    "diffusion_gemma_text": {"top_k_experts": 2},
+    "ernie4_5_vl_moe_text": {  # text and vision experts of different sizes, as in the real model
+        "moe_intermediate_size": [32, 16],
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
+    },
     "zaya": {"num_experts_per_tok": 1},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 125},
     # DeepSeek sparse attention: the indexer mask assumes as many KV heads as query heads.
     "axk2": {"index_n_heads": 4, "index_head_dim": 16, "index_topk": 64, "num_key_value_heads": 4},
     "deepseek_v32": {"index_n_heads": 4, "index_head_dim": 16, "index_topk": 64, "num_key_value_heads": 4},
@@ -84,46 +106,6 @@ ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-def uses_experts_interface(model_class: type) -> bool:
-    """True when the modeling module of ``model_class`` defines an experts class with transformers' experts
-    interface: its ``forward`` is the wrapper ``use_experts_implementation`` installs."""
-    import inspect
-    import sys
-
-    from transformers.integrations import moe
-
-    module = sys.modules[model_class.__module__]
-    return any(
-        inspect.isclass(obj)
-        and getattr(getattr(obj, "forward", None), "__code__", None) is not None
-        and obj.forward.__code__.co_filename == moe.__file__
-        for obj in vars(module).values()
-    )
-
-
-def moe_generative_types() -> dict[str, type]:
-    """model_type -> generation class (causal LM, else image-text-to-text) for every model type whose
-    modeling code uses the experts interface. Enumerated from transformers' own auto mappings."""
-    from transformers.models.auto import modeling_auto
-
-    found: dict[str, type] = {}
-    for mapping in (
-        modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING,
-        modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
-    ):
-        for model_type in mapping._model_mapping:
-            if model_type in found or model_type not in CONFIG_MAPPING:
-                continue
-            try:
-                model_class = mapping[CONFIG_MAPPING[model_type]]
-            except (KeyError, ImportError, AttributeError):
-                continue
-            model_class = model_class[0] if isinstance(model_class, tuple) else model_class
-            if uses_experts_interface(model_class):
-                found[model_type] = model_class
-    return found
-
-
 def tiny_config(model_type: str, **overrides: Any) -> transformers.PretrainedConfig:
     return _tiny(CONFIG_MAPPING[model_type], overrides)
 
@@ -135,10 +117,23 @@ def _tiny(config_class: type, overrides: dict[str, Any]) -> transformers.Pretrai
         if dataclasses.is_dataclass(config_class)
         else set()
     )
-    kwargs = {k: v for k, v in {**SMALL, **overrides}.items() if k in fields}
-    for name, sub_class in (getattr(config_class, "sub_configs", None) or {}).items():
-        if name in fields and dataclasses.is_dataclass(sub_class):  # text, vision, audio towers: shrink each
-            kwargs[name] = _tiny(sub_class, {}).to_dict()
+    # Generic sizes only where the class declares them; per-architecture overrides always (some are attributes
+    # the modeling code reads without the config class declaring them).
+    kwargs = {**{k: v for k, v in SMALL.items() if k in fields}, **overrides}
+    sub_configs = getattr(config_class, "sub_configs", None) or {}
+    if sub_configs:
+        default = config_class()  # configs are cheap; this tells the concrete class of AutoConfig sub-configs
+        for name in sub_configs:  # text, vision, audio towers: shrink each
+            sub = getattr(default, name, None)
+            wanted = overrides.get(name)
+            if isinstance(wanted, dict) and "model_type" in wanted:  # a tower the default leaves out
+                sub_class = CONFIG_MAPPING[wanted["model_type"]]
+            elif isinstance(sub, transformers.PretrainedConfig):
+                sub_class = type(sub)
+            else:
+                continue
+            if name in fields:
+                kwargs[name] = _tiny(sub_class, {}).to_dict()
     config = config_class(**kwargs)
     types = getattr(config, "layer_types", None)
     if types and set(types) == {"linear_attention"} and "layer_types" in fields:

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
+    p.add_argument(
+        "--list-architectures",
+        action="store_true",
+        help="print the model types this install supports, and exit",
+    )
     p.add_argument("--stats-json", type=Path, help="write the run's counters and timings to this JSON file")
     p.add_argument(
         "--record-trace", type=Path, help="write this run's routing as a trace (native .npz format)"
@@ -80,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.list_architectures:
+        from offload.architectures import describe
+
+        print(describe())
+        return 0
     _validate(args)
     import torch
 
