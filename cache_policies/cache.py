@@ -16,6 +16,12 @@ Semantics of one layer access (the experts one MoE layer needs for one forward c
 
 Scope ``"layer"`` gives each layer its own partition (its own slots and policy); ``"global"`` shares one
 partition of ``capacity`` slots across all layers.
+
+Prefetch (:meth:`ExpertCache.prefetch`) makes predicted experts resident ahead of their layer, outside any
+demand access: no hit or miss is counted. A prefetched expert never evicts the running layer's experts nor
+another expert of the same prefetch, and takes a slot only while some other key can give one up. Until a
+demand access uses it, it is marked: the access reports it in ``AccessPlan.prefetched`` (the prefetch was
+useful), and an eviction first counts it in ``prefetch_wasted``.
 """
 
 from __future__ import annotations
@@ -46,6 +52,17 @@ class AccessPlan:
     waves: list[Wave]
     hits: int
     misses: int
+    prefetched: list[int] = field(default_factory=list)  # hits that a prefetch made resident, ascending
+
+
+@dataclass(slots=True)
+class Prefetch:
+    """Predicted experts of one layer to copy in ahead of their use."""
+
+    layer: int
+    experts: list[int] = field(default_factory=list)  # ascending
+    slots: list[int] = field(default_factory=list)
+    evicted: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -88,9 +105,13 @@ class ExpertCache:
         self.slots = capacity * parts
         self._parts = [_Partition(policy(capacity), capacity, i * capacity) for i in range(parts)]
         self._now = 0
+        self._prefetched: set[int] = set()  # keys a prefetch made resident that no demand access used yet
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.prefetch_issued = 0
+        self.prefetch_hits = 0  # prefetched experts a demand access then found resident
+        self.prefetch_wasted = 0  # prefetched experts evicted before any demand access used them
 
     # -- queries -------------------------------------------------------------------------------------
     def slot_of(self, layer: int, expert: int) -> int | None:
@@ -128,6 +149,11 @@ class ExpertCache:
         # and for LRU this order is part of the reference semantics (a hit is not staler than a load).
         for expert in hit_experts:
             policy.hit(base + expert)
+        prefetched = []
+        if self._prefetched:
+            prefetched = [e for e in hit_experts if base + e in self._prefetched]
+            self._prefetched.difference_update(base + e for e in prefetched)
+            self.prefetch_hits += len(prefetched)
         if len(experts) <= part.capacity:
             waves = (
                 [self._single_wave(part, base, experts)] if missing else [self._all_hits(part, base, experts)]
@@ -138,7 +164,38 @@ class ExpertCache:
         hits = len(experts) - misses
         self.hits += hits
         self.misses += misses
-        return AccessPlan(layer, waves, hits, misses)
+        return AccessPlan(layer, waves, hits, misses, prefetched)
+
+    def prefetch(
+        self, layer: int, experts: Sequence[int], running_layer: int, running: Sequence[int] = ()
+    ) -> Prefetch:
+        """Make ``experts`` of ``layer`` (ascending, unique) resident ahead of use, without counting a hit or a
+        miss. ``running`` experts of ``running_layer`` are in use and never evicted. Experts already resident
+        are skipped; so are the rest once no key can give up its slot."""
+        part = self._partition(layer)
+        base = layer * self.num_experts
+        wanted = [e for e in experts if base + e not in part.resident]
+        plan = Prefetch(layer)
+        if not wanted:
+            return plan
+        protected = {running_layer * self.num_experts + e for e in running} | {base + e for e in experts}
+        evictable = sum(1 for key in part.resident if key not in protected)
+        wave = Wave()
+        for expert in wanted:
+            if not part.free:
+                if evictable == 0:
+                    break
+                evictable -= 1
+            slot = self._make_room(part, protected, wave)
+            key = base + expert
+            part.policy.insert(key)
+            part.resident[key] = slot
+            self._prefetched.add(key)
+            plan.experts.append(expert)
+            plan.slots.append(slot)
+        plan.evicted = wave.evicted
+        self.prefetch_issued += len(plan.experts)
+        return plan
 
     def _all_hits(self, part: _Partition, base: int, experts: Sequence[int]) -> Wave:
         resident = part.resident
@@ -193,5 +250,8 @@ class ExpertCache:
             return part.free.pop()
         victim = part.policy.evict(protected)
         self.evictions += 1
+        if victim in self._prefetched:
+            self._prefetched.discard(victim)
+            self.prefetch_wasted += 1
         wave.evicted.append(divmod(victim, self.num_experts))
         return part.resident.pop(victim)
