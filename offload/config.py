@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 
-from cache_policies import ONLINE_POLICIES, POLICIES
+from cache_policies import ONLINE_POLICIES, POLICIES, PREFETCH_MODES
 from offload.errors import OffloadError
 from offload.units import parse_size
 
@@ -74,6 +74,11 @@ class OffloadConfig:
     policy_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"half_life": 128} for lfru
     static_profile: str | None = None  # routing trace whose expert counts the static policy pins
     record_trace: bool = False  # keep the routing of every forward (offload.routing_trace)
+    prefetch: Literal["none", "history", "lookahead"] = "none"
+    history_window: int = 8  # layer accesses the history predictor remembers
+    copy_engine: Literal["auto", "sync", "threaded"] = "auto"  # auto: the copy stream on CUDA; on CPU,
+    # threaded when prefetching (copies overlap compute), else sync
+    copy_delay: tuple[float, float] | None = None  # testing: random seconds before each copy (threaded)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +94,12 @@ class OffloadConfig:
             raise OffloadError(f"cache_scope must be 'global' or 'layer', got {self.cache_scope!r}")
         if self.max_context < 1:
             raise OffloadError(f"max_context must be at least 1 token, got {self.max_context}")
+        if self.prefetch not in PREFETCH_MODES:
+            raise OffloadError(f"prefetch must be one of {', '.join(PREFETCH_MODES)}, got {self.prefetch!r}")
+        if self.history_window < 1:
+            raise OffloadError(f"history_window must be at least 1, got {self.history_window}")
+        if self.copy_engine not in ("auto", "sync", "threaded"):
+            raise OffloadError(f"copy_engine must be auto, sync or threaded, got {self.copy_engine!r}")
         if self.kernel not in ("auto", "torch", "triton"):
             raise OffloadError(f"kernel must be auto, torch or triton, got {self.kernel!r}")
         if self.extra:

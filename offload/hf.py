@@ -47,6 +47,7 @@ from offload.errors import CheckpointError, UnsupportedModelError
 from offload.experts import OffloadedExperts
 from offload.hostmem import release_freed_host_memory
 from offload.kernels import ExpertActivation
+from offload.predict import LookaheadPredictor
 from offload.quantized import dequantizing_quantizer
 from offload.runtime import OffloadRuntime
 from offload.survey import ModelSurvey, expert_param_names, survey
@@ -120,6 +121,7 @@ def load_offloaded(name_or_path: str, config: OffloadConfig, progress: bool = Tr
         skeleton.quantizer.postprocess_model(
             model
         )  # drops the quantization config: the weights are dequantized
+    _attach_predictor(model, runtime)
     model.eval()
     if model.can_generate():
         # No generation_config.json: keep the one derived from the model config.
@@ -141,8 +143,14 @@ def wrap_model(model: PreTrainedModel, config: OffloadConfig, progress: bool = T
     for layer, name in enumerate(tqdm(names, desc="Packing experts", unit="layer", disable=not progress)):
         _take_over(model, runtime, layer, name)
     model.to(device=config.device, dtype=dtype)  # type: ignore[call-arg]
+    _attach_predictor(model, runtime)
     setattr(model, RUNTIME_ATTR, runtime)
     return model
+
+
+def _attach_predictor(model: nn.Module, runtime: OffloadRuntime) -> None:
+    if runtime.config.prefetch == "lookahead":
+        runtime.lookahead = LookaheadPredictor.from_model(model, runtime.survey.layer_names)
 
 
 def runtime_of(model: nn.Module) -> OffloadRuntime:

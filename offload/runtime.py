@@ -10,11 +10,12 @@ from collections.abc import Callable
 
 import torch
 
-from cache_policies import ExpertCache
+from cache_policies import AccessPlan, ExpertCache, HistoryPredictor, Prefetch, next_layer
 from offload.budget import BudgetPlan
 from offload.config import OffloadConfig
 from offload.counters import OffloadStats
 from offload.kernels import ExpertActivation, RoutedTokens, select_kernel
+from offload.predict import LookaheadPredictor
 from offload.recorder import RoutingRecorder
 from offload.scheduler import Scheduler, policy_factory
 from offload.slots import SlotPool
@@ -40,7 +41,10 @@ class OffloadRuntime:
         layers, experts = survey.num_layers, survey.num_experts
         self.store = HostExpertStore(survey.layout, layers, experts, pin=config.pin)
         self.pool = SlotPool(survey.layout, budget.slots, device)
-        self.engine = make_copy_engine(self.pool)
+        engine = config.copy_engine
+        if engine == "auto" and device.type != "cuda":
+            engine = "threaded" if config.prefetch != "none" else "sync"  # copies overlap compute only when
+        self.engine = make_copy_engine(self.pool, engine, delay=config.copy_delay, seed=config.seed)
         per_layer = config.cache_scope == "layer"
         self.cache = ExpertCache(
             layers,
@@ -54,6 +58,12 @@ class OffloadRuntime:
         self.activations: list[ExpertActivation | None] = [None] * layers
         self.layer_calls = 0
         self.recorder = RoutingRecorder(layers, experts) if config.record_trace else None
+        self.history = (
+            HistoryPredictor(layers, config.history_window) if config.prefetch == "history" else None
+        )
+        self.lookahead: LookaheadPredictor | None = None  # the loader sets it: it needs the model's routers
+        self.prefetch_used = 0
+        self.prefetch_late = 0
 
     def attach_layer(
         self, layer: int, weights: dict[str, torch.Tensor], activation: ExpertActivation
@@ -77,21 +87,53 @@ class OffloadRuntime:
             self.recorder.record(layer, top_k_index, top_k_weights)
         routed = RoutedTokens.build(hidden_states, top_k_index, top_k_weights, self.survey.num_experts)
         plan = self.scheduler.plan(layer, routed.experts)
+        for expert in plan.prefetched:  # hits a prefetch made: was the copy there in time?
+            slot = self.cache.slot_of(layer, expert)
+            if slot is not None and self.engine.landed(slot):
+                self.prefetch_used += 1
+            else:
+                self.prefetch_late += 1
+        prefetch = self._prefetch(layer, routed, plan)
         tokens, top_k = top_k_index.shape
         # Same accumulation as transformers: weighted pairs in the promoted dtype, summed over k, cast back.
         out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
         pairs_out = torch.zeros(
             (tokens * top_k, hidden_states.shape[-1]), dtype=out_dtype, device=hidden_states.device
         )
-        for wave in plan.waves:
-            self.scheduler.execute(layer, wave)
+        for i, wave in enumerate(plan.waves):
+            self.scheduler.execute(layer, wave, prefetch if i == 0 else None)
             self.kernel(routed, wave.experts, wave.slots, self.pool, activation, pairs_out)
             self.scheduler.finish(wave)
         self.layer_calls += 1
         return pairs_out.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
+    def _prefetch(self, layer: int, routed: RoutedTokens, plan: AccessPlan) -> Prefetch | None:
+        """Predict the next layer's experts and reserve their slots (the same protocol as the simulator's:
+        observe this access, then prefetch only after a single-wave access)."""
+        if self.history is not None:
+            self.history.observe(layer, routed.experts)
+        if len(plan.waves) != 1:
+            return None
+        if self.history is not None:
+            target = next_layer(layer, self.survey.num_layers, wrap=True)
+            assert target is not None
+            predicted = self.history.predict(target, self.survey.top_k)
+        elif self.lookahead is not None:
+            ids = self.lookahead.predict(layer, routed.hidden)
+            if ids is None:
+                return None
+            target = layer + 1
+            predicted = [e for e in torch.unique(ids).tolist() if 0 <= e < self.survey.num_experts]
+        else:
+            return None
+        return self.cache.prefetch(target, predicted, layer, routed.experts)
+
+    def close(self) -> None:
+        self.engine.close()
+
     def stats(self) -> OffloadStats:
         device = self.config.device
+        self.engine.synchronize()  # counters of copies still in flight
         peak = None
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) - self._memory_baseline
@@ -108,4 +150,9 @@ class OffloadRuntime:
             layer_calls=self.layer_calls,
             waves=self.scheduler.waves,
             evictions=self.cache.evictions,
+            prefetch_issued=self.cache.prefetch_issued,
+            prefetch_used=self.prefetch_used,
+            prefetch_late=self.prefetch_late,
+            prefetch_wasted=self.cache.prefetch_wasted,
+            stall_seconds=self.engine.stall_seconds,
         )

@@ -12,6 +12,7 @@ from cache_policies import (
     AccessPlan,
     AccessSequence,
     ExpertCache,
+    Prefetch,
     TraceError,
     Wave,
     expert_counts,
@@ -64,9 +65,15 @@ class Scheduler:
         """Hits, misses, victims and slots for ``experts`` (ascending) of MoE layer ``layer``."""
         return self.cache.access(layer, experts)
 
-    def execute(self, layer: int, wave: Wave) -> None:
-        """Copy the wave's misses into their slots and make compute wait for exactly those slots."""
+    def execute(self, layer: int, wave: Wave, prefetch: Prefetch | None = None) -> None:
+        """Copy the wave's misses into their slots, then any prefetch (it lands while this wave computes),
+        and make compute wait for exactly the wave's slots."""
         loads = [(wave.slots[i], self.store.expert(layer, wave.experts[i])) for i in wave.loads]
+        if prefetch is not None:
+            loads += [
+                (s, self.store.expert(prefetch.layer, e))
+                for e, s in zip(prefetch.experts, prefetch.slots, strict=True)
+            ]
         self.engine.load(loads)
         self.engine.acquire(wave.slots)
         self.waves += 1

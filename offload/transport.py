@@ -7,12 +7,22 @@ Two rules hold for every engine (DESIGN invariant 3):
 - a slot is never overwritten while a kernel may still read it: compute calls :meth:`CopyEngine.release`
   after issuing its reads, and the next copy into that slot waits for that point.
 
-On CUDA the copies run on a dedicated stream with one "landed" and one "released" event per slot. On CPU
-the copy is synchronous and both rules hold trivially.
+Three engines share the interface:
+
+- :class:`CudaCopyEngine`: copies on a dedicated stream, one "landed" and one "released" event per slot;
+  compute waits only on the events of the slots it reads, so prefetch copies overlap compute.
+- :class:`ThreadedCopyEngine`: the CPU twin of that: a worker thread copies while the caller computes,
+  with per-slot landed/in-use state; it can inject random delays to shake out races in tests.
+- :class:`SyncCopyEngine`: copies on the calling thread; nothing overlaps and both rules hold trivially.
+
+``stall_seconds`` is the time compute waited for copies to land.
 """
 
 from __future__ import annotations
 
+import queue
+import random
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -30,7 +40,7 @@ class CopyEngine(ABC):
 
     @abstractmethod
     def load(self, loads: Sequence[tuple[int, torch.Tensor]]) -> None:
-        """Start copying each ``(slot, host bytes)``; returns before the copies land where it can."""
+        """Start copying each ``(slot, host bytes)``, in order; returns before the copies land where it can."""
 
     @abstractmethod
     def acquire(self, slots: Sequence[int]) -> None:
@@ -41,6 +51,10 @@ class CopyEngine(ABC):
         """Compute has issued every read of ``slots``: later copies into them wait for those reads."""
 
     @abstractmethod
+    def landed(self, slot: int) -> bool:
+        """Whether every copy issued into ``slot`` has landed, right now (does not wait)."""
+
+    @abstractmethod
     def synchronize(self) -> None:
         """Wait for every copy issued so far."""
 
@@ -49,9 +63,17 @@ class CopyEngine(ABC):
     def copy_seconds(self) -> float:
         """Time spent copying expert bytes (not waiting for slots to be released)."""
 
+    @property
+    @abstractmethod
+    def stall_seconds(self) -> float:
+        """Time compute waited for copies to land."""
+
+    def close(self) -> None:  # noqa: B027 - engines without resources need nothing
+        """Release threads or streams; the engine is not used afterwards."""
+
 
 class SyncCopyEngine(CopyEngine):
-    """CPU twin: ``copy_`` on the calling thread, timed with a wall clock."""
+    """``copy_`` on the calling thread, timed with a wall clock: every copy is a stall."""
 
     def __init__(self, pool: SlotPool) -> None:
         super().__init__(pool)
@@ -71,6 +93,9 @@ class SyncCopyEngine(CopyEngine):
     def release(self, slots: Sequence[int]) -> None:
         pass
 
+    def landed(self, slot: int) -> bool:
+        return True
+
     def synchronize(self) -> None:
         pass
 
@@ -78,9 +103,119 @@ class SyncCopyEngine(CopyEngine):
     def copy_seconds(self) -> float:
         return self._seconds
 
+    @property
+    def stall_seconds(self) -> float:
+        return self._seconds  # the caller waited for every copy
+
+
+class ThreadedCopyEngine(CopyEngine):
+    """A worker thread copies while the caller computes: the CPU twin of the CUDA copy stream.
+
+    Copies run in issue order. Per slot, ``_pending`` counts copies not yet landed and ``_in_use`` marks the
+    slots compute holds between :meth:`acquire` and :meth:`release`; the worker waits for a slot to be free
+    before overwriting it. ``delay=(low, high)`` sleeps a random time before each copy (tests use it to
+    reorder the threads' interleavings; it is not counted as copy time).
+    """
+
+    def __init__(self, pool: SlotPool, delay: tuple[float, float] | None = None, seed: int = 0) -> None:
+        super().__init__(pool)
+        self._delay = delay
+        self._random = random.Random(seed)
+        self._pending = [0] * pool.num_slots
+        self._in_use = [False] * pool.num_slots
+        self._state = threading.Condition()
+        self._jobs: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue()
+        self._copy_seconds = 0.0
+        self._stall_seconds = 0.0
+        self._error: BaseException | None = None
+        self._worker = threading.Thread(target=self._run, name="offload-copy", daemon=True)
+        self._worker.start()
+
+    def load(self, loads: Sequence[tuple[int, torch.Tensor]]) -> None:
+        with self._state:
+            for slot, _ in loads:
+                self._pending[slot] += 1
+        for job in loads:
+            self._jobs.put(job)
+        self.copies += len(loads)
+
+    def acquire(self, slots: Sequence[int]) -> None:
+        start = time.perf_counter()
+        with self._state:
+            self._state.wait_for(lambda: self._error is not None or not any(self._pending[s] for s in slots))
+            self._raise()
+            for slot in slots:
+                self._in_use[slot] = True
+        self._stall_seconds += time.perf_counter() - start
+
+    def release(self, slots: Sequence[int]) -> None:
+        with self._state:
+            for slot in slots:
+                self._in_use[slot] = False
+            self._state.notify_all()
+
+    def landed(self, slot: int) -> bool:
+        with self._state:
+            return self._pending[slot] == 0
+
+    def synchronize(self) -> None:
+        with self._state:
+            self._state.wait_for(lambda: self._error is not None or not any(self._pending))
+            self._raise()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            slot, src = job
+            try:
+                with self._state:
+                    while self._in_use[slot]:  # compute still reads it
+                        self._state.wait()
+                if self._delay is not None:
+                    time.sleep(self._random.uniform(*self._delay))
+                start = time.perf_counter()
+                self.pool.slot(slot).copy_(src)
+                seconds = time.perf_counter() - start
+            except BaseException as exc:  # surfaced to the caller at its next wait
+                with self._state:
+                    self._error = exc
+                    self._state.notify_all()
+                return
+            with self._state:
+                self._copy_seconds += seconds
+                self.bytes_copied += src.numel()
+                self._pending[slot] -= 1
+                self._state.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"expert copy failed: {self._error}") from self._error
+
+    @property
+    def copy_seconds(self) -> float:
+        return self._copy_seconds
+
+    @property
+    def stall_seconds(self) -> float:
+        return self._stall_seconds
+
+    def close(self) -> None:
+        if self._worker.is_alive():
+            self._jobs.put(None)
+            self._worker.join(timeout=10)
+
+    def __del__(self) -> None:
+        self.close()
+
 
 class CudaCopyEngine(CopyEngine):
-    """Copies on a dedicated stream; compute waits only on the events of the slots it reads."""
+    """Copies on a dedicated stream; compute waits only on the events of the slots it reads.
+
+    Stall time is measured on the GPU: an event recorded on the compute stream just before it waits for
+    the slots, and one just after; the time between them is how long compute sat waiting for copies.
+    """
 
     def __init__(self, pool: SlotPool) -> None:
         super().__init__(pool)
@@ -89,8 +224,9 @@ class CudaCopyEngine(CopyEngine):
         self._landed = [torch.cuda.Event() for _ in range(pool.num_slots)]
         # Waiting on an event that was never recorded returns at once, so fresh slots need no special case.
         self._released = [torch.cuda.Event() for _ in range(pool.num_slots)]
-        self._timings: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._seconds = 0.0
+        self._copies: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._seconds = {"copy": 0.0, "stall": 0.0}
 
     def load(self, loads: Sequence[tuple[int, torch.Tensor]]) -> None:
         if not loads:
@@ -108,39 +244,65 @@ class CudaCopyEngine(CopyEngine):
                 self.bytes_copied += src.numel()
             end.record(stream)
         self.copies += len(loads)
-        self._timings.append((start, end))
-        if len(self._timings) > 512:
-            self._collect(block=False)
+        self._copies.append((start, end))
+        self._collect(block=False)
 
     def acquire(self, slots: Sequence[int]) -> None:
         compute = torch.cuda.current_stream(self.pool.device)
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(compute)
         for slot in slots:
             compute.wait_event(self._landed[slot])
+        after.record(compute)
+        self._stalls.append((before, after))
 
     def release(self, slots: Sequence[int]) -> None:
         compute = torch.cuda.current_stream(self.pool.device)
         for slot in slots:
             self._released[slot].record(compute)
 
+    def landed(self, slot: int) -> bool:
+        return self._landed[slot].query()
+
     def synchronize(self) -> None:
         self.stream.synchronize()
 
     def _collect(self, block: bool) -> None:
-        pending = []
-        for start, end in self._timings:
-            if block:
-                end.synchronize()
-            if end.query():
-                self._seconds += start.elapsed_time(end) / 1e3
-            else:
-                pending.append((start, end))
-        self._timings = pending
+        """Fold finished timing pairs into the totals; keeps the lists short without waiting."""
+        for kind, pairs in (("copy", self._copies), ("stall", self._stalls)):
+            if not block and len(pairs) < 256:
+                continue
+            pending = []
+            for start, end in pairs:
+                if block:
+                    end.synchronize()
+                if end.query():
+                    self._seconds[kind] += start.elapsed_time(end) / 1e3
+                else:
+                    pending.append((start, end))
+            pairs[:] = pending
 
     @property
     def copy_seconds(self) -> float:
         self._collect(block=True)
-        return self._seconds
+        return self._seconds["copy"]
+
+    @property
+    def stall_seconds(self) -> float:
+        self._collect(block=True)
+        return self._seconds["stall"]
 
 
-def make_copy_engine(pool: SlotPool) -> CopyEngine:
-    return CudaCopyEngine(pool) if pool.device.type == "cuda" else SyncCopyEngine(pool)
+def make_copy_engine(
+    pool: SlotPool, kind: str = "auto", delay: tuple[float, float] | None = None, seed: int = 0
+) -> CopyEngine:
+    """``auto``: the CUDA stream engine on CUDA, else the synchronous one; ``threaded`` on CPU overlaps."""
+    if pool.device.type == "cuda":
+        if kind not in ("auto", "cuda"):
+            raise ValueError(f"copy engine {kind!r} does not run on CUDA; use auto")
+        return CudaCopyEngine(pool)
+    if kind == "threaded" or delay is not None:
+        return ThreadedCopyEngine(pool, delay=delay, seed=seed)
+    if kind in ("auto", "sync"):
+        return SyncCopyEngine(pool)
+    raise ValueError(f"unknown copy engine {kind!r}: use auto, sync or threaded")

@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default 48)")
     p.add_argument("--policy", default="lru", help="expert cache policy (default lru)")
     p.add_argument(
+        "--prefetch",
+        choices=("none", "history", "lookahead"),
+        default="none",
+        help="fetch the next layer's experts while this one computes: lookahead (its router on this layer's "
+        "input), history (its recently used experts), or none (default)",
+    )
+    p.add_argument(
         "--cache-scope", choices=("global", "layer"), default="global", help="one cache or one per layer"
     )
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when present, else cpu")
@@ -106,6 +113,7 @@ def _run(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         cache_scope=args.cache_scope,
         kernel=args.kernel,
+        prefetch=args.prefetch,
         seed=args.seed,
         static_profile=None if args.static_profile is None else str(args.static_profile),
         record_trace=args.record_trace is not None,
@@ -256,6 +264,15 @@ def _summary(result: dict[str, Any], stats: Any) -> str:
             f"experts : hit rate {stats.hit_rate:.1%} ({stats.expert_hits} hits, {stats.expert_misses} misses)",
             f"copied  : {stats.bytes_host_to_device / 1e9:.3f} GB at {stats.copy_gb_per_s:.2f} GB/s achieved",
             f"slots   : {stats.slots} / {stats.total_experts} experts",
+            *(
+                [
+                    f"prefetch: {stats.prefetch_issued} issued, {stats.prefetch_used} used in time, "
+                    f"{stats.prefetch_late} late, {stats.prefetch_wasted} wasted",
+                ]
+                if stats.prefetch_issued
+                else []
+            ),
+            f"stalled : {stats.stall_seconds:.3f} s waiting for copies",
             f"memory  : {peak} (planned {format_size(stats.planned_bytes)})",
         ]
     )
