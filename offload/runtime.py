@@ -14,6 +14,7 @@ from cache_policies import AccessPlan, ExpertCache, HistoryPredictor, Prefetch, 
 from offload.budget import BudgetPlan
 from offload.config import OffloadConfig
 from offload.counters import OffloadStats
+from offload.forced import ForcedRouting
 from offload.kernels import ExpertActivation, RoutedTokens, select_kernel
 from offload.predict import LookaheadPredictor
 from offload.recorder import RoutingRecorder
@@ -62,6 +63,7 @@ class OffloadRuntime:
             HistoryPredictor(layers, config.history_window) if config.prefetch == "history" else None
         )
         self.lookahead: LookaheadPredictor | None = None  # the loader sets it: it needs the model's routers
+        self.forced: ForcedRouting | None = None  # benchmarks: expert choices replayed from a trace
         self.prefetch_used = 0
         self.prefetch_late = 0
 
@@ -83,6 +85,8 @@ class OffloadRuntime:
         activation = self.activations[layer]
         if activation is None:
             raise RuntimeError(f"MoE layer {layer} was never attached to the runtime")
+        if self.forced is not None:
+            top_k_index = self.forced.ids(layer, top_k_index.shape[0], top_k_index.device)
         if self.recorder is not None:
             self.recorder.record(layer, top_k_index, top_k_weights)
         routed = RoutedTokens.build(hidden_states, top_k_index, top_k_weights, self.survey.num_experts)

@@ -129,7 +129,9 @@ def test_threaded_engine_waits_for_copies_and_for_readers() -> None:
     assert torch.equal(pool.slot(0), second)
     assert engine.copies == 2 and engine.bytes_copied == 2 * layout.nbytes
     engine.close()
-    assert not any(t.name == "offload-copy" and t.is_alive() and t is engine._worker for t in threading.enumerate())
+    assert not any(
+        t.name == "offload-copy" and t.is_alive() and t is engine._worker for t in threading.enumerate()
+    )
 
 
 def test_bad_prefetch_options(tiny_checkpoints: dict[str, Path]) -> None:
