@@ -1,13 +1,18 @@
 """``offload-bench sweep``: hit rates of every policy x cache size x scope on routing traces, Belady beside them.
 
     offload-bench sweep --trace olmoe.jsonl --trace flame.npz --policies lru,lfu,fifo,belady \\
-        --cache-fractions 0.125,0.25,0.5 --scope both --out results/
+        --cache-fractions 0.125,0.25,0.5 --scope both --prefetch none,history --out results/
 
 Capacity: per-layer slots = round(fraction x experts) (halves round up); global slots = that x layers, so
 both scopes get the same device memory. Belady, the offline optimum, is always run: every policy is
 reported as a share of its hit rate. Writes ``sweep.csv``, ``sweep.md`` and ``sweep.png`` into ``--out``.
 With ``--copy-gbps`` and ``--layer-compute-ms`` (and the expert size, from the trace or ``--expert-bytes``)
 the CSV also gets simulated tokens/s and stall fraction (the timing model of :mod:`cache_policies.simulator`).
+
+``--prefetch none,history`` runs every policy once per prefetch mode (``history``: the history predictor of
+``--history-window`` accesses, by the runtime's protocol, see :mod:`cache_policies.simulator`); the tables
+and the plot name a prefetching policy ``lru+history``. Belady runs without prefetch only: it is the bound of
+demand paging, and a prefetching policy can beat it.
 
 Everything is validated (traces read, policies and fractions checked) before anything is written, and the
 three files are written to a temporary directory and moved into place at the end, so a failed sweep leaves
@@ -32,7 +37,7 @@ from cache_policies.access import AccessSequence, expert_counts
 from cache_policies.cache import Scope
 from cache_policies.importers import load_trace
 from cache_policies.registry import POLICIES
-from cache_policies.simulator import SimResult, TimingModel, simulate
+from cache_policies.simulator import SimPrefetch, SimResult, TimingModel, check_prefetch, simulate
 from cache_policies.sweep_report import write_csv, write_markdown, write_plot
 from cache_policies.trace import RoutingTrace, TraceError
 
@@ -56,7 +61,7 @@ class SweepRow:
     trace: str
     fraction: float
     result: SimResult
-    belady: SimResult  # the bound at the same trace, scope and capacity
+    belady: SimResult  # the demand-paging bound at the same trace, scope and capacity (never prefetches)
 
     @property
     def share_of_belady(self) -> float:
@@ -111,6 +116,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute time of one layer access besides expert copies (timing model, see simulator.py)",
     )
     parser.add_argument(
+        "--prefetch",
+        default="none",
+        metavar="MODES",
+        help="comma-separated prefetch modes to compare: none, history (default: none; lookahead needs the "
+        "model, not a trace: runtime only)",
+    )
+    parser.add_argument(
+        "--history-window",
+        type=int,
+        default=8,
+        metavar="N",
+        help="accesses of a layer the history predictor counts (default: 8)",
+    )
+    parser.add_argument(
         "--static-profile",
         metavar="FILE",
         help="trace whose expert counts the static policy pins (default: each trace profiles itself)",
@@ -128,6 +147,9 @@ def run(args: argparse.Namespace, prog: str = "offload-bench sweep") -> int:
     try:
         policies = parse_policies(args.policies)
         fractions = parse_fractions(args.cache_fractions)
+        prefetch = parse_prefetch(args.prefetch)
+        if args.history_window < 1:
+            raise UsageError(f"--history-window must be at least 1 access, got {args.history_window}")
         scopes: tuple[Scope, ...] = ("layer", "global") if args.scope == "both" else (args.scope,)
         if not args.lfru_half_life > 0 or not math.isfinite(args.lfru_half_life):
             raise UsageError(f"--lfru-half-life must be a positive number, got {args.lfru_half_life}")
@@ -164,6 +186,8 @@ def run(args: argparse.Namespace, prog: str = "offload-bench sweep") -> int:
         half_life=args.lfru_half_life,
         static_profile=None if profile_seq is None else expert_counts(profile_seq),
         timing=timing,
+        prefetch=prefetch,
+        history_window=args.history_window,
     )
     static_note = (
         f"static pins the most used experts of {Path(args.static_profile).name}"
@@ -189,6 +213,16 @@ def parse_policies(text: str) -> list[str]:
         raise UsageError(f"unknown policy {unknown[0]!r}; choose from: {', '.join(POLICIES)}")
     names = list(dict.fromkeys(names))  # drop repeats, keep order
     return names if "belady" in names else [*names, "belady"]
+
+
+def parse_prefetch(text: str) -> list[SimPrefetch]:
+    modes = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not modes:
+        raise UsageError("--prefetch is empty")
+    try:
+        return [check_prefetch(mode) for mode in modes]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def parse_fractions(text: str) -> list[float]:
@@ -250,15 +284,21 @@ def sweep(
     half_life: float = 256.0,
     static_profile: np.ndarray | None = None,
     timing: TimingModel | None = None,
+    prefetch: Sequence[SimPrefetch] = ("none",),
+    history_window: int = 8,
 ) -> list[SweepRow]:
+    """Rows per trace, scope and fraction: every policy for each prefetch mode in turn, Belady once (without
+    prefetch, as the bound)."""
     rows: list[SweepRow] = []
     for t in traces:
         for scope in scopes:
             for fraction in fractions:
                 slots = layer_slots(fraction, t.trace.num_experts)
                 capacity = slots if scope == "layer" else slots * t.trace.num_layers
-                results = {}
-                for name in policies:
+                results: dict[tuple[str, str], SimResult] = {}
+                runs = [(name, mode) for mode in prefetch for name in policies if name != "belady"]
+                runs.insert(policies.index("belady"), ("belady", "none"))  # where the user listed it
+                for name, mode in runs:
                     options: dict[str, object] = {}
                     if name == "random":
                         options["seed"] = seed
@@ -266,7 +306,7 @@ def sweep(
                         options["half_life"] = half_life
                     elif name == "static" and static_profile is not None:
                         options["profile"] = static_profile
-                    results[name] = simulate(
+                    results[name, mode] = simulate(
                         t.seq,
                         name,
                         capacity,
@@ -274,9 +314,11 @@ def sweep(
                         options=options or None,
                         timing=timing,
                         expert_bytes=t.trace.expert_bytes,
+                        prefetch=mode,
+                        history_window=history_window,
                     )
-                bound = results["belady"]
-                rows.extend(SweepRow(t.label, fraction, results[name], bound) for name in policies)
+                bound = results["belady", "none"]
+                rows.extend(SweepRow(t.label, fraction, result, bound) for result in results.values())
     return rows
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache_policies import AccessSequence, RoutingTrace, simulate
+from cache_policies import AccessSequence, RoutingTrace, TimingModel, simulate
 from cache_policies.sweep import main as sweep_main
 
 TRACES = Path(__file__).resolve().parents[1] / "data" / "traces"
@@ -100,6 +100,9 @@ def test_sweep_end_to_end(tmp_path: Path, traces: list[Path], capsys: pytest.Cap
     assert md.count("| layer | 0.25 |") == 2 and md.count("| global | 0.5 |") == 2
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "sweep.csv" in stdout
+    # without --prefetch: demand paging only, and the md says so
+    assert {r["prefetch"] for r in rows} == {"none"} and {r["history_window"] for r in rows} == {""}
+    assert {r["prefetch_issued"] for r in rows} == {"0"} and "+history" not in md and "no prefetch" in md
 
 
 def _arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -165,6 +168,98 @@ def test_timing_columns(tmp_path: Path, traces: list[Path], capsys: pytest.Captu
         assert float(row["stall_fraction"]) == pytest.approx(copy_s / total_s, abs=1e-4)
 
 
+def test_prefetch_modes(tmp_path: Path, traces: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    argv = ["--trace", str(traces[0]), "--trace", str(traces[1]), "--policies", "lru,fifo,belady"]
+    argv += ["--cache-fractions", "0.25,0.5", "--prefetch", "none,history", "--history-window", "4"]
+    code, _, err = run([*argv, "--expert-bytes", "1000", "--out", str(out)], capsys)
+    assert code == 0, err
+    rows = read_csv(out / "sweep.csv")
+    labels = [(r["policy"], r["prefetch"]) for r in rows]
+    # per (trace, scope, fraction): each policy without, then with prefetch; Belady once, never prefetching
+    assert labels[:5] == [
+        ("lru", "none"),
+        ("fifo", "none"),
+        ("belady", "none"),
+        ("lru", "history"),
+        ("fifo", "history"),
+    ]
+    assert len(rows) == 2 * 2 * 2 * 5
+    seqs = {t.stem: AccessSequence.from_trace(_load(t)) for t in traces}
+    for row in rows:
+        issued, used, wasted = (int(row[c]) for c in ("prefetch_issued", "prefetch_hits", "prefetch_wasted"))
+        assert int(row["hits"]) + int(row["misses"]) == int(row["accesses"])  # prefetch never changes that
+        assert used + wasted <= issued
+        assert int(row["bytes_moved"]) == (int(row["misses"]) + issued) * 1000
+        if row["prefetch"] == "none":
+            assert issued == 0 and row["history_window"] == ""
+            continue
+        assert row["history_window"] == "4" and row["policy"] != "belady"
+        direct = simulate(
+            seqs[row["trace"]],
+            row["policy"],
+            int(row["slots"]),
+            row["scope"],  # type: ignore[arg-type]
+            prefetch="history",
+            history_window=4,
+        )
+        assert (int(row["hits"]), issued, used, wasted) == (
+            direct.hits,
+            direct.prefetch_issued,
+            direct.prefetch_hits,
+            direct.prefetch_wasted,
+        )
+    assert any(int(r["prefetch_hits"]) > 0 for r in rows) and any(int(r["prefetch_wasted"]) > 0 for r in rows)
+    md = (out / "sweep.md").read_text()
+    assert "| belady | lru | fifo | lru+history | fifo+history |" in md
+    assert "demand-paging bound" in md and "can exceed it" in md and "last 4 accesses" in md
+    assert md.count("| prefetches/token |") == 2  # a prefetch table per trace
+    assert md.count("| layer | 0.25 | lru | history |") == 2
+
+
+def _load(path: Path) -> RoutingTrace:
+    from cache_policies import load_trace
+
+    return load_trace(path)
+
+
+def test_prefetch_timing_columns(
+    tmp_path: Path, traces: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["--trace", str(traces[0]), "--policies", "lru", "--scope", "global", "--cache-fractions", "0.25"]
+    argv += [
+        "--prefetch",
+        "history",
+        "--expert-bytes",
+        "5000000",
+        "--copy-gbps",
+        "10",
+        "--layer-compute-ms",
+        "2",
+    ]
+    code, _, err = run([*argv, "--out", str(out)], capsys)
+    assert code == 0, err
+    rows = {(r["policy"], r["prefetch"]): r for r in read_csv(out / "sweep.csv")}
+    assert sorted(rows) == [("belady", "none"), ("lru", "history")]  # --prefetch history alone: Belady still
+    row = rows["lru", "history"]
+    direct = simulate(
+        _load(traces[0]),
+        "lru",
+        4,
+        "global",
+        prefetch="history",
+        timing=TimingModel(10.0, 2e-3),
+        expert_bytes=5_000_000,
+    )
+    assert float(row["tokens_per_s"]) == pytest.approx(direct.tokens_per_s, rel=1e-3)
+    assert float(row["stall_fraction"]) == pytest.approx(direct.stall_fraction, abs=1e-4)
+    assert int(row["prefetch_late"]) == direct.prefetch_late
+    assert rows["belady", "none"]["prefetch_late"] == ""
+    md = (out / "sweep.md").read_text()
+    assert "| tokens/s | with prefetch | stall | with prefetch |" in md
+
+
 def test_existing_out_dir_keeps_other_files(
     tmp_path: Path, traces: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -198,6 +293,14 @@ BAD_INPUT = {
         "bandwidth",
     ),
     "bad expert size": (["--trace", "{a}", "--expert-bytes", "0"], "--expert-bytes must be positive"),
+    "lookahead prefetch": (["--trace", "{a}", "--prefetch", "none,lookahead"], "only in the runtime"),
+    "unknown prefetch": (["--trace", "{a}", "--prefetch", "none,magic"], "unknown prefetch mode 'magic'"),
+    "empty prefetch": (["--trace", "{a}", "--prefetch", ","], "--prefetch is empty"),
+    "zero history window": (
+        ["--trace", "{a}", "--prefetch", "history", "--history-window", "0"],
+        "--history-window must be at least 1",
+    ),
+    "history window not a number": (["--trace", "{a}", "--history-window", "x"], "invalid int value"),
 }
 
 
