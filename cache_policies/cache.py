@@ -173,6 +173,7 @@ class ExpertCache:
         miss. ``running`` experts of ``running_layer`` are in use and never evicted. Experts already resident
         are skipped; so are the rest once no key can give up its slot."""
         part = self._partition(layer)
+        part.policy.begin_access(self._now - 1)  # the running access's time (a per-layer partition lags)
         base = layer * self.num_experts
         wanted = [e for e in experts if base + e not in part.resident]
         plan = Prefetch(layer)

@@ -65,7 +65,7 @@ class LFRU(CachePolicy):
         # ranks as if used now, so it is not the first victim before its predicted use; its history is not
         # touched, so that use still counts once.
         self._inserts += 1
-        self._push((self._score.get(key, self._clock), self._inserts, key))
+        self._push((max(self._score.get(key, self._clock), self._clock), self._inserts, key))
 
     def _push(self, entry: Entry) -> None:
         self._live[entry[2]] = entry

@@ -326,3 +326,17 @@ def test_bench_cli_has_no_module_level_torch_import() -> None:
     source = (Path(__file__).resolve().parents[1] / "offload" / "cli" / "bench.py").read_text()
     top_level = [line for line in source.splitlines() if re.match(r"(import|from) ", line)]
     assert not any("torch" in line for line in top_level)
+
+
+def test_lfru_prefetched_key_ranks_as_just_used() -> None:
+    """A prefetched key is not the next victim: it ranks as if used now, in a per-layer cache too."""
+    from cache_policies import ExpertCache, make_policy_factory
+
+    cache = ExpertCache(2, 8, 2, make_policy_factory("lfru", half_life=1.0), scope="layer")
+    for e in range(3):
+        cache.access(0, [0])
+        cache.access(1, [e])
+    cache.access(0, [0])
+    cache.prefetch(1, [0], running_layer=0, running=[0])  # (1, 0) takes the slot of (1, 1)
+    assert cache.access(1, [3]).waves[0].evicted == [(1, 2)]  # the stale key goes, not the prefetched one
+    assert cache.prefetch_wasted == 0
