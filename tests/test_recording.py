@@ -84,3 +84,28 @@ def test_lazy_exports_are_complete() -> None:
     assert sorted(package.__all__) == sorted(package._EXPORTS)
     for name in package.__all__:
         assert getattr(package, name) is not None
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lfru", "fifo"])
+def test_simulator_replays_history_prefetch_exactly(
+    policy: str, scope: str, tiny_checkpoints: dict[str, Path]
+) -> None:
+    """With history prefetch too, the simulator makes the runtime's decisions: demand hits and misses,
+    prefetches issued, used (in time or late) and wasted."""
+    path = tiny_checkpoints["qwen3_moe"]
+    slots = 5 * 3 if scope == "layer" else 14
+    model = run_recorded(path, slots, policy=policy, cache_scope=scope, prefetch="history", history_window=4)
+    stats = offload.stats(model)
+    result = simulate(
+        offload.routing_trace(model),
+        policy,
+        runtime_of(model).cache.capacity,
+        scope,
+        prefetch="history",
+        history_window=4,
+    )
+    assert (result.hits, result.misses) == (stats.expert_hits, stats.expert_misses)
+    assert result.prefetch_issued == stats.prefetch_issued > 0
+    assert result.prefetch_hits == stats.prefetch_used + stats.prefetch_late
+    assert result.prefetch_wasted == stats.prefetch_wasted
