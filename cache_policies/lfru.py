@@ -20,13 +20,11 @@ follow a change of topic). docs/policy-results.md reports a sweep of the half-li
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Container
 
+from cache_policies.lazy_heap import LazyHeap
 from cache_policies.policy import CachePolicy
-
-Entry = tuple[float, int, int]  # (score, insertion number, key)
 
 
 class LFRU(CachePolicy):
@@ -38,8 +36,7 @@ class LFRU(CachePolicy):
             raise ValueError(f"lfru half_life must be a positive number of layer accesses, got {half_life}")
         self.half_life = float(half_life)
         self._score: dict[int, float] = {}  # every key ever used -> score (see the module docstring)
-        self._live: dict[int, Entry] = {}  # resident key -> its one current heap entry
-        self._heap: list[Entry] = []  # may hold stale entries
+        self._resident = LazyHeap()  # rank: (score, insertion number)
         self._clock = 0.0  # now / half_life
         self._inserts = 0
 
@@ -58,37 +55,14 @@ class LFRU(CachePolicy):
         self._bump(key)
 
     def hit(self, key: int) -> None:
-        self._push((self._bump(key), self._live[key][1], key))
+        self._resident.push(key, (self._bump(key), self._resident.rank(key)[1]))
 
     def insert(self, key: int) -> None:
-        # After a demand miss, use() has just scored the key. A key inserted without a use (a prefetch, later)
-        # ranks as if used now, so it is not the first victim before its predicted use; its history is not
-        # touched, so that use still counts once.
+        # After a demand miss, use() has just scored the key. A key inserted without a use (a prefetch) ranks
+        # at least as if used now, so it is not the first victim before its predicted use; its history is
+        # not touched, so that use still counts once.
         self._inserts += 1
-        self._push((max(self._score.get(key, self._clock), self._clock), self._inserts, key))
-
-    def _push(self, entry: Entry) -> None:
-        self._live[entry[2]] = entry
-        heapq.heappush(self._heap, entry)
-        if len(self._heap) > 4 * len(self._live) + 64:  # drop stale entries now and then
-            self._heap = list(self._live.values())
-            heapq.heapify(self._heap)
+        self._resident.push(key, (max(self._score.get(key, self._clock), self._clock), self._inserts))
 
     def evict(self, protected: Container[int]) -> int:
-        heap, live = self._heap, self._live
-        skipped = []
-        try:
-            while heap:
-                entry = heapq.heappop(heap)
-                key = entry[2]
-                if live.get(key) != entry:
-                    continue  # stale
-                if key in protected:
-                    skipped.append(entry)
-                    continue
-                del live[key]
-                return key
-            raise RuntimeError("every resident key is protected; the cache is smaller than one access")
-        finally:
-            for entry in skipped:
-                heapq.heappush(heap, entry)
+        return self._resident.pop(protected)

@@ -9,12 +9,10 @@ key leaves, and is skipped instead of being updated in place.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Container
 
+from cache_policies.lazy_heap import LazyHeap
 from cache_policies.policy import CachePolicy
-
-Entry = tuple[int, int, int]  # (count, insertion number, key)
 
 
 class LFU(CachePolicy):
@@ -23,8 +21,7 @@ class LFU(CachePolicy):
     def __init__(self, capacity: int) -> None:
         super().__init__(capacity)
         self._count: dict[int, int] = {}  # every key ever used -> uses since the start
-        self._live: dict[int, Entry] = {}  # resident key -> its one current heap entry
-        self._heap: list[Entry] = []  # may hold stale entries
+        self._resident = LazyHeap()  # rank: (count, insertion number)
         self._inserts = 0
 
     def use(self, key: int) -> None:
@@ -33,34 +30,11 @@ class LFU(CachePolicy):
     def hit(self, key: int) -> None:
         count = self._count[key] + 1
         self._count[key] = count
-        self._push((count, self._live[key][1], key))
+        self._resident.push(key, (count, self._resident.rank(key)[1]))
 
     def insert(self, key: int) -> None:
         self._inserts += 1
-        self._push((self._count.setdefault(key, 0), self._inserts, key))
-
-    def _push(self, entry: Entry) -> None:
-        self._live[entry[2]] = entry
-        heapq.heappush(self._heap, entry)
-        if len(self._heap) > 4 * len(self._live) + 64:  # drop stale entries now and then
-            self._heap = list(self._live.values())
-            heapq.heapify(self._heap)
+        self._resident.push(key, (self._count.setdefault(key, 0), self._inserts))
 
     def evict(self, protected: Container[int]) -> int:
-        heap, live = self._heap, self._live
-        skipped = []
-        try:
-            while heap:
-                entry = heapq.heappop(heap)
-                key = entry[2]
-                if live.get(key) != entry:
-                    continue  # stale
-                if key in protected:
-                    skipped.append(entry)
-                    continue
-                del live[key]
-                return key
-            raise RuntimeError("every resident key is protected; the cache is smaller than one access")
-        finally:
-            for entry in skipped:
-                heapq.heappush(heap, entry)
+        return self._resident.pop(protected)
