@@ -1,29 +1,12 @@
-"""First in, first out: only insertion order counts; a hit changes nothing."""
+"""First in, first out: only insertion order counts; a hit changes nothing. LRU without the refresh."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Container
-
-from cache_policies.policy import CachePolicy
+from cache_policies.lru import LRU
 
 
-class FIFO(CachePolicy):
+class FIFO(LRU):
     name = "fifo"
 
-    def __init__(self, capacity: int) -> None:
-        super().__init__(capacity)
-        self._order: OrderedDict[int, None] = OrderedDict()  # oldest insertion first
-
     def hit(self, key: int) -> None:
-        pass
-
-    def insert(self, key: int) -> None:
-        self._order[key] = None
-
-    def evict(self, protected: Container[int]) -> int:
-        for key in self._order:
-            if key not in protected:
-                del self._order[key]
-                return key
-        raise RuntimeError("every resident key is protected; the cache is smaller than one access")
+        pass  # the order stays the insertion order
