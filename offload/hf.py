@@ -121,7 +121,7 @@ def load_offloaded(name_or_path: str, config: OffloadConfig, progress: bool = Tr
         skeleton.quantizer.postprocess_model(
             model
         )  # drops the quantization config: the weights are dequantized
-    _attach_predictor(model, runtime)
+    attach_predictor(model, runtime)
     model.eval()
     if model.can_generate():
         # No generation_config.json: keep the one derived from the model config.
@@ -141,14 +141,14 @@ def wrap_model(model: PreTrainedModel, config: OffloadConfig, progress: bool = T
     runtime = OffloadRuntime(config, model_survey, plan_for(model_survey, config), model_name=name)
     names = model_survey.layer_names
     for layer, name in enumerate(tqdm(names, desc="Packing experts", unit="layer", disable=not progress)):
-        _take_over(model, runtime, layer, name)
+        take_over_experts(model, runtime, layer, name)
     model.to(device=config.device, dtype=dtype)  # type: ignore[call-arg]
-    _attach_predictor(model, runtime)
+    attach_predictor(model, runtime)
     setattr(model, RUNTIME_ATTR, runtime)
     return model
 
 
-def _attach_predictor(model: nn.Module, runtime: OffloadRuntime) -> None:
+def attach_predictor(model: nn.Module, runtime: OffloadRuntime) -> None:
     if runtime.config.prefetch == "lookahead":
         runtime.lookahead = LookaheadPredictor.from_model(model, runtime.survey.layer_names)
 
@@ -233,7 +233,7 @@ def _load_weights(
                 model, slices(by_layer[layer]), chunk_config("cpu")
             )
             _raise_on_errors(info, checkpoint)
-            _take_over(model, runtime, layer, name)
+            take_over_experts(model, runtime, layer, name)
             release_freed_host_memory()
         load_config = chunk_config(runtime.config.device)
         info, _ = convert_and_load_state_dict_in_model(model, slices(rest), load_config)
@@ -318,7 +318,7 @@ def _quiet_transformers_progress():
 # -- replacing the experts modules ------------------------------------------------------------------------
 
 
-def _take_over(model: nn.Module, runtime: OffloadRuntime, layer: int, name: str) -> None:
+def take_over_experts(model: nn.Module, runtime: OffloadRuntime, layer: int, name: str) -> None:
     """Pack the experts module ``name`` into the host store, free its weights, and put ours in its place."""
     module = model.get_submodule(name)
     param_names = expert_param_names(runtime.survey.layout)

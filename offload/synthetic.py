@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel
 
 from offload.config import OffloadConfig
-from offload.hf import RUNTIME_ATTR, _attach_predictor, _take_over, model_class_for, plan_for
+from offload.hf import RUNTIME_ATTR, attach_predictor, model_class_for, plan_for, take_over_experts
 from offload.runtime import OffloadRuntime
 from offload.survey import expert_param_names, survey
 
@@ -46,12 +46,12 @@ def random_offloaded(
                 bank[p] = draw.normal_(0.0, std, generator=generator).to(dtype)
             rows = (torch.arange(shape[0]) + layer) % bank[p].shape[0]  # a different mix per layer
             setattr(module, p, nn.Parameter(bank[p][rows], requires_grad=False))
-        _take_over(model, runtime, layer, name)
+        take_over_experts(model, runtime, layer, name)
     # Everything else: allocated on the device and initialized as transformers initializes new models.
     model.to_empty(device=config.device)
     torch.manual_seed(seed)
     model.initialize_weights()
     model.eval()
-    _attach_predictor(model, runtime)
+    attach_predictor(model, runtime)
     setattr(model, RUNTIME_ATTR, runtime)
     return model

@@ -99,3 +99,33 @@ def test_resident_bytes_count_everything_but_experts(mixtral_checkpoint: Path) -
     buffers = sum(b.numel() * b.element_size() for _, b in reference.named_buffers() if b.is_floating_point())
     survey = survey_checkpoint(str(mixtral_checkpoint), torch.float32)
     assert survey.resident_bytes == total - experts + buffers
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", ["none", "lookahead"])
+def test_cuda_peak_memory_stays_within_the_budget(prefetch: str, tmp_path) -> None:
+    """DESIGN invariant 2 on a real device: torch.cuda.max_memory_allocated since load <= the budget."""
+    import transformers
+
+    from tests.conftest import save_tiny
+
+    config = transformers.MixtralConfig(
+        vocab_size=1024,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    )
+    save_tiny(config, tmp_path / "ckpt")
+    survey = survey_checkpoint(str(tmp_path / "ckpt"), torch.bfloat16)
+    options = dict(device="cuda", dtype="bf16", max_context=512, prefetch=prefetch)
+    budget = budget_for_slots(survey, OffloadConfig.create(1, **options), 8)
+    model = offload.from_pretrained(tmp_path / "ckpt", vram_budget=budget, progress=False, **options)
+    ids = torch.randint(0, 1024, (1, 256), device="cuda")
+    model.generate(ids, max_new_tokens=64, do_sample=False)
+    stats = offload.stats(model)
+    assert stats.slots == 8 < stats.total_experts
+    assert stats.peak_device_bytes is not None and stats.peak_device_bytes <= stats.budget_bytes

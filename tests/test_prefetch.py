@@ -140,3 +140,22 @@ def test_bad_prefetch_options(tiny_checkpoints: dict[str, Path]) -> None:
         load(path, 4, "cpu", prefetch="oracle")
     with pytest.raises(offload.OffloadError, match="copy_engine"):
         load(path, 4, "cpu", copy_engine="dma")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", ["none", "history", "lookahead"])
+def test_cuda_copy_stream_prefetch_equals_all_resident(
+    prefetch: str, tiny_checkpoints: dict[str, Path]
+) -> None:
+    path = tiny_checkpoints["qwen3_moe"]
+    ids = prompt("cuda")
+    resident = load(path, slot_counts(path)["all"], "cuda")
+    model = load(path, slot_counts(path)["top_k"], "cuda", prefetch=prefetch)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, resident(ids).logits)
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False),
+        resident.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False),
+    )
+    stats = offload.stats(model)
+    assert stats.copy_seconds > 0 and stats.stall_seconds >= 0
