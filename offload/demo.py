@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-DEMO_NAME = "demo-mixtral-random-v1"
+DEMO_NAME = "demo-mixtral-random-v2"
 # 8 MoE layers x 8 experts, top-2: 64 experts of 4.5 MiB each in bf16.
 DEMO_ARCH: dict[str, Any] = dict(
     hidden_size=512,
@@ -74,6 +74,13 @@ def _build(directory: Path) -> None:
         model = MixtralForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
     finally:
         torch.random.set_rng_state(generator_state)
+    # Random logits over bytes would mostly pick bytes that are not valid UTF-8 on their own. Zeroing every
+    # output row but printable ASCII keeps the noise readable (a positive logit among 95 rows always wins).
+    printable = [tokenizer.encode(chr(c))[0] for c in range(32, 127)]  # one byte, one token
+    keep = torch.zeros(len(tokenizer), dtype=torch.bool)
+    keep[printable] = True
+    with torch.no_grad():
+        model.lm_head.weight[~keep] = 0
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
