@@ -108,7 +108,8 @@ def write_markdown(
             "share of Belady's hit rate (the offline optimum at the same capacity). Bold: the best online policy of",
             "the row. `slots`: per layer for scope `layer`; in total for scope `global` (the same memory).",
         ]
-    lines = ["# Cache policy sweep", "", *header, f"Note: {static_note}.", ""]
+    ran_static = any(row.result.policy == "static" for row in rows)
+    lines = ["# Cache policy sweep", "", *header, *([f"Note: {static_note}."] if ran_static else []), ""]
     for label, description in traces:
         mine = [row for row in rows if row.trace == label]
         lines += [f"## {label}", "", f"{description}.", ""]
