@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
+from offload.hostmem import host_buffer, unpin
 from offload.layout import ExpertLayout
 
 
@@ -11,7 +14,8 @@ class HostExpertStore:
     """One uint8 buffer ``[experts, layout.nbytes]`` per MoE layer; expert ``(l, e)`` is one contiguous row.
 
     Layers are allocated as they are filled, so host RAM grows with loading instead of up front. Buffers are
-    page-locked when ``pin`` is set, which lets the copy engine move them asynchronously at link speed.
+    page-locked when ``pin`` is set (exactly their size: see :func:`offload.hostmem.host_buffer`), which lets
+    the copy engine move them asynchronously at link speed.
     """
 
     def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, pin: bool) -> None:
@@ -20,11 +24,13 @@ class HostExpertStore:
         self.num_experts = num_experts
         self.pin = pin
         self._layers: list[torch.Tensor | None] = [None] * num_layers
+        if pin:  # page-locked memory is released explicitly, when the store goes
+            weakref.finalize(self, _unpin_all, self._layers)
 
     def fill_layer(self, layer: int, weights: dict[str, torch.Tensor]) -> None:
         """Pack one layer from HF experts tensors (see :meth:`ExpertLayout.canonicalize`)."""
         fields = self.layout.canonicalize(weights)
-        buffer = torch.zeros((self.num_experts, self.layout.nbytes), dtype=torch.uint8, pin_memory=self.pin)
+        buffer = host_buffer(self.num_experts * self.layout.nbytes, self.pin).view(self.num_experts, -1)
         views = self.layout.views(buffer)
         for name, tensor in fields.items():
             views[name].copy_(tensor)
@@ -47,3 +53,9 @@ class HostExpertStore:
     @property
     def complete(self) -> bool:
         return all(b is not None for b in self._layers)
+
+
+def _unpin_all(layers: list[torch.Tensor | None]) -> None:
+    for buffer in layers:
+        if buffer is not None:
+            unpin(buffer)

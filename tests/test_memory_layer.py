@@ -136,3 +136,35 @@ def test_cuda_engine_copies_on_its_stream_and_orders_reuse() -> None:
     assert torch.allclose(seen.cpu(), expected, rtol=1e-3)
     assert torch.equal(pool.slot(0).cpu(), store.expert(0, 2))
     assert engine.copy_seconds > 0
+
+
+def test_mapped_buffers_are_exact_page_aligned_and_zeroed() -> None:
+    from offload.hostmem import mapped_zeros
+
+    buffer = mapped_zeros(3 * 4096 + 5)
+    assert buffer.numel() == 3 * 4096 + 5 and buffer.dtype == torch.uint8
+    assert buffer.data_ptr() % 4096 == 0
+    assert not buffer.any()
+    buffer[-1] = 7  # writable
+    assert buffer[-1] == 7
+
+
+@pytest.mark.gpu
+def test_pinned_store_is_exact_size_and_copies_asynchronously() -> None:
+    """torch's pin_memory rounds up to a power of two; the store's pinned layers must not."""
+    layout = ExpertLayout(4096, 4100, True, False, torch.bfloat16)  # 3 experts of ~100 MB: not a power of two
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0)
+    store = HostExpertStore(layout, num_layers=1, num_experts=3, pin=True)
+    ref = {
+        "gate_up_proj": torch.randn(3, 2 * 4100, 4096, dtype=torch.bfloat16),
+        "down_proj": torch.randn(3, 4096, 4100, dtype=torch.bfloat16),
+    }
+    store.fill_layer(0, ref)
+    buffer = store.expert(0, 0)
+    assert buffer.is_pinned()
+    grown = torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0) - before
+    assert grown == 0  # registered, not taken from torch's (rounding) caching host allocator
+    pool = SlotPool(layout, 1, torch.device("cuda"))
+    pool.slot(0).copy_(buffer, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(pool.field("down")[0].cpu(), ref["down_proj"][0])
