@@ -34,7 +34,6 @@ to the depth that fits (or to ``--layers``), and the output says so. See docs/e2
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
@@ -67,9 +66,6 @@ VARIANTS = ("lru", "history", "lookahead", "accelerate")
 PREFETCH = {"lru": "none", "history": "history", "lookahead": "lookahead"}
 SMOKE_LABEL = "CPU smoke run: not performance"
 GB = 1e9
-# Pinned blocks above this size are allocated at their size and freed at once; torch's pinned allocator
-# otherwise rounds each block up to a power of two and caches it (Mixtral's 2.8 GB layers would take 4 GB).
-PINNED_CACHE_MB = 64
 
 
 @dataclass(frozen=True)
@@ -248,43 +244,6 @@ def measure_expert_copies(device: torch.device, expert_bytes: int) -> float | No
     return count * expert_bytes / best
 
 
-def configure_pinned_allocator() -> tuple[str, bool]:
-    """Ask torch's pinned allocator for exact-size, uncached large blocks; ``(what holds, whether it rounds)``.
-
-    By default it rounds every pinned block up to a power of two and caches freed ones: Mixtral's 2.8 GB
-    layers would take 4 GB each (128 GiB in all) and stay pinned after the model is freed. Torch versions that
-    know ``pinned_max_cached_size_mb`` allocate larger blocks at their size and free them at once; others may
-    ignore the setting silently, so a probe allocation decides, and the host RAM plan counts rounded sizes
-    where rounding stays.
-    """
-    import torch
-
-    env = os.environ.get("PYTORCH_ALLOC_CONF", "") + os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-    if "pinned_max" not in env:  # the user's own setting wins
-        setting = f"pinned_max_cached_size_mb:{PINNED_CACHE_MB}"
-        for name in (
-            "_accelerator_setAllocatorSettings",
-            "_cuda_cudaCachingAllocator_set_allocator_settings",
-        ):
-            setter = getattr(torch._C, name, None)
-            if setter is not None:
-                with contextlib.suppress(RuntimeError):
-                    setter(setting)
-                    break
-    torch.cuda.init()  # the allocator statistics are empty before
-    probe = 96 * 2**20  # above the threshold, and not a power of two
-    before = pinned_bytes()
-    block = torch.empty(probe, dtype=torch.uint8, pin_memory=True)
-    after = pinned_bytes()
-    del block
-    getattr(torch._C, "_host_emptyCache", lambda: None)()
-    if before is None or after is None:
-        return "unknown (no pinned allocator statistics): planned with power-of-two rounding", True
-    if after - before == probe:
-        return f"exact sizes above {PINNED_CACHE_MB} MB, freed at once (pinned_max_cached_size_mb)", False
-    return f"power-of-two rounding (a {probe >> 20} MiB probe took {(after - before) >> 20} MiB)", True
-
-
 def pinned_bytes() -> int | None:
     """Bytes torch's pinned allocator holds (in use and cached), where this torch reports it."""
     import torch
@@ -309,18 +268,16 @@ def free_memory(device: torch.device) -> None:
 
 
 def host_plan(
-    shape: Shape, survey: Any, variants: list[str], rounding: bool, available: int, asked: int | None
+    shape: Shape, survey: Any, variants: list[str], available: int, asked: int | None
 ) -> dict[str, Any]:
     """How many layers fit in host RAM, for our runs and for accelerate's (never resident together).
 
-    Ours: the host store (one pinned block per layer, rounded up to a power of two where torch rounds), the
+    Ours: the host store (one pinned block per layer, pinned at its exact size: offload.hostmem), the
     bank of random experts it is filled from, one layer in flight. Accelerate: every weight. Both: 6 GiB for
     the process (CUDA context, libraries), and 8% of what is available is left free.
     """
     expert_bytes, experts = survey.layout.nbytes, survey.num_experts
     store_layer = experts * expert_bytes
-    if rounding:
-        store_layer = 1 << (store_layer - 1).bit_length()
     # One layer in flight (its tensors and their packed copy), the bank, the process itself.
     extra = 2 * experts * expert_bytes + min(8, experts) * expert_bytes + 6 * 2**30
 
@@ -340,7 +297,6 @@ def host_plan(
         depth -= 1
     plan: dict[str, Any] = dict(
         available_bytes=available,
-        pinned_rounding=rounding,
         layers_full=shape.layers,
         layers=depth,
         need_bytes=need(depth),
@@ -834,9 +790,9 @@ def run(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
 
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
-        pinned, rounding = configure_pinned_allocator()
+        pinned = "host store pinned at exact sizes (mmap + cudaHostRegister, offload.hostmem)"
     else:
-        device_name, pinned, rounding = f"cpu ({platform.machine()})", "no pinned memory (CPU)", False
+        device_name, pinned = f"cpu ({platform.machine()})", "no pinned memory (CPU)"
     available = psutil.virtual_memory().available
     peak = measure_h2d_peak(device)
     print(f"{device_name}: pinned host-to-device peak {peak['bytes_per_s'] / GB:.1f} GB/s ({peak['how']})")
@@ -895,7 +851,7 @@ def run(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
     )
     for shape in chosen:
         full = skeleton_survey(shape.build_config(shape.layers), dtype)
-        plan = host_plan(shape, full, variants, rounding, available, args.layers)
+        plan = host_plan(shape, full, variants, available, args.layers)
         hf_config = shape.build_config(plan["layers"])
         s = full if plan["layers"] == shape.layers else skeleton_survey(hf_config, dtype)
         forced = fitting_trace(trace, shape, s)
