@@ -40,6 +40,7 @@ from transformers.models.auto.auto_factory import _get_model_class
 from transformers.utils import logging as hf_logging
 from transformers.utils.loading_report import LoadStateDictInfo
 
+from offload.architectures import unsupported_message
 from offload.budget import BudgetPlan, plan_budget
 from offload.checkpoint import Checkpoint, close_shards, load_config, open_shards, resolve
 from offload.config import OffloadConfig
@@ -117,10 +118,8 @@ def load_offloaded(name_or_path: str, config: OffloadConfig, progress: bool = Tr
         _load_weights(model, checkpoint, shards, runtime, dtype, skeleton.quantizer, progress)
     finally:
         close_shards(shards)
-    if skeleton.quantizer is not None:
-        skeleton.quantizer.postprocess_model(
-            model
-        )  # drops the quantization config: the weights are dequantized
+    if skeleton.quantizer is not None:  # drops the quantization config: the weights are dequantized
+        skeleton.quantizer.postprocess_model(model)
     attach_predictor(model, runtime)
     model.eval()
     if model.can_generate():
@@ -177,8 +176,6 @@ def model_class_for(hf_config: PretrainedConfig) -> tuple[type[PreTrainedModel],
             if quantization is not None:
                 hf_config.quantization_config = quantization
         return model_class, hf_config
-    from offload.architectures import unsupported_message
-
     raise UnsupportedModelError(
         unsupported_message(hf_config.model_type, "transformers has no text-generation class for it")
     )
@@ -268,9 +265,8 @@ def _route_keys(
     pattern_owner = {pattern: c for c in converters for pattern in c.source_patterns}
     for key in handle_of:
         target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
-        if (
-            target not in meta_state and key in meta_state
-        ):  # as transformers does: a rename that lands nowhere
+        # As transformers does: a rename that lands nowhere falls back to the key itself.
+        if target not in meta_state and key in meta_state:
             target, pattern = rename_source_key(key, [], [], model.base_model_prefix, meta_state)
         targets.add(target)
         if pattern is not None:  # a one-to-many converter (one fused tensor split in several) names its first

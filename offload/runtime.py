@@ -42,10 +42,13 @@ class OffloadRuntime:
         layers, experts = survey.num_layers, survey.num_experts
         self.store = HostExpertStore(survey.layout, layers, experts, pin=config.pin)
         self.pool = SlotPool(survey.layout, budget.slots, device)
-        engine = config.copy_engine
-        if engine == "auto" and device.type != "cuda":
-            engine = "threaded" if config.prefetch != "none" else "sync"  # copies overlap compute only when
-        self.engine = make_copy_engine(self.pool, engine, delay=config.copy_delay, seed=config.seed)
+        self.engine = make_copy_engine(
+            self.pool,
+            config.copy_engine,
+            overlap=config.prefetch != "none",
+            delay=config.copy_delay,
+            seed=config.seed,
+        )
         per_layer = config.cache_scope == "layer"
         self.cache = ExpertCache(
             layers,

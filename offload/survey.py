@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from offload.architectures import unsupported_message
 from offload.errors import UnsupportedModelError
 from offload.layout import ExpertLayout
 
@@ -91,8 +92,6 @@ def survey(model: PreTrainedModel, dtype: torch.dtype) -> ModelSurvey:
     found = experts_modules(model)
     if not found:
         if _num_experts(config) > 1:
-            from offload.architectures import unsupported_message
-
             raise UnsupportedModelError(
                 unsupported_message(
                     config.model_type, "its experts module does not use transformers' experts interface"
@@ -110,16 +109,12 @@ def survey(model: PreTrainedModel, dtype: torch.dtype) -> ModelSurvey:
         if t.rpartition(".")[0] in experts_names
     ]
     if tied:
-        from offload.architectures import unsupported_message
-
         raise UnsupportedModelError(
             unsupported_message(config.model_type, f"it ties expert weights between modules (e.g. {tied[0]})")
         )
     layouts = {_layout(m, dtype) for _, m in found}
     counts = {int(m.num_experts) for _, m in found}  # type: ignore[arg-type]
     if len(layouts) > 1 or len(counts) > 1:
-        from offload.architectures import unsupported_message
-
         raise UnsupportedModelError(
             unsupported_message(config.model_type, "its MoE layers have experts of different shapes")
         )

@@ -294,15 +294,22 @@ class CudaCopyEngine(CopyEngine):
 
 
 def make_copy_engine(
-    pool: SlotPool, kind: str = "auto", delay: tuple[float, float] | None = None, seed: int = 0
+    pool: SlotPool,
+    kind: str = "auto",
+    overlap: bool = False,
+    delay: tuple[float, float] | None = None,
+    seed: int = 0,
 ) -> CopyEngine:
-    """``auto``: the CUDA stream engine on CUDA, else the synchronous one; ``threaded`` on CPU overlaps."""
+    """``auto``: the CUDA stream engine on CUDA; on CPU the threaded engine when copies are to overlap compute
+    (``overlap``: prefetching), else the synchronous one. ``sync`` and ``threaded`` pick a CPU engine."""
     if pool.device.type == "cuda":
         if kind not in ("auto", "cuda"):
             raise ValueError(f"copy engine {kind!r} does not run on CUDA; use auto")
         return CudaCopyEngine(pool)
+    if kind == "auto":
+        kind = "threaded" if overlap else "sync"
     if kind == "threaded" or delay is not None:
         return ThreadedCopyEngine(pool, delay=delay, seed=seed)
-    if kind in ("auto", "sync"):
+    if kind == "sync":
         return SyncCopyEngine(pool)
     raise ValueError(f"unknown copy engine {kind!r}: use auto, sync or threaded")

@@ -127,17 +127,16 @@ def _run(args: argparse.Namespace) -> int:
             "The weights are random, so the generated text is noise; the offloading is real.", file=sys.stderr
         )
         model_path = str(demo_checkpoint())
-        if args.vram_budget is None:
-            config = OffloadConfig.create(1, **options)
-            model_survey = survey_checkpoint(model_path, config.dtype)
-            slots = max(model_survey.top_k, round(DEMO_CACHE_FRACTION * model_survey.total_experts))
-            args.vram_budget = str(budget_for_slots(model_survey, config, slots))
     else:
         model_path = args.model
+    # A dense model or too small a budget fails here, before the tokenizer or any weight is read.
+    settings = OffloadConfig.create(1, **options)  # every option but the budget, validated
+    model_survey = survey_checkpoint(model_path, settings.dtype)
+    if args.vram_budget is None:  # the demo: a budget for about a quarter of its experts
+        slots = max(model_survey.top_k, round(DEMO_CACHE_FRACTION * model_survey.total_experts))
+        args.vram_budget = str(budget_for_slots(model_survey, settings, slots))
     config = OffloadConfig.create(args.vram_budget, **options)
-    plan_for(
-        survey_checkpoint(model_path, config.dtype), config
-    )  # dense model, budget: fail before any loading
+    plan_for(model_survey, config)
     tokenizer = _tokenizer(model_path)
     inputs = tokenizer(args.prompt if args.prompt is not None else DEMO_PROMPT, return_tensors="pt")
     prompt_tokens = int(inputs["input_ids"].shape[1])
