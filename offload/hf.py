@@ -109,10 +109,7 @@ def load_offloaded(name_or_path: str, config: OffloadConfig, progress: bool = Tr
     checkpoint = resolve(name_or_path)
     skeleton = _skeleton(checkpoint, config.dtype)
     model, dtype = skeleton.model, skeleton.dtype
-    model_survey = survey(model, dtype)
-    runtime = OffloadRuntime(
-        config, model_survey, plan_for(model_survey, config), model_name=str(name_or_path)
-    )
+    runtime = new_runtime(model, dtype, config, model_name=str(name_or_path))
     shards = open_shards(checkpoint)
     try:
         _load_weights(model, checkpoint, shards, runtime, dtype, skeleton.quantizer, progress)
@@ -120,13 +117,12 @@ def load_offloaded(name_or_path: str, config: OffloadConfig, progress: bool = Tr
         close_shards(shards)
     if skeleton.quantizer is not None:  # drops the quantization config: the weights are dequantized
         skeleton.quantizer.postprocess_model(model)
-    attach_predictor(model, runtime)
     model.eval()
     if model.can_generate():
         # No generation_config.json: keep the one derived from the model config.
         with contextlib.suppress(OSError):
             model.generation_config = GenerationConfig.from_pretrained(checkpoint.directory)
-    setattr(model, RUNTIME_ATTR, runtime)
+    attach_runtime(model, runtime)
     return model
 
 
@@ -135,21 +131,30 @@ def wrap_model(model: PreTrainedModel, config: OffloadConfig, progress: bool = T
     if getattr(model, RUNTIME_ATTR, None) is not None:
         raise UnsupportedModelError("this model is already offloaded")
     dtype = config.dtype or model.dtype
-    model_survey = survey(model, dtype)
-    name = str(getattr(model.config, "name_or_path", "") or model.config.model_type)
-    runtime = OffloadRuntime(config, model_survey, plan_for(model_survey, config), model_name=name)
-    names = model_survey.layer_names
+    model_name = str(getattr(model.config, "name_or_path", "") or model.config.model_type)
+    runtime = new_runtime(model, dtype, config, model_name)
+    names = runtime.survey.layer_names
     for layer, name in enumerate(tqdm(names, desc="Packing experts", unit="layer", disable=not progress)):
         take_over_experts(model, runtime, layer, name)
     model.to(device=config.device, dtype=dtype)  # type: ignore[call-arg]
-    attach_predictor(model, runtime)
-    setattr(model, RUNTIME_ATTR, runtime)
+    attach_runtime(model, runtime)
     return model
 
 
-def attach_predictor(model: nn.Module, runtime: OffloadRuntime) -> None:
+def new_runtime(
+    model: PreTrainedModel, dtype: torch.dtype, config: OffloadConfig, model_name: str
+) -> OffloadRuntime:
+    """Survey ``model`` (meta or loaded), check the budget, and allocate its runtime; no weight moves yet."""
+    model_survey = survey(model, dtype)
+    return OffloadRuntime(config, model_survey, plan_for(model_survey, config), model_name=model_name)
+
+
+def attach_runtime(model: nn.Module, runtime: OffloadRuntime) -> None:
+    """The last step of every builder: the lookahead predictor (it needs the model's routers) and the handle
+    that offload.stats and friends find the runtime by."""
     if runtime.config.prefetch == "lookahead":
         runtime.lookahead = LookaheadPredictor.from_model(model, runtime.survey.layer_names)
+    setattr(model, RUNTIME_ATTR, runtime)
 
 
 def runtime_of(model: nn.Module) -> OffloadRuntime:

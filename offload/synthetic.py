@@ -14,9 +14,8 @@ from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel
 
 from offload.config import OffloadConfig
-from offload.hf import RUNTIME_ATTR, attach_predictor, model_class_for, plan_for, take_over_experts
-from offload.runtime import OffloadRuntime
-from offload.survey import expert_param_names, survey
+from offload.hf import attach_runtime, model_class_for, new_runtime, take_over_experts
+from offload.survey import expert_param_names
 
 BANK_EXPERTS = 8  # distinct random experts the store is filled from
 
@@ -29,10 +28,8 @@ def random_offloaded(
     dtype = config.dtype or torch.bfloat16
     with torch.device("meta"):
         model = model_class._from_config(hf_config, dtype=dtype)
-    model_survey = survey(model, dtype)
-    runtime = OffloadRuntime(
-        config, model_survey, plan_for(model_survey, config), model_name=f"random {hf_config.model_type}"
-    )
+    runtime = new_runtime(model, dtype, config, model_name=f"random {hf_config.model_type}")
+    model_survey = runtime.survey
     std = float(getattr(hf_config.get_text_config(), "initializer_range", 0.02) or 0.02)
     generator = torch.Generator().manual_seed(seed)
     names = expert_param_names(model_survey.layout)
@@ -52,6 +49,5 @@ def random_offloaded(
     torch.manual_seed(seed)
     model.initialize_weights()
     model.eval()
-    attach_predictor(model, runtime)
-    setattr(model, RUNTIME_ATTR, runtime)
+    attach_runtime(model, runtime)
     return model
