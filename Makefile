@@ -24,19 +24,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/offload-run
 
-LINT_PATHS := offload cache_policies tests $(wildcard bench/*.py)
+LINT_PATHS := offload cache_policies offload_bench tests $(wildcard bench/*.py) $(wildcard tools/*.py)
 
 lint: install
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 typecheck: install
-	$(VENV)/bin/mypy offload cache_policies
+	$(VENV)/bin/mypy offload cache_policies offload_bench
 
 unit: install
 	$(PY) -m pytest -q
 
 test: lint typecheck unit
+
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

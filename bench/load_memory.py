@@ -41,7 +41,7 @@ def measure(loader: str, path: str, budget: str) -> dict[str, int]:
 
     if loader == "offload":
         import offload
-        from offload.hf import runtime_of
+        from offload.hf.install import runtime_of
     else:
         import transformers
     peak = baseline = rss_anon()

@@ -1,20 +1,26 @@
-"""Expert cache policies, routing traces and the trace-replay simulator. Pure Python and numpy: no torch."""
+"""Expert cache policies, the prefetch protocol, routing traces and the trace-replay simulator.
 
-from cache_policies.access import AccessSequence, expert_counts, future_uses
-from cache_policies.belady import Belady
+Pure Python and numpy: no torch, no devices. The core (the cache, the policy interface and the policies in
+``policies/``, predictors and the prefetch protocol) is what the runtime drives; ``study/`` holds what replays
+and compares it offline: traces and their importers, the simulator, sweeps and their reports.
+"""
+
 from cache_policies.cache import AccessPlan, ExpertCache, Prefetch, Scope, Wave
-from cache_policies.fifo import FIFO
-from cache_policies.importers import load_trace
-from cache_policies.lfru import LFRU
-from cache_policies.lfu import LFU
-from cache_policies.lru import LRU
+from cache_policies.policies.belady import Belady
+from cache_policies.policies.fifo import FIFO
+from cache_policies.policies.lfru import LFRU
+from cache_policies.policies.lfu import LFU
+from cache_policies.policies.lru import LRU
+from cache_policies.policies.random_policy import RandomPolicy
+from cache_policies.policies.static import Static
 from cache_policies.policy import CachePolicy
 from cache_policies.predictors import PREFETCH_MODES, HistoryPredictor, next_layer
-from cache_policies.random_policy import RandomPolicy
+from cache_policies.prefetch import Guess, Predictor, Prefetcher
 from cache_policies.registry import ONLINE_POLICIES, POLICIES, make_policy_factory, policy_options
-from cache_policies.simulator import SimResult, TimingModel, simulate
-from cache_policies.static import Static
-from cache_policies.trace import RoutingTrace, TraceError
+from cache_policies.study.access import AccessSequence, expert_counts, future_uses
+from cache_policies.study.importers import load_trace
+from cache_policies.study.simulator import SimResult, TimingModel, simulate
+from cache_policies.study.trace import RoutingTrace, TraceError
 
 __all__ = [
     "FIFO",
@@ -29,8 +35,11 @@ __all__ = [
     "Belady",
     "CachePolicy",
     "ExpertCache",
+    "Guess",
     "HistoryPredictor",
+    "Predictor",
     "Prefetch",
+    "Prefetcher",
     "RandomPolicy",
     "RoutingTrace",
     "Scope",

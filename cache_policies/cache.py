@@ -1,6 +1,7 @@
 """The expert cache: residency, slot numbers and waves, driven by a :class:`CachePolicy`.
 
-One class serves the runtime and the trace simulator, so both make identical decisions (DESIGN invariant 4).
+One class serves the runtime and the trace simulator, so both make identical decisions (invariant
+*same-decisions*, docs/architecture.md).
 
 Semantics of one layer access (the experts one MoE layer needs for one forward call):
 

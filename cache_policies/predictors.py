@@ -1,13 +1,17 @@
 """Predictors that name the experts a layer will need next, from routing alone (pure Python).
 
-The runtime and the simulator share them, so a recorded run replays with the same prefetches. The
-``lookahead`` predictor, which needs hidden states and the next layer's router, lives in the runtime.
+The runtime and the simulator share them, so a recorded run replays with the same prefetches
+(:mod:`cache_policies.prefetch`). The predictors that need hidden states and a model's routers live in the
+runtime (:mod:`offload.runtime.router_predictors`).
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Sequence
+from typing import Any
+
+from cache_policies.prefetch import Guess
 
 
 class HistoryPredictor:
@@ -22,6 +26,7 @@ class HistoryPredictor:
     def __init__(self, num_layers: int, window: int = 8) -> None:
         if window < 1:
             raise ValueError(f"history window must be at least 1 access, got {window}")
+        self.num_layers = num_layers
         self.window = window
         self._recent: list[deque[tuple[int, ...]]] = [deque(maxlen=window) for _ in range(num_layers)]
 
@@ -40,6 +45,12 @@ class HistoryPredictor:
                 last[expert] = age
         ranked = sorted(uses, key=lambda e: (-uses[e], -last[e], e))
         return sorted(ranked[:count])
+
+    def guess(self, layer: int, count: int, hint: Any = None) -> Guess:
+        """The next MoE layer's ``count`` most used experts; after the last layer, the next token's first."""
+        target = next_layer(layer, self.num_layers, wrap=True)
+        assert target is not None  # wrap=True always names a layer
+        return Guess(target, self.predict(target, count))
 
 
 PREFETCH_MODES = ("none", "history", "lookahead")

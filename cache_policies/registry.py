@@ -6,15 +6,15 @@ import functools
 import inspect
 from typing import Any
 
-from cache_policies.belady import Belady
 from cache_policies.cache import PolicyFactory
-from cache_policies.fifo import FIFO
-from cache_policies.lfru import LFRU
-from cache_policies.lfu import LFU
-from cache_policies.lru import LRU
+from cache_policies.policies.belady import Belady
+from cache_policies.policies.fifo import FIFO
+from cache_policies.policies.lfru import LFRU
+from cache_policies.policies.lfu import LFU
+from cache_policies.policies.lru import LRU
+from cache_policies.policies.random_policy import RandomPolicy
+from cache_policies.policies.static import Static
 from cache_policies.policy import CachePolicy
-from cache_policies.random_policy import RandomPolicy
-from cache_policies.static import Static
 
 POLICIES: dict[str, type[CachePolicy]] = {
     cls.name: cls for cls in (LRU, LFU, FIFO, RandomPolicy, LFRU, Static, Belady)
@@ -33,7 +33,7 @@ def make_policy_factory(name: str, **options: Any) -> PolicyFactory:
 
     Options by policy: random ``seed``; lfru ``half_life``; static ``profile`` (use counts ``[layers,
     experts]``), ``dynamic_slots`` and ``scope`` (all required); belady ``future`` (required: key -> access
-    times, see :func:`cache_policies.access.future_uses`). ``make_policy_factory("lru")`` takes none.
+    times, see :func:`cache_policies.study.access.future_uses`). ``make_policy_factory("lru")`` takes none.
     """
     cls = POLICIES.get(name)
     if cls is None:

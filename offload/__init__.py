@@ -3,6 +3,7 @@
     model = offload.from_pretrained(path, vram_budget="12GB")
     model.generate(...)
     offload.stats(model).hit_rate
+    offload.close(model)              # pinned host memory, copy thread or stream, slots: released now
 
 Names are imported on first use, so ``offload-bench sweep`` (pure Python) starts without torch.
 """
@@ -16,14 +17,16 @@ _EXPORTS = {
     "from_pretrained": "offload.api",
     "wrap": "offload.api",
     "stats": "offload.api",
+    "close": "offload.api",
+    "override_routing": "offload.api",
     "routing_trace": "offload.api",
-    "BudgetPlan": "offload.budget",
+    "BudgetPlan": "offload.runtime.budget",
     "OffloadConfig": "offload.config",
     "BudgetError": "offload.errors",
     "CheckpointError": "offload.errors",
     "OffloadError": "offload.errors",
     "UnsupportedModelError": "offload.errors",
-    "OffloadStats": "offload.counters",
+    "OffloadStats": "offload.offload_stats",
     "format_size": "offload.units",
     "parse_size": "offload.units",
 }
@@ -35,8 +38,10 @@ __all__ = [
     "OffloadError",
     "OffloadStats",
     "UnsupportedModelError",
+    "close",
     "format_size",
     "from_pretrained",
+    "override_routing",
     "parse_size",
     "routing_trace",
     "stats",
@@ -44,11 +49,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from offload.api import from_pretrained, routing_trace, stats, wrap
-    from offload.budget import BudgetPlan
+    from offload.api import close, from_pretrained, override_routing, routing_trace, stats, wrap
     from offload.config import OffloadConfig
-    from offload.counters import OffloadStats
     from offload.errors import BudgetError, CheckpointError, OffloadError, UnsupportedModelError
+    from offload.offload_stats import OffloadStats
+    from offload.runtime.budget import BudgetPlan
     from offload.units import format_size, parse_size
 
 

@@ -6,13 +6,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import PreTrainedModel
+from torch import nn
 
 from offload.config import OffloadConfig
-from offload.counters import OffloadStats
-from offload.hf import load_offloaded, runtime_of, wrap_model
+from offload.hf.install import runtime_of
+from offload.hf.load import load_offloaded, wrap_model
+from offload.offload_stats import OffloadStats
+from offload.runtime.layer_step import RoutingOverride
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from cache_policies import RoutingTrace
 
 
@@ -70,12 +74,27 @@ def wrap(
     return wrap_model(model, config, progress=progress)
 
 
-def stats(model: PreTrainedModel) -> OffloadStats:
+def stats(model: nn.Module) -> OffloadStats:
     """Counters of an offloaded model since it was loaded."""
     return runtime_of(model).stats()
 
 
-def routing_trace(model: PreTrainedModel) -> RoutingTrace:
+def close(model: nn.Module) -> None:
+    """Release an offloaded model's host store (pinned memory unregistered), copy thread or stream (after the
+    copies in flight land) and expert slots now, rather than whenever it is garbage-collected. Calling the
+    model afterwards raises :class:`offload.OffloadError`; closing twice is harmless."""
+    runtime_of(model).close()
+
+
+def override_routing(model: nn.Module, override: RoutingOverride | None) -> None:
+    """Replace the experts the routers choose: ``override(layer, top_k_index, top_k_weights)`` returns the
+    ``(top_k_index, top_k_weights)`` to use instead (same shapes), for every MoE layer call from now on;
+    ``None`` restores the routers' own. Recording and the cache see the overridden routing. For experiments
+    (forcing recorded routing onto a model, ablations); outputs then follow the overridden experts."""
+    runtime_of(model).override_routing(override)
+
+
+def routing_trace(model: nn.Module) -> RoutingTrace:
     """The routing of every forward so far, as a :class:`cache_policies.RoutingTrace` (``.save(path)`` writes
     the native format). Needs ``record_trace=True`` at load time."""
     runtime = runtime_of(model)

@@ -78,7 +78,6 @@ class OffloadConfig:
     history_window: int = 8  # layer accesses the history predictor remembers
     copy_engine: Literal["auto", "sync", "threaded"] = "auto"  # auto: the copy stream on CUDA; on CPU,
     # threaded when prefetching (copies overlap compute), else sync
-    copy_delay: tuple[float, float] | None = None  # testing: random seconds before each copy (threaded)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.list_architectures:
-        from offload.architectures import describe
+        from offload.hf.architectures import describe
 
         print(describe())
         return 0
@@ -102,8 +101,11 @@ def _run(args: argparse.Namespace) -> int:
 
     import offload
     from offload.config import OffloadConfig
-    from offload.demo import DEMO_CACHE_FRACTION, DEMO_PROMPT, demo_checkpoint
-    from offload.hf import budget_for_slots, load_offloaded, plan_for, survey_checkpoint
+    from offload.hf.demo import DEMO_CACHE_FRACTION, DEMO_PROMPT, demo_checkpoint
+    from offload.hf.generation import generate_timed, load_tokenizer
+    from offload.hf.load import load_offloaded
+    from offload.hf.skeleton import survey_checkpoint
+    from offload.runtime.budget import budget_for_slots, plan_budget
 
     demo = args.model is None
     options: dict[str, Any] = dict(
@@ -136,8 +138,8 @@ def _run(args: argparse.Namespace) -> int:
         slots = max(model_survey.top_k, round(DEMO_CACHE_FRACTION * model_survey.total_experts))
         args.vram_budget = str(budget_for_slots(model_survey, settings, slots))
     config = OffloadConfig.create(args.vram_budget, **options)
-    plan_for(model_survey, config)
-    tokenizer = _tokenizer(model_path)
+    plan_budget(model_survey, config)
+    tokenizer = load_tokenizer(model_path)
     inputs = tokenizer(args.prompt if args.prompt is not None else DEMO_PROMPT, return_tensors="pt")
     prompt_tokens = int(inputs["input_ids"].shape[1])
     if prompt_tokens + args.max_new_tokens > args.max_context:
@@ -147,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     torch.manual_seed(args.seed)
     model = load_offloaded(model_path, config)
-    result = _generate(model, tokenizer, inputs.to(model.device), args)
+    result = generate_timed(model, tokenizer, inputs.to(model.device), args.max_new_tokens, args.temperature)
     stats = offload.stats(model)
     print(_summary(result, stats), file=sys.stderr)
     if args.record_trace is not None:
@@ -181,70 +183,6 @@ def _validate(args: argparse.Namespace) -> None:
                 raise UsageError(f"{flag}: folder {parent} is not writable")
     if args.static_profile is not None and not args.static_profile.expanduser().is_file():
         raise UsageError(f"--static-profile: {args.static_profile} does not exist")
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def _tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    from offload.checkpoint import resolve
-
-    directory = resolve(model_path).directory
-    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
-        raise OffloadError(f"checkpoint {directory} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
-    try:
-        return AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OffloadError(f"cannot load the tokenizer of {directory}: {first_line}") from None
-
-
-class _TimedStreamer:
-    """Prints decoded text as it arrives and timestamps the first generated token (the end of prefill)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        from transformers import TextStreamer
-
-        self._text = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self._calls = 0
-        self.first_token_at: float | None = None
-
-    def put(self, value: Any) -> None:
-        self._calls += 1
-        if self._calls == 2:  # call 1 is the prompt, call 2 the token the prefill produced
-            self.first_token_at = time.perf_counter()
-        self._text.put(value)
-
-    def end(self) -> None:
-        self._text.end()
-
-
-def _generate(model: Any, tokenizer: Any, inputs: Any, args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    prompt_tokens = int(inputs["input_ids"].shape[1])
-    streamer = _TimedStreamer(tokenizer)
-    sampling = (
-        {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
-    )
-    start = time.perf_counter()
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    end = time.perf_counter()
-    new_tokens = int(output.shape[1]) - prompt_tokens
-    first = streamer.first_token_at or end
-    return {
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
-        "prefill_seconds": first - start,
-        "decode_seconds": end - first,
-        "prefill_tokens_per_s": prompt_tokens / max(first - start, 1e-9),
-        "decode_tokens_per_s": (new_tokens - 1) / (end - first) if new_tokens > 1 and end > first else 0.0,
-    }
 
 
 def _summary(result: dict[str, Any], stats: Any) -> str:

@@ -7,8 +7,8 @@ imported lazily so that importing this package defines no Triton kernel.
 """
 
 from offload.kernels.activation import ExpertActivation
-from offload.kernels.dispatch import select_kernel
 from offload.kernels.routing import RoutedTokens
-from offload.kernels.torch_ref import expert_pairs_torch
+from offload.kernels.selection import select_kernel
+from offload.kernels.torch_reference import expert_pairs_torch
 
 __all__ = ["ExpertActivation", "RoutedTokens", "expert_pairs_torch", "select_kernel"]

@@ -1,4 +1,8 @@
-"""The expert's nonlinearity, taken from the HF experts module and expressed on the canonical layout."""
+"""The expert's nonlinearity on the canonical layout: what a kernel applies between its two projections.
+
+Built from a transformers experts module by :func:`offload.hf.activation.activation_of`; this module knows
+no transformers.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import activations as hf_act
-from transformers.integrations.moe import _default_apply_gate
-
-# Activations the Triton kernels fuse, by HF module class. Anything else runs the HF module itself.
-_NAMED: dict[type[nn.Module], str] = {
-    hf_act.SiLUActivation: "silu",
-    nn.SiLU: "silu",
-    hf_act.GELUTanh: "gelu_tanh",
-    hf_act.NewGELUActivation: "gelu_tanh",
-    hf_act.GELUActivation: "gelu",
-    nn.GELU: "gelu",
-    nn.ReLU: "relu",
-}
 
 
 @dataclass(frozen=True)
@@ -27,7 +18,7 @@ class ExpertActivation:
     """``fn`` maps the canonical ``gate_up`` output ``[n, G*I]`` to ``[n, I]``.
 
     ``kind`` names the math when a fused kernel can do it (``silu``, ``gelu_tanh``, ``gelu``, ``relu``,
-    ``gpt_oss``), and is ``custom`` when only the HF code knows it.
+    ``gpt_oss``), and is ``custom`` when only the model's own code knows it (kernels then run ``fn``).
     """
 
     kind: str
@@ -36,27 +27,10 @@ class ExpertActivation:
     alpha: float = 0.0  # gpt_oss only
     limit: float = 0.0  # gpt_oss only
 
-    @classmethod
-    def from_hf(cls, module: nn.Module) -> ExpertActivation:
-        has_gate = bool(getattr(module, "has_gate", True))
-        act_fn = getattr(module, "act_fn", None)
-        apply_gate = getattr(type(module), "_apply_gate", _default_apply_gate)
-        if not has_gate:
-            if act_fn is None:
-                raise ValueError(f"{type(module).__name__} has no gate and no act_fn")
-            return cls(_NAMED.get(type(act_fn), "custom"), False, act_fn)
-        if apply_gate is _default_apply_gate and act_fn is not None:
-            return cls(_NAMED.get(type(act_fn), "custom"), True, _GateTimesUp(act_fn))
-        # A custom gate written for the checkpoint's own column order: hand it that order back.
-        interleaved = not getattr(module, "is_concatenated", True)
-        fn = _HFGate(module, interleaved)
-        if _is_gpt_oss_gate(module):
-            alpha, limit = float(module.alpha), float(module.limit)  # type: ignore[arg-type]
-            return cls("gpt_oss", True, fn, alpha=alpha, limit=limit)
-        return cls("custom", True, fn)
 
+class GateTimesUp:
+    """``act(gate) * up`` over the canonical ``[gate rows; up rows]`` order."""
 
-class _GateTimesUp:
     def __init__(self, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.act_fn = act_fn
 
@@ -65,7 +39,9 @@ class _GateTimesUp:
         return self.act_fn(gate) * up
 
 
-class _HFGate:
+class ModuleGate:
+    """A model's own ``_apply_gate``, written for the checkpoint's column order: hand it that order back."""
+
     def __init__(self, module: nn.Module, interleaved: bool) -> None:
         self.module = module
         self.interleaved = interleaved
@@ -75,9 +51,3 @@ class _HFGate:
             gate, up = gate_up.chunk(2, dim=-1)
             gate_up = torch.stack((gate, up), dim=-1).flatten(-2)
         return self.module._apply_gate(gate_up)  # type: ignore[operator]
-
-
-def _is_gpt_oss_gate(module: nn.Module) -> bool:
-    return (
-        type(module).__name__ in {"GptOssExperts"} and hasattr(module, "alpha") and hasattr(module, "limit")
-    )

@@ -4,7 +4,7 @@ The pool's ``gate_up`` field ``[S, G*I, H]`` transposed is exactly the ``(num_gr
 operand grouped_mm wants, so no weight is copied: the groups are *all* slots, in slot order, and a slot
 with no pairs in this wave is an empty group. Only the pair rows are gathered (sorted by slot).
 
-Used as the speed baseline in ``bench/kernels.py`` and selectable with :func:`offload.kernels.dispatch
+Used as the speed baseline in ``bench/kernels.py`` and selectable with :func:`offload.kernels.selection
 .select_kernel`. Each pair's row depends only on its expert's group, whose rows (that expert's pairs in
 token order) are the same in every wave.
 """
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from offload.kernels.activation import ExpertActivation
 from offload.kernels.routing import RoutedTokens
-from offload.slots import SlotPool
+from offload.memory.slot_pool import SlotPool
 
 
 def expert_pairs_grouped_mm(

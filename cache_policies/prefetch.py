@@ -1,0 +1,90 @@
+"""The prefetch protocol, written once: the runtime and the simulator both run it, so a recorded run replays
+with the same prefetches (invariant *same-decisions*, docs/architecture.md).
+
+For every layer access, in order::
+
+    plan = cache.access(layer, experts)             the caller: demand hits and misses
+    prefetcher.settle(plan, landed)                 the prefetched experts this access found: in time or late
+    ...                                             the caller issues the access's demand copies
+    prefetch = prefetcher.after_access(layer, experts, plan, hint)
+        predictor.observe(layer, experts)
+        only after a single-wave access (a multi-wave prefill access reuses the slots in its later waves):
+        guess = predictor.guess(layer, top_k, hint)         which experts of which layer, or nothing
+        cache.prefetch(guess.layer, guess.experts, running_layer=layer, running=experts)
+    ...                                             the caller copies the prefetch in, behind the demand copies
+
+A predictor is anything with ``observe`` and ``guess`` (:class:`Predictor`): the history predictor
+(:mod:`cache_policies.predictors`) needs only routing; the runtime's router predictors need the hidden state,
+passed as ``hint``. A guess steers copies only: a wrong one costs bandwidth, never correctness.
+
+Counters: ``issued`` experts copied in by prefetches (never counted as demand misses), of which ``used``
+were found resident by a demand access with their copy landed, ``late`` were found while their copy was
+still in flight, and ``wasted`` were evicted before any access used them. ``landed`` tells, for an expert of
+the planned layer, whether its copy has landed: the copy engine's answer in the runtime, the timing model's
+in the simulator; without one (a simulation with no timing model) nothing counts as late.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cache_policies.cache import AccessPlan, ExpertCache, Prefetch
+
+
+@dataclass(frozen=True, slots=True)
+class Guess:
+    layer: int  # the MoE layer the experts are for
+    experts: list[int]  # ascending, unique, valid expert ids
+
+
+class Predictor(Protocol):
+    name: str
+
+    def observe(self, layer: int, experts: Sequence[int]) -> None:
+        """Layer ``layer`` just used ``experts`` (ascending)."""
+
+    def guess(self, layer: int, count: int, hint: Any) -> Guess | None:
+        """Up to about ``count`` experts a coming layer will use, guessed while ``layer`` runs; ``hint`` is what
+        the caller has (the runtime: the hidden state entering ``layer``'s experts)."""
+
+
+class Prefetcher:
+    """Runs a predictor against one :class:`ExpertCache` by the protocol above, and counts the outcome."""
+
+    def __init__(self, cache: ExpertCache, predictor: Predictor, top_k: int) -> None:
+        self.cache = cache
+        self.predictor = predictor
+        self.top_k = top_k
+        self.late = 0
+
+    def settle(self, plan: AccessPlan, landed: Callable[[int], bool] | None) -> None:
+        """Count the prefetched experts ``plan`` found resident whose copy had not landed yet."""
+        if landed is not None and plan.prefetched:
+            self.late += sum(1 for expert in plan.prefetched if not landed(expert))
+
+    def after_access(
+        self, layer: int, experts: Sequence[int], plan: AccessPlan, hint: Any = None
+    ) -> Prefetch | None:
+        """Observe the access, then guess and reserve slots for the guess; None when nothing is to copy."""
+        self.predictor.observe(layer, experts)
+        if len(plan.waves) != 1:
+            return None
+        guess = self.predictor.guess(layer, self.top_k, hint)
+        if guess is None:
+            return None
+        prefetch = self.cache.prefetch(guess.layer, guess.experts, running_layer=layer, running=experts)
+        return prefetch if prefetch.experts else None
+
+    @property
+    def issued(self) -> int:
+        return self.cache.prefetch_issued
+
+    @property
+    def used(self) -> int:
+        return self.cache.prefetch_hits - self.late
+
+    @property
+    def wasted(self) -> int:
+        return self.cache.prefetch_wasted

@@ -1,0 +1,112 @@
+"""The grid of a sweep: every policy x cache size x scope on each trace, Belady beside each cell."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cache_policies.cache import Scope
+from cache_policies.study.access import AccessSequence
+from cache_policies.study.importers import load_trace
+from cache_policies.study.simulator import SimPrefetch, SimResult, TimingModel, simulate
+from cache_policies.study.trace import RoutingTrace
+
+
+class CapacityError(ValueError):
+    """A cache fraction that leaves no slot for a trace's experts."""
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    trace: str
+    fraction: float
+    result: SimResult
+    belady: SimResult  # the demand-paging bound at the same trace, scope and capacity (never prefetches)
+
+    @property
+    def share_of_belady(self) -> float:
+        bound = self.belady.hit_rate
+        return self.result.hit_rate / bound if bound > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class LoadedTrace:
+    label: str  # the name in the csv: the file name without its extension
+    trace: RoutingTrace
+    seq: AccessSequence
+
+
+def layer_slots(fraction: float, num_experts: int) -> int:
+    """round(fraction x experts), halves up (Python's round() would send 2.5 to 2)."""
+    return math.floor(fraction * num_experts + 0.5)
+
+
+def load_traces(paths: Sequence[str], expert_bytes: int | None = None) -> list[LoadedTrace]:
+    loaded: list[LoadedTrace] = []
+    for path in paths:
+        trace = load_trace(path, expert_bytes=expert_bytes)
+        label = Path(path).stem
+        if any(t.label == label for t in loaded):
+            label = f"{label}-{len(loaded)}"
+        loaded.append(LoadedTrace(label, trace, AccessSequence.from_trace(trace)))
+    return loaded
+
+
+def check_capacities(t: LoadedTrace, fractions: Sequence[float]) -> None:
+    for fraction in fractions:
+        if layer_slots(fraction, t.trace.num_experts) < 1:
+            raise CapacityError(
+                f"cache fraction {fraction} gives no slot for the {t.trace.num_experts} experts of {t.label}"
+            )
+
+
+def sweep(
+    traces: Sequence[LoadedTrace],
+    policies: Sequence[str],
+    fractions: Sequence[float],
+    scopes: Sequence[Scope],
+    *,
+    seed: int = 0,
+    half_life: float = 256.0,
+    static_profile: np.ndarray | None = None,
+    timing: TimingModel | None = None,
+    prefetch: Sequence[SimPrefetch] = ("none",),
+    history_window: int = 8,
+) -> list[SweepRow]:
+    """Rows per trace, scope and fraction: every policy for each prefetch mode in turn, Belady once (without
+    prefetch, as the bound)."""
+    rows: list[SweepRow] = []
+    for t in traces:
+        for scope in scopes:
+            for fraction in fractions:
+                slots = layer_slots(fraction, t.trace.num_experts)
+                capacity = slots if scope == "layer" else slots * t.trace.num_layers
+                results: dict[tuple[str, str], SimResult] = {}
+                runs = [(name, mode) for mode in prefetch for name in policies if name != "belady"]
+                runs.insert(policies.index("belady"), ("belady", "none"))  # where the user listed it
+                for name, mode in runs:
+                    options: dict[str, object] = {}
+                    if name == "random":
+                        options["seed"] = seed
+                    elif name == "lfru":
+                        options["half_life"] = half_life
+                    elif name == "static" and static_profile is not None:
+                        options["profile"] = static_profile
+                    results[name, mode] = simulate(
+                        t.seq,
+                        name,
+                        capacity,
+                        scope,
+                        options=options or None,
+                        timing=timing,
+                        expert_bytes=t.trace.expert_bytes,
+                        prefetch=mode,
+                        history_window=history_window,
+                    )
+                bound = results["belady", "none"]
+                rows.extend(SweepRow(t.label, fraction, result, bound) for result in results.values())
+    return rows

@@ -1,0 +1,86 @@
+"""Installing the runtime into a transformers model: the experts modules swapped, the handle attached.
+
+``new_runtime`` opens every model builder (survey, budget, runtime; no weight moves yet), ``take_over_experts``
+swaps one experts module for :class:`OffloadedExperts` once its weights are in the host store, and
+``attach_runtime`` closes it (the lookahead predictor, which needs the routers, and the handle that
+``offload.stats`` and friends find the runtime by).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from offload.config import OffloadConfig
+from offload.errors import CheckpointError, OffloadError, UnsupportedModelError
+from offload.hf.activation import activation_of
+from offload.hf.experts import OffloadedExperts
+from offload.hf.survey import expert_param_names, survey
+from offload.runtime.budget import plan_budget
+from offload.runtime.router_predictors import LookaheadPredictor
+from offload.runtime.runtime import OffloadRuntime
+
+RUNTIME_ATTR = "_offload_runtime"
+# Where transformers' MoE blocks keep their router, next to the experts module.
+ROUTER_NAMES = ("gate", "router")
+
+
+def new_runtime(
+    model: PreTrainedModel, dtype: torch.dtype, config: OffloadConfig, model_name: str
+) -> OffloadRuntime:
+    """Survey ``model`` (meta or loaded), check the budget, and allocate its runtime; no weight moves yet."""
+    model_survey = survey(model, dtype)
+    return OffloadRuntime(config, model_survey, plan_budget(model_survey, config), model_name=model_name)
+
+
+def take_over_experts(model: nn.Module, runtime: OffloadRuntime, layer: int, name: str) -> None:
+    """Pack the experts module ``name`` into the host store, free its weights, and put ours in its place."""
+    module = model.get_submodule(name)
+    param_names = expert_param_names(runtime.survey.layout)
+    weights = {p: getattr(module, p) for p in param_names}
+    unloaded = [p for p, t in weights.items() if t is None or t.is_meta]
+    if unloaded:
+        raise CheckpointError(f"the checkpoint has no {unloaded[0]} for {name}")
+    runtime.attach_layer(layer, {p: t.detach() for p, t in weights.items()}, activation_of(module))
+    # The host store has the bytes now. A custom gate may keep the module alive, but not its weights.
+    for p in param_names:
+        setattr(module, p, None)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, OffloadedExperts(runtime, layer, module, placeholders=weights))
+
+
+def attach_runtime(model: nn.Module, runtime: OffloadRuntime) -> None:
+    """The last step of every builder: the lookahead predictor (it needs the model's routers) and the handle
+    that offload.stats and friends find the runtime by."""
+    if runtime.config.prefetch == "lookahead":
+        routers = moe_routers(model, runtime.survey.layer_names)
+        runtime.use_predictor(LookaheadPredictor(routers, runtime.survey.num_experts))
+    setattr(model, RUNTIME_ATTR, runtime)
+
+
+def runtime_of(model: nn.Module) -> OffloadRuntime:
+    runtime = getattr(model, RUNTIME_ATTR, None)
+    if runtime is None:
+        raise OffloadError(
+            "this model is not offloaded: build it with offload.from_pretrained or offload.wrap"
+        )
+    return runtime
+
+
+def moe_routers(model: nn.Module, layer_names: tuple[str, ...]) -> list[nn.Module]:
+    """The router beside each experts module (``block.gate`` or ``block.router``), in layer order."""
+    routers = []
+    for name in layer_names:
+        block = model.get_submodule(name.rpartition(".")[0])
+        router = next(
+            (getattr(block, n) for n in ROUTER_NAMES if isinstance(getattr(block, n, None), nn.Module)), None
+        )
+        if router is None:
+            raise UnsupportedModelError(
+                f"lookahead prefetch needs each MoE block's router; {type(block).__name__} has none named "
+                f"{' or '.join(ROUTER_NAMES)}: use prefetch='history'"
+            )
+        routers.append(router)
+    return routers

@@ -1,0 +1,42 @@
+"""The torch reference: one expert at a time, straight out of the slot pool. CPU path and test oracle."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from offload.kernels.activation import ExpertActivation
+from offload.kernels.routing import RoutedTokens
+from offload.memory.slot_pool import SlotPool
+
+
+def expert_pairs_torch(
+    routed: RoutedTokens,
+    experts: Sequence[int],
+    slots: Sequence[int],
+    pool: SlotPool,
+    activation: ExpertActivation,
+    out: torch.Tensor,
+) -> None:
+    """Write the routing-weighted output of every pair routed to ``experts`` into ``out`` ``[T*k, H]``.
+
+    Each expert sees all of its tokens at once and in token order, whatever wave it runs in, so results do
+    not depend on the slot count (bitwise).
+    """
+    k = routed.top_k
+    weights = routed.top_k_weights.reshape(-1)  # [T*k]
+    gate_up, down = pool.field("gate_up"), pool.field("down")  # [S, G*I, H], [S, H, I]
+    has_bias = pool.layout.has_bias
+    if has_bias:
+        gate_up_bias, down_bias = pool.field("gate_up_bias"), pool.field("down_bias")
+    for expert, slot in zip(experts, slots, strict=True):
+        pairs = routed.pairs_by_expert[routed.offsets[expert] : routed.offsets[expert + 1]]
+        if pairs.numel() == 0:
+            continue
+        x = routed.hidden[pairs // k]  # [n, H]
+        h = F.linear(x, gate_up[slot], gate_up_bias[slot] if has_bias else None)  # [n, G*I]
+        h = activation.fn(h)  # [n, I]
+        y = F.linear(h, down[slot], down_bias[slot] if has_bias else None)  # [n, H]
+        out[pairs] = (y * weights[pairs, None]).to(out.dtype)

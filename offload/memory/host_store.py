@@ -1,0 +1,69 @@
+"""The host tier: every expert of every MoE layer, packed, in (pinned) host RAM."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from offload.memory.host_memory import host_buffer, unpin
+from offload.memory.layout import ExpertLayout
+
+
+class HostExpertStore:
+    """One uint8 buffer ``[experts, layout.nbytes]`` per MoE layer; expert ``(l, e)`` is one contiguous row.
+
+    Layers are allocated as they are filled, so host RAM grows with loading instead of up front. Buffers are
+    page-locked when ``pin`` is set (exactly their size: see :func:`offload.memory.host_memory.host_buffer`),
+    which lets the copy engine move them asynchronously at link speed. :meth:`release` unpins and drops them
+    at once; otherwise that happens when the store is garbage-collected.
+    """
+
+    def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, pin: bool) -> None:
+        self.layout = layout
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.pin = pin
+        self._layers: list[torch.Tensor | None] = [None] * num_layers
+        # Page-locked memory is unregistered explicitly: by release(), or when the store goes.
+        self._finalizer = weakref.finalize(self, _unpin_all, self._layers) if pin else None
+
+    def fill_layer(self, layer: int, weights: dict[str, torch.Tensor]) -> None:
+        """Pack one layer from HF experts tensors (see :meth:`ExpertLayout.canonicalize`)."""
+        fields = self.layout.canonicalize(weights)
+        buffer = host_buffer(self.num_experts * self.layout.nbytes, self.pin).view(self.num_experts, -1)
+        views = self.layout.views(buffer)
+        for name, tensor in fields.items():
+            views[name].copy_(tensor)
+        self._layers[layer] = buffer
+
+    def expert(self, layer: int, expert: int) -> torch.Tensor:
+        """uint8 ``[nbytes]``: the bytes one copy moves."""
+        buffer = self._layers[layer]
+        if buffer is None:
+            raise RuntimeError(f"MoE layer {layer} has not been loaded into the host store")
+        return buffer[expert]
+
+    def views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        return self.layout.views(self.expert(layer, expert))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self._layers if b is not None)
+
+    @property
+    def complete(self) -> bool:
+        return all(b is not None for b in self._layers)
+
+    def release(self) -> None:
+        """Unpin and drop every layer's buffer now. The caller makes sure no copy still reads them."""
+        if self._finalizer is not None:
+            self._finalizer()  # runs once: unregisters the pinned buffers
+        for layer in range(self.num_layers):
+            self._layers[layer] = None
+
+
+def _unpin_all(layers: list[torch.Tensor | None]) -> None:
+    for buffer in layers:
+        if buffer is not None:
+            unpin(buffer)

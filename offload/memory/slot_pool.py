@@ -1,0 +1,40 @@
+"""The device tier: a fixed pool of expert slots, allocated once."""
+
+from __future__ import annotations
+
+import torch
+
+from offload.memory.layout import ExpertLayout
+
+
+class SlotPool:
+    """``num_slots`` experts' worth of device memory in one allocation, plus typed per-field views.
+
+    ``field(name)`` is a ``[num_slots, *shape]`` view whose slot stride is ``layout.nbytes``, so a kernel
+    can index weights by slot directly. The pool never decides what lives in it: the cache does.
+    """
+
+    def __init__(self, layout: ExpertLayout, num_slots: int, device: torch.device) -> None:
+        if num_slots < 1:
+            raise ValueError(f"a slot pool needs at least one slot, got {num_slots}")
+        self.layout = layout
+        self.num_slots = num_slots
+        self.device = device
+        self.data = torch.empty((num_slots, layout.nbytes), dtype=torch.uint8, device=device)
+        self._fields = layout.views(self.data)
+
+    def slot(self, slot: int) -> torch.Tensor:
+        """uint8 ``[nbytes]`` of one slot: the destination of one copy."""
+        return self.data[slot]
+
+    def field(self, name: str) -> torch.Tensor:
+        return self._fields[name]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def release(self) -> None:
+        """Give the device memory back (to torch's allocator). The caller makes sure nothing still uses it."""
+        self.data = torch.empty(0, dtype=torch.uint8, device=self.device)
+        self._fields = {}

@@ -1,0 +1,123 @@
+"""Turn a VRAM budget into a slot count, or say plainly what the minimum is.
+
+The budget is all the device memory the runtime may use::
+
+    budget >= resident weights + KV cache(max_context) + workspace + slot table + slots * expert bytes
+
+Resident weights are everything but the routed experts (embeddings, attention, norms, routers, shared
+experts, dense MLP layers, lm_head). The workspace is an estimate of the activations of one forward over
+the longest prompt the KV cache allows; pass ``workspace_bytes`` to override it.
+
+:func:`plan_budget` is the one entry point (a model's survey and the config); :func:`fit_budget` is its
+arithmetic on plain numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from offload.config import OffloadConfig
+from offload.errors import BudgetError
+from offload.runtime.model_survey import ModelSurvey
+from offload.units import format_size
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    budget_bytes: int
+    resident_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int
+    slot_table_bytes: int
+    expert_bytes: int  # one expert, padded as stored
+    slots: int
+    min_slots: int
+    total_experts: int
+
+    @property
+    def fixed_bytes(self) -> int:
+        return self.resident_bytes + self.kv_cache_bytes + self.workspace_bytes + self.slot_table_bytes
+
+    @property
+    def planned_bytes(self) -> int:
+        return self.fixed_bytes + self.slots * self.expert_bytes
+
+    @property
+    def minimum_bytes(self) -> int:
+        return self.fixed_bytes + self.min_slots * self.expert_bytes
+
+    def describe(self) -> str:
+        return (
+            f"resident weights {format_size(self.resident_bytes)}, KV cache {format_size(self.kv_cache_bytes)}, "
+            f"workspace {format_size(self.workspace_bytes)}, {self.slots} expert slots x "
+            f"{format_size(self.expert_bytes)} = {format_size(self.slots * self.expert_bytes)}"
+        )
+
+
+def plan_budget(survey: ModelSurvey, config: OffloadConfig) -> BudgetPlan:
+    """The slots ``config``'s budget leaves for ``survey``'s model; BudgetError below the minimum."""
+    workspace = config.workspace_bytes
+    if workspace is None:
+        workspace = survey.workspace_bytes(config.max_context)
+    return fit_budget(
+        budget_bytes=config.vram_budget,
+        resident_bytes=survey.resident_bytes,
+        kv_cache_bytes=survey.kv_bytes_per_token * config.max_context,
+        workspace_bytes=workspace,
+        expert_bytes=survey.layout.nbytes,
+        num_layers=survey.num_layers,
+        num_experts=survey.num_experts,
+        top_k=survey.top_k,
+        per_layer=config.cache_scope == "layer",
+    )
+
+
+def budget_for_slots(survey: ModelSurvey, config: OffloadConfig, slots: int) -> int:
+    """The budget that leaves exactly ``slots`` expert slots with ``config``'s other settings."""
+    plan = plan_budget(survey, replace(config, vram_budget=2**62))
+    return plan.fixed_bytes + slots * plan.expert_bytes
+
+
+def fit_budget(
+    budget_bytes: int,
+    resident_bytes: int,
+    kv_cache_bytes: int,
+    workspace_bytes: int,
+    expert_bytes: int,
+    num_layers: int,
+    num_experts: int,
+    top_k: int,
+    per_layer: bool,
+) -> BudgetPlan:
+    """Fit as many slots as the budget allows, up to every expert; raise BudgetError below the minimum.
+
+    The minimum holds one layer's top-k experts (global cache) or top-k per layer (per-layer cache): with
+    waves, that is enough to run any prefill.
+    """
+    total = num_layers * num_experts
+    min_slots = top_k * num_layers if per_layer else top_k
+    table = num_layers * num_experts * 4  # int32 slot table on the device
+    plan = BudgetPlan(
+        budget_bytes,
+        resident_bytes,
+        kv_cache_bytes,
+        workspace_bytes,
+        table,
+        expert_bytes,
+        0,
+        min_slots,
+        total,
+    )
+    free = budget_bytes - plan.fixed_bytes
+    slots = min(max(free, 0) // expert_bytes, total)
+    if per_layer:
+        slots -= slots % num_layers  # every layer gets the same share
+    if slots < min_slots:
+        raise BudgetError(
+            f"a VRAM budget of {format_size(budget_bytes)} is too small for this model and settings: the minimum is "
+            f"{format_size(plan.minimum_bytes)} ({plan.minimum_bytes} bytes: resident weights "
+            f"{format_size(resident_bytes)}, KV cache {format_size(kv_cache_bytes)}, workspace "
+            f"{format_size(workspace_bytes)}, {min_slots} expert slots of {format_size(expert_bytes)})",
+            plan.minimum_bytes,
+        )
+    return replace(plan, slots=slots)

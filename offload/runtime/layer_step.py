@@ -1,0 +1,131 @@
+"""One MoE layer call, start to end: route -> plan -> serve -> compute -> combine.
+
+::
+
+    route    the router's choices (transformers' code, before this step), then the routing override if one
+             is set, then the recorder; pairs grouped by expert (RoutedTokens: one host read of the counts)
+    plan     ExpertCache.access: hits, misses, victims, slots and waves (pure Python); the prefetcher settles
+             the experts it prefetched for this layer (landed in time, or late)
+    serve    per wave: every miss is copied into its slot (the copy engine). After the first wave's demand
+             copies are issued, the prefetcher guesses a coming layer's experts and their copies queue behind
+    compute  per wave: wait for exactly the wave's slots, run the kernel over the slot pool, release the slots
+    combine  per-(token, k) rows summed over k in the promoted dtype, cast back, as transformers does
+
+The step owns the order of these stages and the per-call bookkeeping; it decides nothing itself (the cache
+and the prefetcher do) and computes nothing itself (the kernel does). A new way of serving a missed expert
+belongs in ``serve``. The runtime (:mod:`offload.runtime.runtime`) builds the parts and hands them over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from cache_policies import AccessPlan, ExpertCache, Prefetch, Prefetcher, Wave
+from offload.kernels import ExpertActivation, RoutedTokens
+from offload.kernels.selection import ExpertKernel
+from offload.memory.copy_engines import CopyEngine
+from offload.memory.host_store import HostExpertStore
+from offload.memory.slot_pool import SlotPool
+from offload.runtime.recorder import RoutingRecorder
+
+# (layer, top_k_index [T, k], top_k_weights [T, k]) -> the routing to use instead
+RoutingOverride = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class LayerStep:
+    def __init__(
+        self,
+        cache: ExpertCache,
+        store: HostExpertStore,
+        pool: SlotPool,
+        engine: CopyEngine,
+        kernel: ExpertKernel,
+        num_experts: int,
+        recorder: RoutingRecorder | None = None,
+    ) -> None:
+        self.cache = cache
+        self.store = store
+        self.pool = pool
+        self.engine = engine
+        self.kernel = kernel
+        self.num_experts = num_experts
+        self.recorder = recorder
+        self.prefetcher: Prefetcher | None = None
+        self.routing_override: RoutingOverride | None = None
+        self.layer_calls = 0
+        self.waves = 0
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        layer: int,
+        activation: ExpertActivation,
+        hidden_states: torch.Tensor,  # [T, H]
+        top_k_index: torch.Tensor,  # [T, k]
+        top_k_weights: torch.Tensor,  # [T, k]
+    ) -> torch.Tensor:  # [T, H]
+        routed = self.route(layer, hidden_states, top_k_index, top_k_weights)
+        plan = self.plan(layer, routed)
+        tokens, top_k = routed.top_k_index.shape
+        # Same accumulation as transformers: weighted pairs in the promoted dtype, summed over k, cast back.
+        out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
+        pairs_out = torch.zeros(
+            (tokens * top_k, hidden_states.shape[-1]), dtype=out_dtype, device=hidden_states.device
+        )
+        for i, wave in enumerate(plan.waves):
+            self.serve(layer, wave)
+            if i == 0:
+                self.serve_prefetch(self.guess(layer, routed, plan))
+            self.compute(routed, wave, activation, pairs_out)
+        self.layer_calls += 1
+        return pairs_out.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def route(
+        self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> RoutedTokens:
+        if self.routing_override is not None:
+            top_k_index, top_k_weights = self.routing_override(layer, top_k_index, top_k_weights)
+        if self.recorder is not None:
+            self.recorder.record(layer, top_k_index, top_k_weights)
+        return RoutedTokens.build(hidden, top_k_index, top_k_weights, self.num_experts)
+
+    def plan(self, layer: int, routed: RoutedTokens) -> AccessPlan:
+        plan = self.cache.access(layer, routed.experts)
+        if self.prefetcher is not None:
+            self.prefetcher.settle(plan, lambda expert: self._landed(layer, expert))
+        return plan
+
+    def serve(self, layer: int, wave: Wave) -> None:
+        """Copy the wave's misses into their slots (asynchronously where the engine can)."""
+        self.engine.load([(wave.slots[i], self.store.expert(layer, wave.experts[i])) for i in wave.loads])
+
+    def guess(self, layer: int, routed: RoutedTokens, plan: AccessPlan) -> Prefetch | None:
+        if self.prefetcher is None:
+            return None
+        return self.prefetcher.after_access(layer, routed.experts, plan, hint=routed.hidden)
+
+    def serve_prefetch(self, prefetch: Prefetch | None) -> None:
+        """Copy a prefetch in behind the demand copies: it lands while this layer computes."""
+        if prefetch is not None:
+            self.engine.load(
+                [
+                    (slot, self.store.expert(prefetch.layer, expert))
+                    for expert, slot in zip(prefetch.experts, prefetch.slots, strict=True)
+                ]
+            )
+
+    def compute(
+        self, routed: RoutedTokens, wave: Wave, activation: ExpertActivation, pairs_out: torch.Tensor
+    ) -> None:
+        """Wait for exactly the wave's slots, compute its experts' pairs, then let its slots be reused
+        (invariant *slot-safety*)."""
+        self.engine.acquire(wave.slots)
+        self.kernel(routed, wave.experts, wave.slots, self.pool, activation, pairs_out)
+        self.engine.release(wave.slots)
+        self.waves += 1
+
+    def _landed(self, layer: int, expert: int) -> bool:
+        slot = self.cache.slot_of(layer, expert)
+        return slot is not None and self.engine.landed(slot)

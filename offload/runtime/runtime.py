@@ -1,0 +1,131 @@
+"""The offload runtime of one model: it builds the parts and wires them; :class:`LayerStep` runs them.
+
+Parts: the host store (every expert, pinned on CUDA), the slot pool (device memory for ``budget.slots``
+experts), the copy engine between them, the expert cache (residency and the policy), the kernel, and
+optionally a routing recorder and a prefetcher. Every MoE layer call goes through
+:meth:`OffloadRuntime.forward_layer` to the step. :meth:`close` releases all of it at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cache_policies import HistoryPredictor, Predictor, Prefetcher
+from offload.config import OffloadConfig
+from offload.errors import OffloadError
+from offload.kernels import ExpertActivation, select_kernel
+from offload.memory.copy_engines import make_copy_engine
+from offload.memory.host_store import HostExpertStore
+from offload.memory.slot_pool import SlotPool
+from offload.offload_stats import OffloadStats
+from offload.runtime.budget import BudgetPlan
+from offload.runtime.layer_step import LayerStep, RoutingOverride
+from offload.runtime.model_survey import ModelSurvey
+from offload.runtime.policy import build_cache
+from offload.runtime.recorder import RoutingRecorder
+
+
+class OffloadRuntime:
+    def __init__(
+        self, config: OffloadConfig, survey: ModelSurvey, budget: BudgetPlan, model_name: str = ""
+    ) -> None:
+        self.config = config
+        self.model_name = model_name
+        self.survey = survey
+        self.budget = budget
+        device = config.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self._memory_baseline = torch.cuda.memory_allocated(device)
+        self.store = HostExpertStore(survey.layout, survey.num_layers, survey.num_experts, pin=config.pin)
+        self.pool = SlotPool(survey.layout, budget.slots, device)
+        self.engine = make_copy_engine(self.pool, config.copy_engine, overlap=config.prefetch != "none")
+        self.cache = build_cache(config, survey, budget.slots)
+        self.recorder = (
+            RoutingRecorder(survey.num_layers, survey.num_experts) if config.record_trace else None
+        )
+        self.step = LayerStep(
+            self.cache,
+            self.store,
+            self.pool,
+            self.engine,
+            select_kernel(config.kernel, device),
+            survey.num_experts,
+            self.recorder,
+        )
+        if config.prefetch == "history":
+            self.use_predictor(HistoryPredictor(survey.num_layers, config.history_window))
+        self.activations: list[ExpertActivation | None] = [None] * survey.num_layers
+        self.closed = False
+
+    def attach_layer(
+        self, layer: int, weights: dict[str, torch.Tensor], activation: ExpertActivation
+    ) -> None:
+        """Pack one MoE layer's HF expert tensors into the host store."""
+        self.store.fill_layer(layer, weights)
+        self.activations[layer] = activation
+
+    def use_predictor(self, predictor: Predictor) -> None:
+        """Prefetch by ``predictor`` from now on (the loader attaches the lookahead one: it needs the routers)."""
+        self.step.prefetcher = Prefetcher(self.cache, predictor, self.survey.top_k)
+
+    @property
+    def predictor(self) -> Predictor | None:
+        prefetcher = self.step.prefetcher
+        return None if prefetcher is None else prefetcher.predictor
+
+    def override_routing(self, override: RoutingOverride | None) -> None:
+        """Replace the routers' choices before they are recorded and served; None restores them."""
+        self.step.routing_override = override
+
+    def forward_layer(
+        self,
+        layer: int,
+        hidden_states: torch.Tensor,  # [T, H]
+        top_k_index: torch.Tensor,  # [T, k]
+        top_k_weights: torch.Tensor,  # [T, k]
+    ) -> torch.Tensor:  # [T, H]
+        if self.closed:
+            raise OffloadError("this model was closed by offload.close(); load it again to use it")
+        activation = self.activations[layer]
+        if activation is None:
+            raise RuntimeError(f"MoE layer {layer} was never attached to the runtime")
+        return self.step(layer, activation, hidden_states, top_k_index, top_k_weights)
+
+    def close(self) -> None:
+        """Release the copy thread or stream (after the copies in flight land), the slots and the pinned
+        store. Idempotent; the model cannot run afterwards."""
+        if self.closed:
+            return
+        self.closed = True
+        self.engine.close()
+        self.pool.release()
+        self.store.release()
+
+    def stats(self) -> OffloadStats:
+        device = self.config.device
+        if not self.closed:
+            self.engine.synchronize()  # counters of copies still in flight
+        peak = None
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - self._memory_baseline
+        prefetcher = self.step.prefetcher
+        return OffloadStats(
+            expert_hits=self.cache.hits,
+            expert_misses=self.cache.misses,
+            bytes_host_to_device=self.engine.bytes_copied,
+            copy_seconds=self.engine.copy_seconds,
+            slots=self.budget.slots,
+            total_experts=self.survey.total_experts,
+            budget_bytes=self.budget.budget_bytes,
+            planned_bytes=self.budget.planned_bytes,
+            peak_device_bytes=peak,
+            layer_calls=self.step.layer_calls,
+            waves=self.step.waves,
+            evictions=self.cache.evictions,
+            prefetch_issued=self.cache.prefetch_issued,
+            prefetch_used=0 if prefetcher is None else prefetcher.used,
+            prefetch_late=0 if prefetcher is None else prefetcher.late,
+            prefetch_wasted=self.cache.prefetch_wasted,
+            stall_seconds=self.engine.stall_seconds,
+        )

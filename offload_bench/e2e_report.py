@@ -1,0 +1,101 @@
+"""The end-to-end benchmark's targets, judged from the rows it ran, and its printed and JSON output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+GB = 1e9
+
+
+FLOOR, LOOKAHEAD, PEER = (
+    "decode time per token <= 1.2 x floor",
+    "lookahead demand misses <= 0.5 x LRU's",
+    "decode tok/s >= 4 x accelerate's",
+)
+
+
+def targets(rows: list[dict[str, Any]], shapes: list[str]) -> list[dict[str, Any]]:
+    """Issue 5's targets, from the runs made, each with the numbers it was judged on."""
+    out: list[dict[str, Any]] = []
+    fields = ("shape", "target", "variant", "status", "value", "inputs", "caveats")
+    for shape in shapes:
+        mine = {r["variant"]: r for r in rows if r["shape"] == shape and r.get("status") == "ran"}
+        peer = next((r for r in rows if r["shape"] == shape and r["variant"] == "accelerate"), None)
+        add = lambda *values, shape=shape: out.append(dict(zip(fields, (shape, *values), strict=True)))  # noqa: E731
+        for variant in ("lru", "history", "lookahead"):
+            r = mine.get(variant)
+            if r is None:
+                continue
+            ratio = r["time_over_floor"]
+            inputs = dict(
+                s_per_token=r["s_per_token"],
+                demand_missed_bytes_per_token=r["demand_missed_bytes_per_token"],
+                floor_s_per_token=r["floor_s_per_token"],
+            )
+            status = "N/A" if ratio is None else "PASS" if ratio <= 1.2 else "FAIL"  # N/A: no demand miss
+            add(FLOOR, variant, status, ratio, inputs, r["notes"])
+            if peer is None:
+                continue
+            if peer.get("status") != "ran":
+                reason = peer.get("reason", peer.get("error", ""))
+                inputs = dict(ours_decode_tok_per_s=r["decode_tok_per_s"])
+                add(PEER, variant, "NOT RUN", None, inputs, [f"accelerate {peer.get('status')}: {reason}"])
+                continue
+            speedup = r["decode_tok_per_s"] / peer["decode_tok_per_s"]
+            inputs = dict(
+                ours_decode_tok_per_s=r["decode_tok_per_s"],
+                accelerate_decode_tok_per_s=peer["decode_tok_per_s"],
+                budget_bytes=r["budget_bytes"],
+                accelerate_cap_bytes=peer["cap_bytes"],
+            )
+            add(PEER, variant, "PASS" if speedup >= 4 else "FAIL", speedup, inputs, r["notes"])
+        if "lru" in mine and "lookahead" in mine:
+            a, b = mine["lru"]["decode"]["expert_misses"], mine["lookahead"]["decode"]["expert_misses"]
+            inputs = dict(
+                lru_demand_misses=a,
+                lookahead_demand_misses=b,
+                decode_tokens=mine["lru"]["decode_tokens"],
+                budget_bytes=mine["lru"]["budget_bytes"],
+            )
+            status = "N/A" if a == 0 else "PASS" if 2 * b <= a else "FAIL"
+            add(LOOKAHEAD, "lookahead", status, b / a if a else None, inputs, mine["lookahead"]["notes"])
+    return out
+
+
+def fmt(x: Any, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_row(r: dict[str, Any]) -> None:
+    head = f"  {r['shape']:14} {r['variant']:10}"
+    if r.get("status") != "ran":
+        print(f"{head} {r.get('status', '?').upper()}: {r.get('reason', r.get('error', ''))[:160]}")
+        return
+    speed = f"prefill {r['prefill_tok_per_s']:8.1f} tok/s  decode {r['decode_tok_per_s']:7.2f} tok/s"
+    if r["variant"] == "accelerate":
+        print(
+            f"{head} {speed}  copy ~{r['est_copy_gb_per_s']:.1f} GB/s est. ({100 * r['est_copy_fraction_of_peak']:.0f}% "
+            f"of peak)  {r['modules_offloaded']} modules offloaded  peak dev {r['peak_device_bytes'] / GB:.2f} GB"
+        )
+        return
+    d = r["decode"]
+    hit = None if d["hit_rate"] is None else 100 * d["hit_rate"]
+    frac = None if d["copy_fraction_of_peak"] is None else 100 * d["copy_fraction_of_peak"]
+    dev = fmt(r["peak_device_bytes"] and r["peak_device_bytes"] / GB, ".2f")
+    print(
+        f"{head} {speed}  hit {fmt(hit, '5.1f')}%  miss/tok {d['expert_misses'] / r['decode_tokens']:6.1f}  "
+        f"prefetch i/u/l/w {d['prefetch_issued']}/{d['prefetch_used']}/{d['prefetch_late']}/{d['prefetch_wasted']}"
+        f"  copy {fmt(d['copy_gb_per_s'], '.1f')} GB/s ({fmt(frac, '.0f')}% of peak)  stall "
+        f"{100 * r['stall_fraction']:.0f}%  time/floor {fmt(r['time_over_floor'], '.2f')}  peak dev {dev}/"
+        f"{r['budget_bytes'] / GB:.2f} GB"
+    )
+
+
+def write(path: Path, result: dict[str, Any]) -> None:
+    """Atomically, after every row: a run that dies later keeps what it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)

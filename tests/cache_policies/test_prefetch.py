@@ -1,0 +1,73 @@
+"""The prefetch protocol (cache_policies.prefetch), step by step: observe, guess only after single-wave
+accesses, reserve slots through the cache, and count used / late / wasted from what ``landed`` says."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from cache_policies import ExpertCache, Guess, Prefetcher, make_policy_factory
+
+
+class Scripted:
+    """A predictor that records what it saw and guesses what it is told."""
+
+    name = "scripted"
+
+    def __init__(self, guesses: dict[int, Guess | None]) -> None:
+        self.guesses = guesses
+        self.observed: list[tuple[int, tuple[int, ...]]] = []
+        self.asked: list[tuple[int, int, Any]] = []
+
+    def observe(self, layer: int, experts: Sequence[int]) -> None:
+        self.observed.append((layer, tuple(experts)))
+
+    def guess(self, layer: int, count: int, hint: Any) -> Guess | None:
+        self.asked.append((layer, count, hint))
+        return self.guesses.get(layer)
+
+
+def cache(capacity: int) -> ExpertCache:
+    return ExpertCache(2, 8, capacity, make_policy_factory("lru"), scope="global")
+
+
+def test_observe_guess_reserve_and_count() -> None:
+    c = cache(4)
+    predictor = Scripted({0: Guess(1, [5, 6]), 1: None})
+    prefetcher = Prefetcher(c, predictor, top_k=2)
+    plan = c.access(0, [0, 1])
+    prefetcher.settle(plan, landed=lambda e: True)
+    prefetch = prefetcher.after_access(0, [0, 1], plan, hint="hidden")
+    assert predictor.observed == [(0, (0, 1))] and predictor.asked == [(0, 2, "hidden")]
+    assert prefetch is not None and (prefetch.layer, prefetch.experts) == (1, [5, 6])
+    assert prefetcher.issued == 2 and c.slot_of(1, 5) is not None
+    plan = c.access(1, [5, 7])  # 5 was prefetched; its copy is still in flight: late
+    prefetcher.settle(plan, landed=lambda e: e != 5)
+    assert plan.prefetched == [5] and (prefetcher.used, prefetcher.late) == (0, 1)
+    assert prefetcher.after_access(1, [5, 7], plan) is None  # the predictor had nothing for layer 1
+    plan = c.access(0, [2, 3])  # evicts the unused prefetch of (1, 6) among others
+    assert prefetcher.wasted == 1
+
+
+def test_no_guess_after_a_multi_wave_access_and_nothing_to_copy_is_none() -> None:
+    c = cache(2)
+    predictor = Scripted({0: Guess(1, [0])})
+    prefetcher = Prefetcher(c, predictor, top_k=2)
+    plan = c.access(0, [0, 1, 2])  # three experts, two slots: two waves
+    assert len(plan.waves) == 2
+    assert prefetcher.after_access(0, [0, 1, 2], plan) is None
+    assert predictor.observed == [(0, (0, 1, 2))] and predictor.asked == []  # observed, never asked
+    plan = c.access(1, [0])
+    prefetcher.settle(plan, landed=None)  # no copy timing known: nothing counts as late
+    predictor.guesses = {1: Guess(1, [0])}  # already resident: nothing to copy
+    assert prefetcher.after_access(1, [0], plan) is None and prefetcher.issued == 0
+
+
+def test_used_in_time() -> None:
+    c = cache(4)
+    prefetcher = Prefetcher(c, Scripted({0: Guess(1, [3])}), top_k=1)
+    plan = c.access(0, [0])
+    prefetcher.after_access(0, [0], plan)
+    plan = c.access(1, [3])
+    prefetcher.settle(plan, landed=lambda e: True)
+    assert (prefetcher.issued, prefetcher.used, prefetcher.late, prefetcher.wasted) == (1, 1, 0, 0)

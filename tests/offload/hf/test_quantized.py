@@ -1,0 +1,170 @@
+"""Quantized checkpoints: MXFP4 (gpt-oss) and fine-grained FP8 load dequantized; other methods are refused.
+
+The checkpoints are written here, in the on-disk formats transformers reads, from models whose weights are
+exactly representable in the format: dequantizing is then lossless, and the offloaded model is compared
+with the original full-precision model itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+import offload
+from offload.hf.install import runtime_of
+from tests.tiny_models import tiny_config
+
+FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def fp4_representable(
+    shape: tuple[int, ...], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random FP4 codes [..., cols] and one power-of-two exponent per 32 columns, and their values."""
+    codes = torch.randint(0, 16, shape, generator=generator, dtype=torch.uint8)
+    exponents = torch.randint(-6, -3, (*shape[:-1], shape[-1] // 32), generator=generator)
+    values = FP4[codes.long()] * torch.exp2(exponents.float()).repeat_interleave(32, dim=-1)
+    return codes, exponents, values
+
+
+def pack_mxfp4(codes: torch.Tensor, exponents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., rows, cols] codes -> blocks [..., rows, cols/32, 16] (two codes a byte, low nibble first) and
+    scales [..., rows, cols/32] (exponent + 127), as in gpt-oss checkpoints."""
+    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 32, 16, 2)
+    blocks = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+    return blocks, (exponents + 127).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_mxfp4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, transformers.PreTrainedModel]:
+    config = tiny_config("gpt_oss")
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(config).to(torch.bfloat16).eval()
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                # Stored [E, in, out]; the checkpoint quantizes [E, out, in] rows along `in`.
+                codes, exponents, values = fp4_representable(param.transpose(1, 2).shape, generator)
+                param.copy_(values.transpose(1, 2))
+                tensors[name + "_blocks"], tensors[name + "_scales"] = pack_mxfp4(codes, exponents)
+            else:
+                tensors[name] = param.detach().clone().contiguous()
+    path = tmp_path_factory.mktemp("mxfp4")
+    save_file(tensors, path / "model.safetensors")
+    saved = config.to_dict()
+    saved["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": None}
+    saved["dtype"] = "bfloat16"
+    (path / "config.json").write_text(json.dumps(saved))
+    return path, model
+
+
+def test_mxfp4_experts_load_dequantized(gpt_oss_mxfp4: tuple[Path, transformers.PreTrainedModel]) -> None:
+    path, original = gpt_oss_mxfp4
+    default = offload.from_pretrained(path, vram_budget="1GB", device="cpu", max_context=64, progress=False)
+    assert runtime_of(default).survey.layout.dtype == torch.bfloat16  # the dtype gpt-oss was quantized from
+    # Compared in fp32, where the dequantized bf16 values are exact, so only summation order differs.
+    model = offload.from_pretrained(
+        path, vram_budget="1GB", device="cpu", dtype="fp32", max_context=64, progress=False
+    )
+    original = original.float()
+    runtime = runtime_of(model)
+    assert (
+        getattr(model.config, "quantization_config", None) is None
+    )  # dequantized: nothing quantized remains
+    for layer, name in enumerate(runtime.survey.layer_names):
+        experts = original.get_submodule(name)
+        for e in range(experts.num_experts):
+            views = runtime.store.views(layer, e)
+            # canonical gate_up: [gate; up] de-interleaved from gpt-oss's alternating columns, [out, in]
+            gate_up = experts.gate_up_proj[e].t()
+            assert torch.equal(views["gate_up"], torch.cat((gate_up[0::2], gate_up[1::2])))
+            assert torch.equal(views["down"], experts.down_proj[e].t())
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=5, do_sample=False),
+        original.generate(ids, max_new_tokens=5, do_sample=False),
+    )
+
+
+def fp8_representable(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """e4m3 codes, per-block inverse scales, and the exact values they stand for (fine-grained FP8)."""
+    out, inp = weight.shape
+    rows, cols = -(-out // block), -(-inp // block)
+    padded = torch.zeros(rows * block, cols * block)
+    padded[:out, :inp] = weight.float()
+    tiles = padded.view(rows, block, cols, block)
+    scale_inv = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-8) / 448.0  # [rows, cols]
+    codes = (tiles / scale_inv[:, None, :, None]).to(torch.float8_e4m3fn)
+    values = (codes.float() * scale_inv[:, None, :, None]).view(rows * block, cols * block)[:out, :inp]
+    return codes.view(rows * block, cols * block)[:out, :inp].contiguous(), scale_inv, values
+
+
+def test_fine_grained_fp8_loads_dequantized(tmp_path: Path) -> None:
+    block = 16
+    config = tiny_config("qwen3_moe")
+    torch.manual_seed(0)
+    original = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    original.save_pretrained(tmp_path / "full")  # per-expert keys, as hub checkpoints store them
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "full" / "model.safetensors")
+    quantized = {}
+    for key, value in tensors.items():
+        is_linear = (
+            key.endswith(".weight") and value.dim() == 2 and ("experts." in key or "self_attn." in key)
+        )
+        if not is_linear or key.endswith("norm.weight"):
+            quantized[key] = value
+            continue
+        codes, scale_inv, values = fp8_representable(value, block)
+        quantized[key] = codes
+        quantized[key.removesuffix("weight") + "weight_scale_inv"] = scale_inv
+        tensors[key] = values  # the exactly representable weights the original model will use
+    # The reference: the same model with the exactly representable weights, loaded as transformers does.
+    save_file(tensors, tmp_path / "full" / "model.safetensors")
+    original = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "full", dtype=torch.float32
+    ).eval()
+    path = tmp_path / "fp8"
+    path.mkdir()
+    save_file(quantized, path / "model.safetensors")
+    saved = json.loads((tmp_path / "full" / "config.json").read_text())
+    saved["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [block, block],
+    }
+    (path / "config.json").write_text(json.dumps(saved))
+
+    model = offload.from_pretrained(
+        path, vram_budget="1GB", device="cpu", dtype="fp32", max_context=64, progress=False
+    )
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=5, do_sample=False),
+        original.generate(ids, max_new_tokens=5, do_sample=False),
+    )
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "compressed-tensors"])
+def test_other_quantization_methods_are_refused(method: str, tmp_path: Path) -> None:
+    config = tiny_config("mixtral")
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["quantization_config"] = {"quant_method": method, "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(offload.UnsupportedModelError, match=f"quantized with '{method}'"):
+        offload.from_pretrained(tmp_path, vram_budget="1GB", device="cpu", progress=False)

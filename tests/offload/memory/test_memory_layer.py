@@ -1,0 +1,170 @@
+"""Layout, host store, slot pool and copy engines: every variant lands in one canonical format, byte-exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload.memory.copy_engines import CudaCopyEngine, SyncCopyEngine, make_copy_engine
+from offload.memory.host_store import HostExpertStore
+from offload.memory.layout import ALIGN, ExpertLayout
+from offload.memory.slot_pool import SlotPool
+
+E, H, I = 3, 8, 5  # noqa: E741 - experts, hidden, intermediate (odd sizes: padding must be right)
+
+
+def reference_fields(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Canonical per-expert tensors, [E, ...], with distinct values everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "gate": torch.randn(E, I, H, generator=g),
+        "up": torch.randn(E, I, H, generator=g),
+        "down": torch.randn(E, H, I, generator=g),
+        "gate_bias": torch.randn(E, I, generator=g),
+        "up_bias": torch.randn(E, I, generator=g),
+        "down_bias": torch.randn(E, H, generator=g),
+    }
+
+
+def hf_tensors(
+    ref: dict[str, torch.Tensor], has_gate: bool, concatenated: bool, transposed: bool, bias: bool
+):
+    """What a transformers experts module of that variant holds."""
+    if has_gate and concatenated:
+        gate_up = torch.cat((ref["gate"], ref["up"]), dim=1)  # [E, 2I, H]
+        gate_up_bias = torch.cat((ref["gate_bias"], ref["up_bias"]), dim=1)
+    elif has_gate:  # interleaved rows: gate0, up0, gate1, up1, ...
+        gate_up = torch.stack((ref["gate"], ref["up"]), dim=2).reshape(E, 2 * I, H)
+        gate_up_bias = torch.stack((ref["gate_bias"], ref["up_bias"]), dim=2).reshape(E, 2 * I)
+    else:
+        gate_up, gate_up_bias = ref["up"], ref["up_bias"]
+    down = ref["down"]
+    if transposed:
+        gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+    first = "gate_up_proj" if has_gate else "up_proj"
+    out = {first: gate_up, "down_proj": down}
+    if bias:
+        out[first + "_bias"] = gate_up_bias
+        out["down_proj_bias"] = ref["down_bias"]
+    return out
+
+
+VARIANTS = [
+    # has_gate, concatenated, transposed, bias
+    (True, True, False, False),  # Mixtral, Qwen, OLMoE, DeepSeek
+    (True, False, True, True),  # gpt-oss
+    (True, True, True, True),  # openai privacy filter
+    (False, True, False, False),  # Nemotron-H (no gate)
+]
+
+
+@pytest.mark.parametrize(("has_gate", "concatenated", "transposed", "bias"), VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_every_variant_packs_to_the_canonical_layout(has_gate, concatenated, transposed, bias, dtype) -> None:
+    ref = reference_fields()
+    layout = ExpertLayout(
+        H, I, has_gate, bias, dtype, source_concatenated=concatenated, source_transposed=transposed
+    )
+    store = HostExpertStore(layout, num_layers=2, num_experts=E, pin=False)
+    store.fill_layer(1, hf_tensors(ref, has_gate, concatenated, transposed, bias))
+    for e in range(E):
+        views = store.views(1, e)
+        gate_up = torch.cat((ref["gate"][e], ref["up"][e])) if has_gate else ref["up"][e]
+        assert torch.equal(views["gate_up"], gate_up.to(dtype))
+        assert torch.equal(views["down"], ref["down"][e].to(dtype))
+        if bias:
+            gate_up_bias = (
+                torch.cat((ref["gate_bias"][e], ref["up_bias"][e])) if has_gate else ref["up_bias"][e]
+            )
+            assert torch.equal(views["gate_up_bias"], gate_up_bias.to(dtype))
+            assert torch.equal(views["down_bias"], ref["down_bias"][e].to(dtype))
+        else:
+            assert set(views) == {"gate_up", "down"}
+    with pytest.raises(RuntimeError, match="not been loaded"):
+        store.expert(0, 0)
+
+
+def test_fields_are_aligned_and_padded() -> None:
+    layout = ExpertLayout(H, I, True, True, torch.float16)
+    assert all(f.offset % ALIGN == 0 for f in layout.fields)
+    assert layout.nbytes % ALIGN == 0
+    assert layout.payload_bytes == (2 * I * H + H * I + 2 * I + H) * 2 <= layout.nbytes
+
+
+def test_wrong_shapes_are_refused() -> None:
+    layout = ExpertLayout(H, I, True, False, torch.float32)
+    bad = hf_tensors(reference_fields(), True, True, False, False)
+    bad["down_proj"] = bad["down_proj"][:, :, :-1]
+    with pytest.raises(ValueError, match="down"):
+        layout.canonicalize(bad)
+
+
+def _store_and_pool(device: str, slots: int = 4) -> tuple[HostExpertStore, SlotPool]:
+    layout = ExpertLayout(H, I, True, True, torch.bfloat16)
+    store = HostExpertStore(layout, num_layers=1, num_experts=E, pin=device == "cuda")
+    store.fill_layer(0, hf_tensors(reference_fields(), True, True, False, True))
+    return store, SlotPool(layout, slots, torch.device(device))
+
+
+def test_sync_engine_copies_bytes_exactly() -> None:
+    store, pool = _store_and_pool("cpu")
+    engine = make_copy_engine(pool)
+    assert isinstance(engine, SyncCopyEngine)
+    engine.load([(3, store.expert(0, 2)), (0, store.expert(0, 1))])
+    assert torch.equal(pool.slot(3), store.expert(0, 2))
+    assert torch.equal(pool.slot(0), store.expert(0, 1))
+    assert engine.bytes_copied == 2 * pool.layout.nbytes and engine.copies == 2
+    # Typed pool views alias the raw bytes: a kernel indexing by slot sees the copied expert.
+    assert torch.equal(pool.field("down")[3], store.views(0, 2)["down"])
+    assert pool.field("gate_up").data_ptr() == pool.data.data_ptr()
+
+
+@pytest.mark.gpu
+def test_cuda_engine_copies_on_its_stream_and_orders_reuse() -> None:
+    store, pool = _store_and_pool("cuda", slots=2)
+    assert store.expert(0, 0).is_pinned()
+    engine = make_copy_engine(pool)
+    assert isinstance(engine, CudaCopyEngine)
+    engine.load([(0, store.expert(0, 0)), (1, store.expert(0, 1))])
+    engine.acquire([0, 1])
+    seen = pool.field("down")[:2].float().sum()  # compute on the default stream, after the events
+    engine.release([0, 1])
+    engine.load([(0, store.expert(0, 2))])  # waits for the read above before overwriting slot 0
+    engine.acquire([0])
+    torch.cuda.synchronize()
+    expected = store.views(0, 0)["down"].float().sum() + store.views(0, 1)["down"].float().sum()
+    assert torch.allclose(seen.cpu(), expected, rtol=1e-3)
+    assert torch.equal(pool.slot(0).cpu(), store.expert(0, 2))
+    assert engine.copy_seconds > 0
+
+
+def test_mapped_buffers_are_exact_page_aligned_and_zeroed() -> None:
+    from offload.memory.host_memory import mapped_zeros
+
+    buffer = mapped_zeros(3 * 4096 + 5)
+    assert buffer.numel() == 3 * 4096 + 5 and buffer.dtype == torch.uint8
+    assert buffer.data_ptr() % 4096 == 0
+    assert not buffer.any()
+    buffer[-1] = 7  # writable
+    assert buffer[-1] == 7
+
+
+@pytest.mark.gpu
+def test_pinned_store_is_exact_size_and_copies_asynchronously() -> None:
+    """torch's pin_memory rounds up to a power of two; the store's pinned layers must not."""
+    layout = ExpertLayout(4096, 4100, True, False, torch.bfloat16)  # 3 experts of ~100 MB: not a power of two
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0)
+    store = HostExpertStore(layout, num_layers=1, num_experts=3, pin=True)
+    ref = {
+        "gate_up_proj": torch.randn(3, 2 * 4100, 4096, dtype=torch.bfloat16),
+        "down_proj": torch.randn(3, 4096, 4100, dtype=torch.bfloat16),
+    }
+    store.fill_layer(0, ref)
+    buffer = store.expert(0, 0)
+    assert buffer.is_pinned()
+    grown = torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0) - before
+    assert grown == 0  # registered, not taken from torch's (rounding) caching host allocator
+    pool = SlotPool(layout, 1, torch.device("cuda"))
+    pool.slot(0).copy_(buffer, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(pool.field("down")[0].cpu(), ref["down_proj"][0])

@@ -1,0 +1,107 @@
+"""The layer step's stages in their order: demand copies are issued before the prefetch guess, the prefetch's
+copies queue behind them, and compute waits for exactly each wave's slots; results equal a one-shot compute."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from cache_policies import ExpertCache, Guess, Prefetcher, make_policy_factory
+from offload.kernels import ExpertActivation, RoutedTokens, expert_pairs_torch
+from offload.kernels.activation import GateTimesUp
+from offload.memory.copy_engines import SyncCopyEngine
+from offload.memory.host_store import HostExpertStore
+from offload.memory.layout import ExpertLayout
+from offload.memory.slot_pool import SlotPool
+from offload.runtime.layer_step import LayerStep
+
+LAYERS, EXPERTS, H, I = 2, 6, 8, 4  # noqa: E741
+LAYOUT = ExpertLayout(H, I, True, False, torch.float32)
+ACTIVATION = ExpertActivation("silu", True, GateTimesUp(torch.nn.functional.silu))
+
+
+class LoggingEngine(SyncCopyEngine):
+    def __init__(self, pool: SlotPool, log: list[tuple[str, Any]]) -> None:
+        super().__init__(pool)
+        self.log = log
+
+    def load(self, loads: Sequence[tuple[int, torch.Tensor]]) -> None:
+        self.log.append(("load", [slot for slot, _ in loads]))
+        super().load(loads)
+
+    def acquire(self, slots: Sequence[int]) -> None:
+        self.log.append(("acquire", list(slots)))
+
+    def release(self, slots: Sequence[int]) -> None:
+        self.log.append(("release", list(slots)))
+
+
+class NextLayerGuess:
+    name = "scripted"
+
+    def __init__(self, log: list[tuple[str, Any]]) -> None:
+        self.log = log
+
+    def observe(self, layer: int, experts: Sequence[int]) -> None:
+        pass
+
+    def guess(self, layer: int, count: int, hint: Any) -> Guess | None:
+        self.log.append(("guess", layer))
+        return Guess(layer + 1, [4, 5]) if layer + 1 < LAYERS else None
+
+
+def build(slots: int) -> tuple[LayerStep, list[tuple[str, Any]], HostExpertStore]:
+    log: list[tuple[str, Any]] = []
+    store = HostExpertStore(LAYOUT, LAYERS, EXPERTS, pin=False)
+    g = torch.Generator().manual_seed(0)
+    for layer in range(LAYERS):
+        store.fill_layer(
+            layer,
+            {
+                "gate_up_proj": torch.randn(EXPERTS, 2 * I, H, generator=g),
+                "down_proj": torch.randn(EXPERTS, H, I, generator=g),
+            },
+        )
+    pool = SlotPool(LAYOUT, slots, torch.device("cpu"))
+    cache = ExpertCache(LAYERS, EXPERTS, slots, make_policy_factory("lru"))
+    step = LayerStep(cache, store, pool, LoggingEngine(pool, log), expert_pairs_torch, EXPERTS)
+    step.prefetcher = Prefetcher(cache, NextLayerGuess(log), top_k=2)
+    return step, log, store
+
+
+def reference(store: HostExpertStore, layer: int, hidden, index, weights) -> torch.Tensor:
+    """Every expert of the layer resident in its own slot, computed at once."""
+    pool = SlotPool(LAYOUT, EXPERTS, torch.device("cpu"))
+    for e in range(EXPERTS):
+        pool.slot(e).copy_(store.expert(layer, e))
+    routed = RoutedTokens.build(hidden, index, weights, EXPERTS)
+    out = torch.zeros(index.numel(), H)
+    expert_pairs_torch(routed, routed.experts, routed.experts, pool, ACTIVATION, out)
+    return out.view(*index.shape, H).sum(1)
+
+
+def test_single_wave_order() -> None:
+    step, log, store = build(slots=4)
+    hidden = torch.randn(1, H)
+    index, weights = torch.tensor([[2, 0]]), torch.tensor([[0.7, 0.3]])
+    out = step(0, ACTIVATION, hidden, index, weights)
+    assert log == [
+        ("load", [0, 1]),  # demand: experts 0 and 2, ascending, into the free slots
+        ("guess", 0),  # only then is the next layer predicted
+        ("load", [2, 3]),  # its copies queue behind the demand copies
+        ("acquire", [0, 1]),
+        ("release", [0, 1]),
+    ]
+    assert torch.equal(out, reference(store, 0, hidden, index, weights))
+
+
+def test_waves_guess_once_after_the_first_waves_copies() -> None:
+    step, log, store = build(slots=2)
+    hidden = torch.randn(3, H)
+    index, weights = torch.tensor([[0, 1], [2, 3], [0, 3]]), torch.full((3, 2), 0.5)
+    out = step(0, ACTIVATION, hidden, index, weights)  # four experts, two slots: two waves
+    assert [entry[0] for entry in log] == ["load", "acquire", "release", "load", "acquire", "release"]
+    assert step.waves == 2 and step.layer_calls == 1  # a multi-wave access is never followed by a guess
+    assert torch.equal(out, reference(store, 0, hidden, index, weights))  # waves never change results

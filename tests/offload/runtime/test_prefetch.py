@@ -1,0 +1,171 @@
+"""Prefetch and copy/compute overlap never change results; the counters add up; the copy engine keeps its rules.
+
+Copies run on a worker thread with random delays injected before each one, so the interleavings of copies
+and compute vary from run to run; the outputs must not.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import offload
+from cache_policies import ONLINE_POLICIES
+from offload.hf.install import runtime_of
+from offload.memory.copy_engines import ThreadedCopyEngine, injected_copy_delays
+from offload.memory.layout import ExpertLayout
+from offload.memory.slot_pool import SlotPool
+from offload.runtime.router_predictors import LookaheadPredictor
+from tests.helpers import load, prompt, slot_counts
+
+DELAY = (0.0, 0.0005)  # seconds before each copy, drawn at random
+NEW_TOKENS = 6
+
+
+def run(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = prompt("cpu")
+    with torch.no_grad():
+        logits = model(ids).logits
+    return logits, model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def resident(tiny_checkpoints: dict[str, Path]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The all-resident run of each architecture, demand paging, synchronous copies."""
+    out = {}
+    for arch in ("mixtral", "qwen3_moe"):
+        path = tiny_checkpoints[arch]
+        out[arch] = run(load(path, slot_counts(path)["all"], "cpu"))
+    return out
+
+
+@pytest.mark.parametrize("prefetch", ["none", "history", "lookahead"])
+@pytest.mark.parametrize("policy", ONLINE_POLICIES)
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_outputs_equal_all_resident_under_random_copy_delays(
+    arch: str,
+    policy: str,
+    prefetch: str,
+    tiny_checkpoints: dict[str, Path],
+    resident: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    tmp_path: Path,
+) -> None:
+    path = tiny_checkpoints[arch]
+    options: dict = {"prefetch": prefetch, "copy_engine": "threaded", "seed": 3}
+    if policy == "static":
+        profiled = load(path, slot_counts(path)["all"], "cpu", record_trace=True)
+        run(profiled)
+        options["static_profile"] = str(offload.routing_trace(profiled).save(tmp_path / "profile.npz"))
+    expected_logits, expected_tokens = resident[arch]
+    for budget in ("top_k", "quarter"):  # where slots are scarce: waves, evictions, wasted prefetches
+        with injected_copy_delays(*DELAY, seed=3):
+            model = load(path, slot_counts(path)[budget], "cpu", policy=policy, **options)
+        assert isinstance(runtime_of(model).engine, ThreadedCopyEngine)
+        logits, tokens = run(model)
+        assert torch.equal(logits, expected_logits), f"{arch} {policy} {prefetch} {budget}: logits changed"
+        assert torch.equal(tokens, expected_tokens), f"{arch} {policy} {prefetch} {budget}: tokens changed"
+        stats = offload.stats(model)
+        assert stats.prefetch_used + stats.prefetch_late <= stats.prefetch_issued
+        assert stats.prefetch_wasted <= stats.prefetch_issued
+        if prefetch == "none":
+            assert stats.prefetch_issued == 0
+        offload.close(model)
+
+
+@pytest.mark.parametrize("prefetch", ["history", "lookahead"])
+def test_prefetch_counters(prefetch: str, tiny_checkpoints: dict[str, Path]) -> None:
+    path = tiny_checkpoints["qwen3_moe"]  # 16 experts, top-4, 3 layers: 48 experts, cache of a half
+    model = load(path, slot_counts(path)["half"], "cpu", prefetch=prefetch, copy_engine="threaded")
+    run(model)
+    stats = offload.stats(model)
+    assert stats.prefetch_issued > 0
+    assert stats.prefetch_used + stats.prefetch_late > 0  # some predictions were right
+    copies = stats.expert_misses + stats.prefetch_issued  # demand misses only, plus prefetches
+    assert stats.bytes_host_to_device == copies * runtime_of(model).survey.layout.nbytes
+    assert stats.expert_hits + stats.expert_misses == stats.expert_uses  # prefetch adds no expert use
+
+
+def test_lookahead_predicts_the_next_layer_from_its_router(tiny_checkpoints: dict[str, Path]) -> None:
+    """The prediction for layer l+1 is layer l+1's own router applied to layer l's MoE input."""
+    path = tiny_checkpoints["mixtral"]
+    model = load(path, slot_counts(path)["all"], "cpu", prefetch="lookahead")
+    runtime = runtime_of(model)
+    hidden = torch.randn(5, 32)
+    predictor = runtime.predictor
+    assert isinstance(predictor, LookaheadPredictor)
+    ids = predictor.router_ids(0, hidden)
+    _, _, expected = model.model.layers[1].mlp.gate(hidden)
+    assert torch.equal(ids, expected)
+    guess = predictor.guess(0, 2, hidden)
+    assert (
+        guess is not None and guess.layer == 1 and guess.experts == sorted(set(expected.flatten().tolist()))
+    )
+    assert predictor.router_ids(runtime.survey.num_layers - 1, hidden) is None
+    assert predictor.guess(runtime.survey.num_layers - 1, 2, hidden) is None
+
+
+def test_lookahead_leaves_router_logits_output_alone(tiny_checkpoints: dict[str, Path]) -> None:
+    """Calling the next router early must not add entries to HF's recorded router logits."""
+    path = tiny_checkpoints["mixtral"]
+    plain = load(path, slot_counts(path)["all"], "cpu")
+    ahead = load(path, slot_counts(path)["all"], "cpu", prefetch="lookahead")
+    with torch.no_grad():
+        a = plain(prompt("cpu"), output_router_logits=True).router_logits
+        b = ahead(prompt("cpu"), output_router_logits=True).router_logits
+    assert len(a) == len(b) == 3
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_threaded_engine_waits_for_copies_and_for_readers() -> None:
+    layout = ExpertLayout(8, 4, True, False, torch.float32)
+    pool = SlotPool(layout, 2, torch.device("cpu"))
+    engine = ThreadedCopyEngine(pool, delay=(0.02, 0.02))
+    first = torch.full((layout.nbytes,), 1, dtype=torch.uint8)
+    second = torch.full((layout.nbytes,), 2, dtype=torch.uint8)
+    engine.load([(0, first)])
+    assert not engine.landed(0)  # 20 ms before the copy starts
+    engine.acquire([0])  # waits for it
+    assert engine.landed(0) and torch.equal(pool.slot(0), first)
+    assert engine.stall_seconds >= 0.015
+    engine.load([(0, second)])  # slot 0 is held by a reader: the copy must wait for release
+    time.sleep(0.1)
+    assert torch.equal(pool.slot(0), first), "a slot was overwritten while compute held it"
+    engine.release([0])
+    engine.synchronize()
+    assert torch.equal(pool.slot(0), second)
+    assert engine.copies == 2 and engine.bytes_copied == 2 * layout.nbytes
+    engine.close()
+    assert not any(
+        t.name == "offload-copy" and t.is_alive() and t is engine._worker for t in threading.enumerate()
+    )
+
+
+def test_bad_prefetch_options(tiny_checkpoints: dict[str, Path]) -> None:
+    path = tiny_checkpoints["mixtral"]
+    with pytest.raises(offload.OffloadError, match="prefetch must be one of"):
+        load(path, 4, "cpu", prefetch="oracle")
+    with pytest.raises(offload.OffloadError, match="copy_engine"):
+        load(path, 4, "cpu", copy_engine="dma")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", ["none", "history", "lookahead"])
+def test_cuda_copy_stream_prefetch_equals_all_resident(
+    prefetch: str, tiny_checkpoints: dict[str, Path]
+) -> None:
+    path = tiny_checkpoints["qwen3_moe"]
+    ids = prompt("cuda")
+    resident = load(path, slot_counts(path)["all"], "cuda")
+    model = load(path, slot_counts(path)["top_k"], "cuda", prefetch=prefetch)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, resident(ids).logits)
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False),
+        resident.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False),
+    )
+    stats = offload.stats(model)
+    assert stats.copy_seconds > 0 and stats.stall_seconds >= 0

@@ -1,0 +1,90 @@
+"""offload.close(model): the copy thread or stream, the slots and the (pinned) host store go at once, and the
+model says so if used afterwards. And the routing override hook, installed and removed from the API."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+import offload
+from offload.hf.install import runtime_of
+from offload.memory.copy_engines import ThreadedCopyEngine
+from tests.helpers import load, prompt, slot_counts
+
+
+def copy_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "offload-copy" and t.is_alive()]
+
+
+def test_close_releases_thread_slots_and_host_store(mixtral_checkpoint: Path) -> None:
+    before = len(copy_threads())
+    model = load(mixtral_checkpoint, slot_counts(mixtral_checkpoint)["quarter"], "cpu", prefetch="history")
+    runtime = runtime_of(model)
+    assert isinstance(runtime.engine, ThreadedCopyEngine) and len(copy_threads()) == before + 1
+    with torch.no_grad():
+        expected = model(prompt("cpu")).logits
+    buffers = [
+        weakref.ref(runtime.store.expert(layer, 0)._base) for layer in range(runtime.survey.num_layers)
+    ]
+    pool = weakref.ref(runtime.pool.data)
+    offload.close(model)
+    gc.collect()
+    assert len(copy_threads()) == before, "the copy thread outlived close()"
+    assert all(ref() is None for ref in buffers), "a host store buffer is still alive"
+    assert pool() is None and runtime.pool.nbytes == 0
+    assert not runtime.store.complete and runtime.store.nbytes == 0
+    with pytest.raises(offload.OffloadError, match=r"closed by offload\.close"):
+        model(prompt("cpu"))
+    offload.close(model)  # twice: nothing left to release, no error
+    stats = offload.stats(model)  # the counters stay readable
+    assert stats.expert_hits + stats.expert_misses > 0 and expected.isfinite().all()
+
+
+def test_close_needs_an_offloaded_model() -> None:
+    with pytest.raises(offload.OffloadError, match="not offloaded"):
+        offload.close(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.gpu
+def test_close_unpins_the_host_store(mixtral_checkpoint: Path) -> None:
+    model = load(mixtral_checkpoint, slot_counts(mixtral_checkpoint)["quarter"], "cuda", prefetch="history")
+    runtime = runtime_of(model)
+    with torch.no_grad():
+        model(prompt("cuda"))
+    view = runtime.store.expert(0, 0)  # keeps the memory map alive past close(): only the pinning goes
+    assert view.is_pinned()
+    offload.close(model)
+    assert not view.is_pinned()
+    assert runtime.pool.nbytes == 0
+
+
+def test_routing_override_replaces_the_choices_and_can_be_removed(mixtral_checkpoint: Path) -> None:
+    """Every token forced onto experts 0 and 1: the cache and the recorder see exactly those; None restores
+    the model's own routing (the same logits as a model never overridden)."""
+    path = mixtral_checkpoint
+    plain = load(path, slot_counts(path)["all"], "cpu")
+    model = load(path, slot_counts(path)["all"], "cpu", record_trace=True)
+    calls: list[int] = []
+
+    def first_two(
+        layer: int, index: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(layer)
+        return torch.tensor([0, 1]).expand_as(index).contiguous(), weights
+
+    offload.override_routing(model, first_two)
+    with torch.no_grad():
+        forced = model(prompt("cpu")).logits
+    trace = offload.routing_trace(model)
+    assert calls == list(range(runtime_of(model).survey.num_layers))
+    assert {tuple(sorted(row)) for row in trace.step_ids(0).reshape(-1, 2).tolist()} == {(0, 1)}
+    assert offload.stats(model).expert_misses == 2 * len(calls)  # only experts 0 and 1 were ever needed
+    offload.override_routing(model, None)
+    with torch.no_grad():
+        own, reference = model(prompt("cpu")).logits, plain(prompt("cpu")).logits
+    assert torch.equal(own, reference) and not torch.equal(forced, reference)

@@ -1,0 +1,173 @@
+"""bench/e2e.py's CPU smoke run end to end: every row and target is there, and its numbers add up.
+
+The smoke run's timings mean nothing; what is checked is the bookkeeping a GPU run relies on: counters that
+account for every expert use and every byte copied, the floor computed from the reported bytes and
+bandwidth, and targets that carry the numbers they were judged on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers import ROOT
+
+BENCH = ROOT / "bench" / "e2e.py"
+# smoke shape: whether its routing is forced from the shared OLMoE trace
+SHAPES = {"mixtral-tiny": False, "qwen3-tiny": False, "olmoe-tiny": True}
+OURS = ("lru", "history", "lookahead")
+
+
+def close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("e2e") / "smoke.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def rows_of(result: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(r["shape"], r["variant"]): r for r in result["rows"]}
+
+
+def test_smoke_is_labelled_and_records_the_run(smoke: tuple[dict[str, Any], str]) -> None:
+    result, stdout = smoke
+    assert result["smoke"] is True and result["complete"] is True
+    assert "CPU smoke run: not performance" in result["what"]
+    assert result["command"].startswith("python bench/e2e.py --smoke --out ")
+    assert result["device"].startswith("cpu")
+    assert {"torch", "transformers", "accelerate", "cuda"} <= set(result["versions"])
+    assert result["versions"]["torch"] == torch.__version__
+    assert result["date"] and result["h2d_peak"]["bytes_per_s"] > 0
+    assert "not performance" in result["h2d_peak"]["how"]
+    assert set(result["shapes"]) == set(SHAPES)
+    olmoe = result["shapes"]["olmoe-tiny"]
+    assert (olmoe["moe_layers"], olmoe["experts_per_layer"], olmoe["top_k"]) == (16, 64, 8)  # the trace's
+    for name, forced in SHAPES.items():
+        assert result["shapes"][name]["routing"].startswith("forced" if forced else "random")
+        assert "truncated" not in result["shapes"][name]["host_plan"]
+    assert "wrote" in stdout and stdout.count("olmoe-tiny") >= 4  # a table line per row
+
+
+def test_every_variant_has_a_row(smoke: tuple[dict[str, Any], str]) -> None:
+    result, _ = smoke
+    rows = rows_of(result)
+    assert len(rows) == len(result["rows"]) == len(SHAPES) * 4
+    for shape in SHAPES:
+        for variant in OURS:
+            assert rows[shape, variant]["status"] == "ran", rows[shape, variant]
+        peer = rows[shape, "accelerate"]
+        assert peer["status"] == "skipped" and "GPU" in peer["reason"]  # the stated reason
+        assert peer["model_bytes"] > 0  # the random-weight model was built all the same
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_counters_account_for_every_use_and_byte(smoke: tuple[dict[str, Any], str], shape: str) -> None:
+    result, _ = smoke
+    rows = rows_of(result)
+    peak = result["h2d_peak"]["bytes_per_s"]
+    for variant in OURS:
+        r = rows[shape, variant]
+        d = r["decode"]
+        # Decode: one token per step, so every layer uses exactly top-k distinct experts per token.
+        uses = r["decode_tokens"] * r["layers"] * r["top_k"]
+        assert d["expert_hits"] + d["expert_misses"] == d["expert_uses"] == uses
+        assert close(d["hit_rate"], d["expert_hits"] / uses)
+        assert d["layer_calls"] == r["decode_tokens"] * r["layers"]
+        # Every copy is one expert, for a demand miss or a prefetch.
+        for phase in (r["decode"], r["prefill"]):
+            copied = phase["expert_misses"] + phase["prefetch_issued"]
+            assert phase["bytes_host_to_device"] == copied * r["expert_bytes"]
+            assert phase["prefetch_used"] + phase["prefetch_late"] <= phase["prefetch_issued"]
+            assert phase["prefetch_wasted"] <= phase["prefetch_issued"]
+            assert close(phase["copy_gb_per_s"], phase["bytes_host_to_device"] / phase["copy_seconds"] / 1e9)
+            assert close(phase["copy_fraction_of_peak"], phase["copy_gb_per_s"] * 1e9 / peak)
+        if variant == "lru":
+            assert d["prefetch_issued"] == 0 and r["prefetch"] == "none"
+        else:
+            assert d["prefetch_issued"] > 0 and r["prefetch"] == variant
+        assert r["slots"] < r["total_experts"] == r["layers"] * r["experts_per_layer"]
+        assert r["planned_bytes"] <= r["budget_bytes"]
+        assert r["peak_device_bytes"] is None and r["within_budget"] is None  # CPU: no device memory to read
+        assert r["freed"] is True  # the model was gone before the next one was built
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_floor_and_rates_follow_from_the_reported_numbers(
+    smoke: tuple[dict[str, Any], str], shape: str
+) -> None:
+    result, _ = smoke
+    rows = rows_of(result)
+    peak = result["h2d_peak"]["bytes_per_s"]
+    for variant in OURS:
+        r = rows[shape, variant]
+        d = r["decode"]
+        assert close(r["s_per_token"], r["decode_s"] / r["decode_tokens"])
+        assert close(r["decode_tok_per_s"], r["decode_tokens"] / r["decode_s"])
+        assert close(r["prefill_tok_per_s"], r["prompt_tokens"] / r["prefill_s"])
+        missed = d["expert_misses"] * r["expert_bytes"] / r["decode_tokens"]
+        assert d["demand_missed_bytes"] == d["expert_misses"] * r["expert_bytes"]
+        assert close(r["demand_missed_bytes_per_token"], missed)
+        assert close(r["floor_s_per_token"], missed / peak)
+        assert close(r["time_over_floor"], r["s_per_token"] / r["floor_s_per_token"])
+        assert close(r["link_floor_s_per_token"], d["bytes_host_to_device"] / r["decode_tokens"] / peak)
+        assert close(r["stall_fraction"], d["stall_seconds"] / r["decode_s"])
+        if r["routing"].startswith("random"):
+            assert any("not representative" in note for note in r["notes"])
+
+
+def test_targets_carry_their_inputs(smoke: tuple[dict[str, Any], str]) -> None:
+    result, _ = smoke
+    rows = rows_of(result)
+    by = {(t["shape"], t["target"], t["variant"]): t for t in result["targets"]}
+    assert len(by) == len(result["targets"]) == len(SHAPES) * 7
+    for shape in SHAPES:
+        for variant in OURS:
+            r = rows[shape, variant]
+            floor = by[shape, "decode time per token <= 1.2 x floor", variant]
+            inputs = floor["inputs"]
+            assert inputs["s_per_token"] == r["s_per_token"]
+            assert inputs["floor_s_per_token"] == r["floor_s_per_token"]
+            assert close(floor["value"], inputs["s_per_token"] / inputs["floor_s_per_token"])
+            assert floor["status"] == ("PASS" if floor["value"] <= 1.2 else "FAIL")
+            peer = by[shape, "decode tok/s >= 4 x accelerate's", variant]
+            assert peer["status"] == "NOT RUN" and peer["value"] is None  # accelerate was skipped
+            assert peer["inputs"]["ours_decode_tok_per_s"] == r["decode_tok_per_s"]
+            assert "skipped" in peer["caveats"][0]
+        look = by[shape, "lookahead demand misses <= 0.5 x LRU's", "lookahead"]
+        a, b = look["inputs"]["lru_demand_misses"], look["inputs"]["lookahead_demand_misses"]
+        assert a == rows[shape, "lru"]["decode"]["expert_misses"] > 0
+        assert b == rows[shape, "lookahead"]["decode"]["expert_misses"]
+        assert look["inputs"]["budget_bytes"] == rows[shape, "lru"]["budget_bytes"]
+        assert rows[shape, "lru"]["budget_bytes"] == rows[shape, "lookahead"]["budget_bytes"]
+        assert close(look["value"], b / a) and look["status"] == ("PASS" if 2 * b <= a else "FAIL")
+    forced_lookahead = by["olmoe-tiny", "lookahead demand misses <= 0.5 x LRU's", "lookahead"]
+    assert any("random routers" in c for c in forced_lookahead["caveats"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would start the full benchmark")
+def test_without_a_gpu_the_full_run_refuses_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from offload_bench.cli import main
+
+    assert main(["e2e"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "offload-bench e2e: needs a CUDA GPU; --smoke checks the script on a CPU"
