@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch 2.13.0 CPU build is what a machine without a GPU gets; a machine with CUDA keeps its own torch.
 CPU_TORCH := torch==2.13.0
 
-.PHONY: install demo test lint typecheck unit clean
+.PHONY: install demo test lint typecheck unit clean gpu-check
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,11 @@ unit: install
 
 test: lint typecheck unit
 
+# Every GPU claim measured in one call (under 6 minutes on one GPU). Installs nothing: a GPU image has what it
+# needs, and the checkout runs from the repository root. Results: OUT/gpu-check.json and OUT/gpu-check.md.
+gpu-check:
+	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=DIR"; exit 2; }
+	$(PYTHON) bench/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
