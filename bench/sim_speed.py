@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import numpy as np  # noqa: E402
 
 from cache_policies import AccessSequence, load_trace, simulate  # noqa: E402
-from cache_policies.study.sweep import layer_slots  # noqa: E402
+from cache_policies.study.sweep_grid import layer_slots  # noqa: E402
 
 POLICIES = ("lru", "lfu", "fifo", "random", "lfru", "static", "belady")
 TRACE_FILES = ("olmoe-1b-7b_decode_299.jsonl", "flame-moe-290m_routing.npz")
