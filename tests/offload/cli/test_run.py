@@ -289,7 +289,7 @@ def test_embedded_demo(
     assert stats["total_experts"] == 64 and stats["slots"] == 16
     assert stats["expert_misses"] > 0
     built = list((tmp_path / "moe-offload").iterdir())
-    assert [p.name for p in built] == ["demo-mixtral-random-v2"]  # no leftover staging folder
+    assert [p.name for p in built] == ["demo-mixtral-random-v3"]  # no leftover staging folder
     weights = sum(f.stat().st_size for f in built[0].glob("*.safetensors"))
     assert 200e6 < weights < 500e6  # "a few hundred MB"
 
