@@ -18,6 +18,10 @@ Everything is validated (traces read, policies and fractions checked) before any
 files are written to a temporary directory and moved into place at the end, so a failed sweep leaves
 ``--out`` as it was. Bad input: one line on stderr and exit code 2. The plot needs matplotlib (the ``plot``
 extra); without it the sweep writes the CSV and the tables and says so.
+
+``--config FILE`` reads a sweep grid from TOML whose keys are the long options (``trace = ["a.jsonl"]``,
+``policies = "lru,lfu,lfru"``, ``cache-fractions = "0.125,0.25"``): the grids in ``configs/sweeps/``. Options
+on the command line win.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from cache_policies.cache import Scope
 from cache_policies.registry import POLICIES
 from cache_policies.study.access import AccessSequence, expert_counts
 from cache_policies.study.importers import load_trace
+from cache_policies.study.presets import PresetParser, add_config_option
 from cache_policies.study.simulator import SimPrefetch, TimingModel, check_prefetch
 from cache_policies.study.sweep_grid import CapacityError, check_capacities, load_traces, sweep
 from cache_policies.study.sweep_report import write_outputs
@@ -46,7 +51,7 @@ class UsageError(ValueError):
     """Bad command-line input."""
 
 
-class OneLineParser(argparse.ArgumentParser):
+class OneLineParser(PresetParser):
     """argparse that reports a usage error as one line (``prog: error: ...``) and exits with code 2."""
 
     def error(self, message: str) -> NoReturn:
@@ -54,6 +59,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_option(parser)  # a sweep grid in TOML: configs/sweeps/
     parser.add_argument(
         "--trace", action="append", required=True, metavar="FILE", help="routing trace (repeatable)"
     )
