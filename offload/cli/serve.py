@@ -90,7 +90,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be 0..65535, got {args.port}")
     if args.queue_size < 0:
         raise UsageError(f"--queue-size must be 0 or more, got {args.queue_size}")
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    api_key = (
+        args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    ) or None  # "" is none
     # Bound before loading, so a busy port fails in a second; connections wait in the backlog meanwhile.
     sock = _listen(args.host, args.port)
     try:
