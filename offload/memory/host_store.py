@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
 
-from offload.memory.host_memory import host_buffer, unpin
+from offload.memory.host_memory import host_buffer, pinning_error, unpin
 from offload.memory.layout import ExpertLayout
+
+log = logging.getLogger(__name__)
 
 
 class HostExpertStore:
@@ -16,7 +19,8 @@ class HostExpertStore:
     Layers are allocated as they are filled, so host RAM grows with loading instead of up front. Buffers are
     page-locked when ``pin`` is set (exactly their size: see :func:`offload.memory.host_memory.host_buffer`),
     which lets the copy engine move them asynchronously at link speed. :meth:`release` unpins and drops them
-    at once; otherwise that happens when the store is garbage-collected.
+    at once; otherwise that happens when the store is garbage-collected. If pinning fails, that layer and
+    every later one stay pageable, with one warning: slower copies, never a crash.
     """
 
     def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, pin: bool) -> None:
@@ -31,7 +35,11 @@ class HostExpertStore:
     def fill_layer(self, layer: int, weights: dict[str, torch.Tensor]) -> None:
         """Pack one layer from HF experts tensors (see :meth:`ExpertLayout.canonicalize`)."""
         fields = self.layout.canonicalize(weights)
-        buffer = host_buffer(self.num_experts * self.layout.nbytes, self.pin).view(self.num_experts, -1)
+        flat, pinned = host_buffer(self.num_experts * self.layout.nbytes, self.pin)
+        if self.pin and not pinned:
+            log.warning(pinning_error())
+            self.pin = False
+        buffer = flat.view(self.num_experts, -1)
         views = self.layout.views(buffer)
         for name, tensor in fields.items():
             views[name].copy_(tensor)
