@@ -62,6 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-context", type=int, default=4096, help="KV-cache tokens the budget reserves (default 4096)"
     )
+    p.add_argument(
+        "--quantize",
+        choices=("int4", "int8", "none"),
+        default="none",
+        help="store full-precision experts compressed (in RAM, over PCIe and in VRAM): int4 (groups of "
+        "--quantize-group with a scale and zero each) or int8 (a scale per output channel); default none",
+    )
+    p.add_argument(
+        "--quantize-group", type=int, default=64, help="int4: input columns per scale and zero (default 64)"
+    )
+    p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="MXFP4/FP8 checkpoints: expand the experts to the compute dtype instead of keeping their format",
+    )
+    p.add_argument(
+        "--host-memory-limit", help="host RAM the model may take, e.g. 48GB (default: what is available)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
     p.add_argument(
@@ -103,6 +121,7 @@ def _run(args: argparse.Namespace) -> int:
     from offload.config import OffloadConfig
     from offload.hf.demo import DEMO_CACHE_FRACTION, DEMO_PROMPT, demo_checkpoint
     from offload.hf.generation import generate_timed, load_tokenizer
+    from offload.hf.install import with_format
     from offload.hf.load import load_offloaded
     from offload.hf.skeleton import survey_checkpoint
     from offload.runtime.budget import budget_for_slots, plan_budget
@@ -119,6 +138,10 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         static_profile=None if args.static_profile is None else str(args.static_profile),
         record_trace=args.record_trace is not None,
+        quantize=None if args.quantize == "none" else args.quantize,
+        quantize_group=args.quantize_group,
+        dequantize=args.dequantize,
+        host_memory_limit=args.host_memory_limit,
     )
     if demo:
         print(
@@ -133,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
         model_path = args.model
     # A dense model or too small a budget fails here, before the tokenizer or any weight is read.
     settings = OffloadConfig.create(1, **options)  # every option but the budget, validated
-    model_survey = survey_checkpoint(model_path, settings.dtype)
+    model_survey = with_format(survey_checkpoint(model_path, settings.dtype), settings)
     if args.vram_budget is None:  # the demo: a budget for about a quarter of its experts
         slots = max(model_survey.top_k, round(DEMO_CACHE_FRACTION * model_survey.total_experts))
         args.vram_budget = str(budget_for_slots(model_survey, settings, slots))
@@ -163,11 +186,12 @@ def _validate(args: argparse.Namespace) -> None:
     """Everything checkable before loading, so bad input fails in a second, not after minutes of loading."""
     if args.model is not None and args.vram_budget is None:
         raise UsageError("--vram-budget is required with --model (e.g. --vram-budget 12GB)")
-    if args.vram_budget is not None:
-        try:
-            parse_size(args.vram_budget)
-        except ValueError as exc:
-            raise UsageError(f"--vram-budget: {exc}") from None
+    for flag, size in (("--vram-budget", args.vram_budget), ("--host-memory-limit", args.host_memory_limit)):
+        if size is not None:
+            try:
+                parse_size(size)
+            except ValueError as exc:
+                raise UsageError(f"{flag}: {exc}") from None
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.max_context < 1:
@@ -200,7 +224,8 @@ def _summary(result: dict[str, Any], stats: Any) -> str:
             f"decode  : {result['new_tokens']} tokens, {result['decode_tokens_per_s']:.2f} tok/s after the first",
             f"experts : hit rate {stats.hit_rate:.1%} ({stats.expert_hits} hits, {stats.expert_misses} misses)",
             f"copied  : {stats.bytes_host_to_device / 1e9:.3f} GB at {stats.copy_gb_per_s:.2f} GB/s achieved",
-            f"slots   : {stats.slots} / {stats.total_experts} experts",
+            f"slots   : {stats.slots} / {stats.total_experts} experts, {stats.expert_format}, "
+            f"{format_size(stats.expert_bytes)} each (in host RAM and in a slot)",
             *(
                 [
                     f"prefetch: {stats.prefetch_issued} issued, {stats.prefetch_used} used in time, "

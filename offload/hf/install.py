@@ -8,6 +8,8 @@ swaps one experts module for :class:`OffloadedExperts` once its weights are in t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -18,6 +20,7 @@ from offload.hf.activation import activation_of
 from offload.hf.experts import OffloadedExperts
 from offload.hf.survey import expert_param_names, survey
 from offload.runtime.budget import plan_budget
+from offload.runtime.model_survey import ModelSurvey
 from offload.runtime.router_predictors import LookaheadPredictor
 from offload.runtime.runtime import OffloadRuntime
 
@@ -29,9 +32,19 @@ ROUTER_NAMES = ("gate", "router")
 def new_runtime(
     model: PreTrainedModel, dtype: torch.dtype, config: OffloadConfig, model_name: str
 ) -> OffloadRuntime:
-    """Survey ``model`` (meta or loaded), check the budget, and allocate its runtime; no weight moves yet."""
-    model_survey = survey(model, dtype)
+    """Survey ``model`` (meta or loaded), check the budget, and allocate its runtime; no weight moves yet.
+    The experts' storage format (``config.quantize``) is part of the survey: slots are counted in it."""
+    model_survey = with_format(survey(model, dtype), config)
     return OffloadRuntime(config, model_survey, plan_budget(model_survey, config), model_name=model_name)
+
+
+def with_format(model_survey: ModelSurvey, config: OffloadConfig) -> ModelSurvey:
+    """The survey with the expert layout in the format the config asks for."""
+    if config.quantize is None:
+        return model_survey
+    group = config.quantize_group if config.quantize == "int4" else 0
+    layout = replace(model_survey.layout, format=config.quantize, group_size=group)
+    return replace(model_survey, layout=layout)
 
 
 def take_over_experts(model: nn.Module, runtime: OffloadRuntime, layer: int, name: str) -> None:

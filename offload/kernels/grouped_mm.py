@@ -44,6 +44,8 @@ def prepare_grouped_mm(
 ) -> Callable[[], None]:
     """Do the host work and the table copy now; return the device work alone (what a CUDA graph captures:
     a host-to-device copy cannot be captured)."""
+    if pool.layout.format != "float":
+        raise ValueError(f"grouped_mm reads float experts only, not {pool.layout.format}")
     spans = routed.spans
     live = sorted((s, e) for e, s in zip(experts, slots, strict=True) if e in spans)
     if not live:

@@ -33,16 +33,22 @@ class HostExpertStore:
         self._finalizer = weakref.finalize(self, _unpin_all, self._layers) if pin else None
 
     def fill_layer(self, layer: int, weights: dict[str, torch.Tensor]) -> None:
-        """Pack one layer from HF experts tensors (see :meth:`ExpertLayout.canonicalize`)."""
-        fields = self.layout.canonicalize(weights)
+        """Pack one layer from HF experts tensors (see :meth:`ExpertLayout.canonicalize`), quantizing it one
+        expert at a time when the layout's format is compressed (full-precision temporaries: one expert)."""
+        canonical = self.layout.canonicalize(weights)
         flat, pinned = host_buffer(self.num_experts * self.layout.nbytes, self.pin)
         if self.pin and not pinned:
             log.warning(pinning_error())
             self.pin = False
         buffer = flat.view(self.num_experts, -1)
         views = self.layout.views(buffer)
-        for name, tensor in fields.items():
-            views[name].copy_(tensor)
+        if self.layout.format == "float":
+            for name, tensor in canonical.items():
+                views[name].copy_(tensor)
+        else:
+            for expert in range(self.num_experts):
+                for name, tensor in self.layout.pack(canonical, expert).items():
+                    views[name][expert].copy_(tensor)
         self._layers[layer] = buffer
 
     def expert(self, layer: int, expert: int) -> torch.Tensor:

@@ -44,6 +44,10 @@ class SlotPool:
     def field(self, name: str) -> torch.Tensor:
         return self._fields[name]
 
+    def slot_fields(self, slot: int) -> dict[str, torch.Tensor]:
+        """Every field of one slot (``{name: [*shape]}``), as :meth:`ExpertLayout.weight` reads them."""
+        return {name: view[slot] for name, view in self._fields.items()}
+
     @property
     def nbytes(self) -> int:
         return self.data.numel()

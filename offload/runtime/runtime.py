@@ -133,6 +133,8 @@ class OffloadRuntime:
             prefetch_late=0 if prefetcher is None else prefetcher.late,
             prefetch_wasted=self.cache.prefetch_wasted,
             stall_seconds=self.engine.stall_seconds,
+            expert_format=self.survey.layout.format_name,
+            expert_bytes=self.survey.layout.nbytes,
         )
 
 

@@ -53,6 +53,9 @@ from offload.kernels.triton.launch_plan import (
 from offload.kernels.triton.prefill import pairs_gemm
 from offload.memory.slot_pool import SlotPool
 
+# Storage formats the fused kernels read straight from the slot pool; others run the torch reference.
+FORMAT_CODES = {"float": 0}
+
 # The bf16 tl.dot trap is the interpreter's (on CPU tensors, or on CUDA ones when debugging with it).
 INTERPRETED = isinstance(pairs_gemm, InterpretedFunction)
 
@@ -115,7 +118,7 @@ class TritonMoeKernel:
     ) -> Callable[[], None]:
         """Do one wave's host work now (plan, tables, workspaces) and return a closure that only launches
         the kernels: what a CUDA graph captures, and what the benchmark times as kernel time."""
-        if activation.kind not in ACT_CODES:
+        if activation.kind not in ACT_CODES or pool.layout.format not in FORMAT_CODES:
             return functools.partial(expert_pairs_torch, routed, experts, slots, pool, activation, out)
         launches: list[tuple[Any, tuple[int, ...], dict[str, Any]]] = []
         recorder = TritonMoeKernel(self.options, self.device_info, lambda *launch: launches.append(launch))
@@ -149,7 +152,8 @@ class TritonMoeKernel:
         out: torch.Tensor,  # [T*k, H], promote_types(hidden.dtype, weights.dtype)
         slot_row: torch.Tensor | None = None,  # [E] int32: the layer's slot table row (single-wave calls)
     ) -> None:
-        if activation.kind not in ACT_CODES:  # "custom": only the HF code knows the math
+        if activation.kind not in ACT_CODES or pool.layout.format not in FORMAT_CODES:
+            # "custom": only the model's code knows the math; a storage format without a fused kernel yet
             expert_pairs_torch(routed, experts, slots, pool, activation, out)
             self.calls["torch"] += 1
             return
