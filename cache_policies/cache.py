@@ -143,9 +143,7 @@ class ExpertCache:
         missing = [e for e in experts if base + e not in resident] if len(hit_experts) < len(experts) else []
         # Every hit is recorded before the first miss is loaded: the residents are all in the first wave,
         # and for LRU this order is part of the reference semantics (a hit is not staler than a load).
-        hit = policy.hit
-        for expert in hit_experts:
-            hit(base + expert)
+        policy.hits([base + e for e in hit_experts])
         prefetched = []
         if self._prefetched:
             prefetched = [e for e in hit_experts if base + e in self._prefetched]

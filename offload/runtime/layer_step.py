@@ -56,6 +56,8 @@ class LayerStep:
         self.recorder = recorder
         self.prefetcher: Prefetcher | None = None
         self.routing_override: RoutingOverride | None = None
+        # Each layer's row of the device slot table, as views made once (making one costs host time).
+        self._table_rows = list(pool.table.unbind(0))
         self.layer_calls = 0
         self.waves = 0
 
@@ -82,14 +84,19 @@ class LayerStep:
         )
         # A single wave holds every expert of the call: the kernel may look slots up in the device slot
         # table instead of a per-wave table copied from the host (offload.memory.slot_pool).
-        slot_row = self.pool.table[layer] if len(plan.waves) == 1 else None
+        slot_row = self._table_rows[layer] if len(plan.waves) == 1 else None
         for i, wave in enumerate(plan.waves):
             self.serve(layer, wave)
-            if i == 0:
+            if i == 0 and self.prefetcher is not None:
                 self.serve_prefetch(self.guess(layer, routed, plan))
             self.compute(routed, wave, activation, pairs_out, slot_row)
         self.layer_calls += 1
-        out = pairs_out.view(tokens, top_k, -1).sum(dim=1)
+        # The sum over k; for one token the same reduction (bitwise) without the view's dispatch.
+        out = (
+            pairs_out.sum(dim=0, keepdim=True)
+            if tokens == 1
+            else pairs_out.view(tokens, top_k, -1).sum(dim=1)
+        )
         return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
     def route(
