@@ -121,7 +121,6 @@ def _run(args: argparse.Namespace) -> int:
     from offload.config import OffloadConfig
     from offload.hf.demo import DEMO_CACHE_FRACTION, DEMO_PROMPT, demo_checkpoint
     from offload.hf.generation import generate_timed, load_tokenizer
-    from offload.hf.install import with_format
     from offload.hf.load import load_offloaded
     from offload.hf.skeleton import survey_checkpoint
     from offload.runtime.budget import budget_for_slots, plan_budget
@@ -156,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
         model_path = args.model
     # A dense model or too small a budget fails here, before the tokenizer or any weight is read.
     settings = OffloadConfig.create(1, **options)  # every option but the budget, validated
-    model_survey = with_format(survey_checkpoint(model_path, settings.dtype), settings)
+    model_survey = survey_checkpoint(model_path, settings.dtype, settings)
     if args.vram_budget is None:  # the demo: a budget for about a quarter of its experts
         slots = max(model_survey.top_k, round(DEMO_CACHE_FRACTION * model_survey.total_experts))
         args.vram_budget = str(budget_for_slots(model_survey, settings, slots))

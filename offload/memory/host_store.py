@@ -36,11 +36,7 @@ class HostExpertStore:
         """Pack one layer from HF experts tensors (see :meth:`ExpertLayout.canonicalize`), quantizing it one
         expert at a time when the layout's format is compressed (full-precision temporaries: one expert)."""
         canonical = self.layout.canonicalize(weights)
-        flat, pinned = host_buffer(self.num_experts * self.layout.nbytes, self.pin)
-        if self.pin and not pinned:
-            log.warning(pinning_error())
-            self.pin = False
-        buffer = flat.view(self.num_experts, -1)
+        buffer = self._new_buffer()
         views = self.layout.views(buffer)
         if self.layout.format == "float":
             for name, tensor in canonical.items():
@@ -50,6 +46,32 @@ class HostExpertStore:
                 for name, tensor in self.layout.pack(canonical, expert).items():
                     views[name][expert].copy_(tensor)
         self._layers[layer] = buffer
+
+    def fill_packed_layer(self, layer: int, fields: dict[str, torch.Tensor]) -> None:
+        """Store one layer whose fields ``{name: [E, *shape]}`` are already in the layout's format (a
+        checkpoint's own MXFP4 or FP8 bytes): copied as they are."""
+        expected = {f.name: (self.num_experts, *f.shape) for f in self.layout.fields}
+        if set(fields) != set(expected):
+            raise ValueError(
+                f"layer {layer}: fields {sorted(fields)}, the {self.layout.format} layout has {sorted(expected)}"
+            )
+        buffer = self._new_buffer()
+        views = self.layout.views(buffer)
+        for name, tensor in fields.items():
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(
+                    f"layer {layer} field {name}: shape {tuple(tensor.shape)}, expected {expected[name]}"
+                )
+            views[name].copy_(tensor)
+        self._layers[layer] = buffer
+
+    def _new_buffer(self) -> torch.Tensor:
+        """A zeroed ``[experts, nbytes]`` buffer, page-locked while pinning works."""
+        flat, pinned = host_buffer(self.num_experts * self.layout.nbytes, self.pin)
+        if self.pin and not pinned:
+            log.warning(pinning_error())
+            self.pin = False
+        return flat.view(self.num_experts, -1)
 
     def expert(self, layer: int, expert: int) -> torch.Tensor:
         """uint8 ``[nbytes]``: the bytes one copy moves."""

@@ -71,6 +71,13 @@ class OffloadRuntime:
         self.store.fill_layer(layer, weights)
         self.activations[layer] = activation
 
+    def attach_packed_layer(
+        self, layer: int, fields: dict[str, torch.Tensor], activation: ExpertActivation
+    ) -> None:
+        """Store one MoE layer whose fields ``[E, ...]`` are already in the layout's format."""
+        self.store.fill_packed_layer(layer, fields)
+        self.activations[layer] = activation
+
     def use_predictor(self, predictor: Predictor) -> None:
         """Prefetch by ``predictor`` from now on (the loader attaches the lookahead one: it needs the routers)."""
         self.step.prefetcher = Prefetcher(self.cache, predictor, self.survey.top_k)
