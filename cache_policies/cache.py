@@ -139,17 +139,11 @@ class ExpertCache:
         self._now += 1
         base = layer * self.num_experts
         resident = part.resident
-        hit_experts = []
-        missing = []
-        for expert in experts:
-            if base + expert in resident:
-                hit_experts.append(expert)
-            else:
-                missing.append(expert)
+        hit_experts = [e for e in experts if base + e in resident]
+        missing = [e for e in experts if base + e not in resident] if len(hit_experts) < len(experts) else []
         # Every hit is recorded before the first miss is loaded: the residents are all in the first wave,
         # and for LRU this order is part of the reference semantics (a hit is not staler than a load).
-        for expert in hit_experts:
-            policy.hit(base + expert)
+        policy.hits([base + e for e in hit_experts])
         prefetched = []
         if self._prefetched:
             prefetched = [e for e in hit_experts if base + e in self._prefetched]

@@ -9,7 +9,7 @@ the simulator and the runtime drive policies through the same code and make the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from typing import ClassVar
 
 
@@ -31,6 +31,11 @@ class CachePolicy(ABC):
     @abstractmethod
     def hit(self, key: int) -> None:
         """A resident key was used."""
+
+    def hits(self, keys: Iterable[int]) -> None:
+        """Resident keys were used, in this order: :meth:`hit` for each (a policy may do it in one go)."""
+        for key in keys:
+            self.hit(key)
 
     @abstractmethod
     def insert(self, key: int) -> None:

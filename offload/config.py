@@ -78,6 +78,10 @@ class OffloadConfig:
     history_window: int = 8  # layer accesses the history predictor remembers
     copy_engine: Literal["auto", "sync", "threaded"] = "auto"  # auto: the copy stream on CUDA; on CPU,
     # threaded when prefetching (copies overlap compute), else sync
+    quantize: Literal["int4", "int8"] | None = None  # quantize full-precision experts while loading
+    quantize_group: int = 64  # int4: input columns per scale and zero point
+    dequantize: bool = False  # MXFP4/FP8 checkpoints: expand the experts to the compute dtype
+    host_memory_limit: int | None = None  # bytes of host RAM the model may take; None: what is available
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -99,6 +103,14 @@ class OffloadConfig:
             raise OffloadError(f"history_window must be at least 1, got {self.history_window}")
         if self.copy_engine not in ("auto", "sync", "threaded"):
             raise OffloadError(f"copy_engine must be auto, sync or threaded, got {self.copy_engine!r}")
+        if self.quantize not in (None, "int4", "int8"):
+            raise OffloadError(f"quantize must be int4, int8 or none, got {self.quantize!r}")
+        if self.quantize_group not in (32, 64, 128, 256):
+            raise OffloadError(
+                f"quantize_group must be 32, 64, 128 or 256 columns, got {self.quantize_group}"
+            )
+        if self.host_memory_limit is not None and self.host_memory_limit < 1:
+            raise OffloadError(f"host_memory_limit must be positive, got {self.host_memory_limit}")
         if self.kernel not in ("auto", "torch", "triton"):
             raise OffloadError(f"kernel must be auto, torch or triton, got {self.kernel!r}")
         if self.extra:
@@ -124,6 +136,13 @@ class OffloadConfig:
         known = {name for name in cls.__dataclass_fields__ if name != "extra"}
         extra = {k: v for k, v in options.items() if k not in known}
         kwargs = {k: v for k, v in options.items() if k in known}
+        if kwargs.get("quantize") in ("none", "None"):
+            kwargs["quantize"] = None
+        if kwargs.get("host_memory_limit") is not None:
+            try:
+                kwargs["host_memory_limit"] = parse_size(kwargs["host_memory_limit"])
+            except ValueError as exc:
+                raise OffloadError(f"host_memory_limit: {exc}") from None
         return cls(
             vram_budget=budget,
             device=resolve_device(device),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from cache_policies.policies.lru import LRU
 
 
@@ -10,3 +12,6 @@ class FIFO(LRU):
 
     def hit(self, key: int) -> None:
         pass  # the order stays the insertion order
+
+    def hits(self, keys: Iterable[int]) -> None:
+        pass

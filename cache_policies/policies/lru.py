@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Container
+from collections.abc import Container, Iterable
 
 from cache_policies.policy import CachePolicy
 
@@ -17,6 +17,11 @@ class LRU(CachePolicy):
 
     def hit(self, key: int) -> None:
         self._order.move_to_end(key)
+
+    def hits(self, keys: Iterable[int]) -> None:
+        refresh = self._order.move_to_end  # the runtime's per-layer hot path: one lookup for all keys
+        for key in keys:
+            refresh(key)
 
     def insert(self, key: int) -> None:
         self._order[key] = None

@@ -62,6 +62,24 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-context", type=int, default=4096, help="KV-cache tokens the budget reserves (default 4096)"
     )
+    p.add_argument(
+        "--quantize",
+        choices=("int4", "int8", "none"),
+        default="none",
+        help="store full-precision experts compressed (in RAM, over PCIe and in VRAM): int4 (groups of "
+        "--quantize-group with a scale and zero each) or int8 (a scale per output channel); default none",
+    )
+    p.add_argument(
+        "--quantize-group", type=int, default=64, help="int4: input columns per scale and zero (default 64)"
+    )
+    p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="MXFP4/FP8 checkpoints: expand the experts to the compute dtype instead of keeping their format",
+    )
+    p.add_argument(
+        "--host-memory-limit", help="host RAM the model may take, e.g. 48GB (default: what is available)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
     p.add_argument(
@@ -82,11 +100,12 @@ def validate_model_options(args: argparse.Namespace) -> None:
     """Everything checkable before loading, so bad input fails in a second, not after minutes of loading."""
     if args.model is not None and args.vram_budget is None:
         raise UsageError("--vram-budget is required with --model (e.g. --vram-budget 12GB)")
-    if args.vram_budget is not None:
-        try:
-            parse_size(args.vram_budget)
-        except ValueError as exc:
-            raise UsageError(f"--vram-budget: {exc}") from None
+    for flag, size in (("--vram-budget", args.vram_budget), ("--host-memory-limit", args.host_memory_limit)):
+        if size is not None:
+            try:
+                parse_size(size)
+            except ValueError as exc:
+                raise UsageError(f"{flag}: {exc}") from None
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.max_context < 1:
@@ -131,6 +150,10 @@ def choose_model(args: argparse.Namespace) -> ModelChoice:
         seed=args.seed,
         static_profile=None if args.static_profile is None else str(args.static_profile),
         record_trace=args.record_trace is not None,
+        quantize=None if args.quantize == "none" else args.quantize,
+        quantize_group=args.quantize_group,
+        dequantize=args.dequantize,
+        host_memory_limit=args.host_memory_limit,
     )
     demo = args.model is None
     if demo:
@@ -145,7 +168,7 @@ def choose_model(args: argparse.Namespace) -> ModelChoice:
     else:
         path = args.model
     settings = OffloadConfig.create(1, **options)  # every option but the budget, validated
-    model_survey = survey_checkpoint(path, settings.dtype)
+    model_survey = survey_checkpoint(path, settings.dtype, settings)
     if args.vram_budget is None:  # the demo: a budget for about a quarter of its experts
         slots = max(model_survey.top_k, round(DEMO_CACHE_FRACTION * model_survey.total_experts))
         args.vram_budget = str(budget_for_slots(model_survey, settings, slots))

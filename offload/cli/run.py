@@ -95,7 +95,8 @@ def _summary(result: dict[str, Any], stats: Any) -> str:
             f"decode  : {result['new_tokens']} tokens, {result['decode_tokens_per_s']:.2f} tok/s after the first",
             f"experts : hit rate {stats.hit_rate:.1%} ({stats.expert_hits} hits, {stats.expert_misses} misses)",
             f"copied  : {stats.bytes_host_to_device / 1e9:.3f} GB at {stats.copy_gb_per_s:.2f} GB/s achieved",
-            f"slots   : {stats.slots} / {stats.total_experts} experts",
+            f"slots   : {stats.slots} / {stats.total_experts} experts, {stats.expert_format}, "
+            f"{format_size(stats.expert_bytes)} each (in host RAM and in a slot)",
             *(
                 [
                     f"prefetch: {stats.prefetch_issued} issued, {stats.prefetch_used} used in time, "

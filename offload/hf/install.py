@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from offload.config import OffloadConfig
 from offload.errors import CheckpointError, OffloadError, UnsupportedModelError
 from offload.hf.activation import activation_of
+from offload.hf.expert_formats import with_format
 from offload.hf.experts import OffloadedExperts
 from offload.hf.survey import expert_param_names, survey
 from offload.runtime.budget import plan_budget
@@ -27,22 +28,35 @@ ROUTER_NAMES = ("gate", "router")
 
 
 def new_runtime(
-    model: PreTrainedModel, dtype: torch.dtype, config: OffloadConfig, model_name: str
+    model: PreTrainedModel, dtype: torch.dtype, config: OffloadConfig, model_name: str, reading: bool = False
 ) -> OffloadRuntime:
-    """Survey ``model`` (meta or loaded), check the budget, and allocate its runtime; no weight moves yet."""
-    model_survey = survey(model, dtype)
+    """Survey ``model`` (meta or loaded), check the budget, and allocate its runtime; no weight moves yet.
+    The experts' storage format is part of the survey: slots are counted in it. ``reading``: the weights are
+    still to be read from the checkpoint (a quantized one's experts can then be kept in its format)."""
+    model_survey = with_format(survey(model, dtype), config, model.config if reading else None)
     return OffloadRuntime(config, model_survey, plan_budget(model_survey, config), model_name=model_name)
 
 
-def take_over_experts(model: nn.Module, runtime: OffloadRuntime, layer: int, name: str) -> None:
-    """Pack the experts module ``name`` into the host store, free its weights, and put ours in its place."""
+def take_over_experts(
+    model: nn.Module,
+    runtime: OffloadRuntime,
+    layer: int,
+    name: str,
+    packed: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Pack the experts module ``name`` into the host store, free its weights, and put ours in its place.
+    ``packed``: the layer's fields already in the layout's format (a native MXFP4/FP8 checkpoint's experts,
+    read by the loader; the module then holds only its biases)."""
     module = model.get_submodule(name)
     param_names = expert_param_names(runtime.survey.layout)
     weights = {p: getattr(module, p) for p in param_names}
-    unloaded = [p for p, t in weights.items() if t is None or t.is_meta]
-    if unloaded:
-        raise CheckpointError(f"the checkpoint has no {unloaded[0]} for {name}")
-    runtime.attach_layer(layer, {p: t.detach() for p, t in weights.items()}, activation_of(module))
+    if packed is None:
+        unloaded = [p for p, t in weights.items() if t is None or t.is_meta]
+        if unloaded:
+            raise CheckpointError(f"the checkpoint has no {unloaded[0]} for {name}")
+        runtime.attach_layer(layer, {p: t.detach() for p, t in weights.items()}, activation_of(module))
+    else:
+        runtime.attach_packed_layer(layer, packed, activation_of(module))
     # The host store has the bytes now. A custom gate may keep the module alive, but not its weights.
     for p in param_names:
         setattr(module, p, None)

@@ -35,6 +35,7 @@ from transformers.utils.loading_report import LoadStateDictInfo
 from offload.config import OffloadConfig
 from offload.errors import CheckpointError, UnsupportedModelError
 from offload.hf.checkpoint import Checkpoint, close_shards, open_shards, resolve
+from offload.hf.expert_formats import NATIVE_FORMATS, canonical_biases, is_native_key, pack_layer
 from offload.hf.install import RUNTIME_ATTR, attach_runtime, new_runtime, take_over_experts
 from offload.hf.skeleton import build_skeleton
 from offload.memory.host_memory import release_freed_host_memory
@@ -46,7 +47,7 @@ def load_offloaded(name_or_path: str, config: OffloadConfig, progress: bool = Tr
     checkpoint = resolve(name_or_path)
     skeleton = build_skeleton(checkpoint, config.dtype)
     model, dtype = skeleton.model, skeleton.dtype
-    runtime = new_runtime(model, dtype, config, model_name=str(name_or_path))
+    runtime = new_runtime(model, dtype, config, model_name=str(name_or_path), reading=True)
     shards = open_shards(checkpoint)
     try:
         _load_weights(model, checkpoint, shards, runtime, dtype, skeleton.quantizer, progress)
@@ -109,14 +110,25 @@ def _load_weights(
     def slices(keys: list[str]) -> dict[str, Any]:
         return {key: handle_of[key].get_slice(key) for key in keys}
 
+    layout = runtime.survey.layout
+    native = layout.format if layout.format in NATIVE_FORMATS else None
     with _quiet_transformers_progress():
         bar = tqdm(layer_names, desc="Loading experts", unit="layer", disable=not progress)
         for layer, name in enumerate(bar):
-            info, _ = convert_and_load_state_dict_in_model(
-                model, slices(by_layer[layer]), chunk_config("cpu")
-            )
+            # A checkpoint's own MXFP4/FP8 expert bytes are read as they are; transformers loads the rest.
+            kept = [k for k in by_layer[layer] if native is not None and is_native_key(k, native)]
+            others = [k for k in by_layer[layer] if k not in set(kept)]
+            info, _ = convert_and_load_state_dict_in_model(model, slices(others), chunk_config("cpu"))
             _raise_on_errors(info, checkpoint)
-            take_over_experts(model, runtime, layer, name)
+            packed = None
+            if native is not None:
+                raw = {key: handle_of[key].get_tensor(key) for key in kept}
+                try:
+                    packed = pack_layer(native, raw, layout, runtime.survey.num_experts)
+                except KeyError as exc:
+                    raise CheckpointError(f"checkpoint {checkpoint.directory}: {exc.args[0]}") from None
+                packed.update(canonical_biases(model.get_submodule(name), layout))
+            take_over_experts(model, runtime, layer, name, packed=packed)
             release_freed_host_memory()
         load_config = chunk_config(runtime.config.device)
         info, _ = convert_and_load_state_dict_in_model(model, slices(rest), load_config)

@@ -13,9 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.auto_factory import _get_model_class
 
+from offload.config import OffloadConfig
 from offload.errors import UnsupportedModelError
 from offload.hf.architectures import unsupported_message
 from offload.hf.checkpoint import Checkpoint, load_config, resolve
+from offload.hf.expert_formats import with_format
 from offload.hf.quantized import dequantizing_quantizer
 from offload.hf.survey import survey
 from offload.runtime.model_survey import ModelSurvey
@@ -42,10 +44,14 @@ def build_skeleton(checkpoint: Checkpoint, dtype: torch.dtype | None) -> Skeleto
     return Skeleton(model, dtype, quantizer)
 
 
-def survey_checkpoint(name_or_path: str, dtype: torch.dtype | None = None) -> ModelSurvey:
-    """Survey a checkpoint without reading its weights."""
+def survey_checkpoint(
+    name_or_path: str, dtype: torch.dtype | None = None, config: OffloadConfig | None = None
+) -> ModelSurvey:
+    """Survey a checkpoint without reading its weights; with ``config``, in the experts' format of that load
+    (quantized, or a quantized checkpoint's own), as the budget will count them."""
     skeleton = build_skeleton(resolve(name_or_path), dtype)
-    return survey(skeleton.model, skeleton.dtype)
+    model_survey = survey(skeleton.model, skeleton.dtype)
+    return model_survey if config is None else with_format(model_survey, config, skeleton.model.config)
 
 
 def model_class_for(hf_config: PretrainedConfig) -> tuple[type[PreTrainedModel], PretrainedConfig]:

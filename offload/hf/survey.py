@@ -67,7 +67,7 @@ def survey(model: PreTrainedModel, dtype: torch.dtype) -> ModelSurvey:
             f"model type {config.model_type!r} is a dense model (no MoE layers): there are no experts to offload; "
             "load it with transformers directly"
         )
-    kv_bytes, measured = kv_bytes_per_token(type(model), config, dtype)
+    kv_bytes, kv_layer_bytes, measured = kv_bytes_per_token(type(model), config, dtype)
     experts_names = {name for name, _ in found}
     tied = [
         t
@@ -95,7 +95,16 @@ def survey(model: PreTrainedModel, dtype: torch.dtype) -> ModelSurvey:
         kv_bytes_per_token=kv_bytes,
         vocab_size=int(getattr(config.get_text_config(), "vocab_size", 0) or 0),
         kv_measured=measured,
+        kv_layer_bytes_per_token=kv_layer_bytes,
+        eager_attention_heads=_eager_heads(config),
     )
+
+
+def _eager_heads(config: PretrainedConfig) -> int:
+    """Query heads when the model attends eagerly (score matrices in memory), else 0."""
+    if getattr(config, "_attn_implementation", None) != "eager":
+        return 0
+    return int(getattr(config.get_text_config(), "num_attention_heads", 0) or 0)
 
 
 def _layout(module: nn.Module, dtype: torch.dtype) -> ExpertLayout:
@@ -165,8 +174,8 @@ def _resident_bytes(model: nn.Module, experts_names: set[str], dtype: torch.dtyp
 
 def kv_bytes_per_token(
     model_class: type[PreTrainedModel], config: PretrainedConfig, dtype: torch.dtype
-) -> tuple[int, bool]:
-    """KV-cache bytes one token adds, and whether they were measured.
+) -> tuple[int, int, bool]:
+    """KV-cache bytes one token adds in all, in the largest layer, and whether they were measured.
 
     Measured: the model is built on the meta device and its decoder run over 4 and 12 tokens; the growth of
     its own cache tensors (whatever they hold: full keys and values, MLA latents, indexer keys, nothing for
@@ -174,15 +183,15 @@ def kv_bytes_per_token(
     meta device (data-dependent ops), a config formula stands in and ``measured`` is False.
     """
     try:
-        return _measure_kv_bytes_per_token(model_class, config, dtype), True
+        return (*_measure_kv_bytes_per_token(model_class, config, dtype), True)
     except Exception as exc:  # any failure of a foreign forward on meta: fall back to the formula
         log.warning("KV cache of %s estimated from its config (meta run failed: %s)", config.model_type, exc)
-        return _kv_formula(config, dtype), False
+        return (*_kv_formula(config, dtype), False)
 
 
 def _measure_kv_bytes_per_token(
     model_class: type[PreTrainedModel], config: PretrainedConfig, dtype: torch.dtype
-) -> int:
+) -> tuple[int, int]:
     config = copy.deepcopy(config)
     config._experts_implementation = "batched_mm"  # indexing only: runs on meta, unlike grouped_mm's histc
     with torch.device("meta"):
@@ -197,17 +206,16 @@ def _measure_kv_bytes_per_token(
         if layers is None:
             raise TypeError(f"unknown cache type {type(cache).__name__}")
         sizes.append(
-            sum(
-                t.numel() * t.element_size()
+            [
+                sum(t.numel() * t.element_size() for t in vars(layer).values() if torch.is_tensor(t))
                 for layer in layers
-                for t in vars(layer).values()
-                if torch.is_tensor(t)
-            )
+            ]
         )
-    return (sizes[1] - sizes[0]) // 8
+    growth = [(after - before) // 8 for before, after in zip(sizes[0], sizes[1], strict=True)]
+    return sum(growth), max(growth, default=0)
 
 
-def _kv_formula(config: PretrainedConfig, dtype: torch.dtype) -> int:
+def _kv_formula(config: PretrainedConfig, dtype: torch.dtype) -> tuple[int, int]:
     """Standard and latent attention from the config: full keys and values, the MLA latent for
     ``kv_lora_rank`` models; linear-attention, Mamba and convolution layers add nothing per token."""
     text = config.get_text_config()
@@ -215,13 +223,13 @@ def _kv_formula(config: PretrainedConfig, dtype: torch.dtype) -> int:
     layers = int(text.num_hidden_layers)
     layer_types = list(getattr(text, "layer_types", None) or [])
     per_layer = getattr(text, "per_layer_config", None)
-    total = 0
+    per_token = []
     for i in range(layers):
         kind = str(layer_types[i]) if i < len(layer_types) else "attention"
         if "attention" not in kind or "linear" in kind:
             continue
-        total += _kv_values_per_token(per_layer[i] if per_layer is not None else text)
-    return total * element
+        per_token.append(_kv_values_per_token(per_layer[i] if per_layer is not None else text) * element)
+    return sum(per_token), max(per_token, default=0)
 
 
 def _kv_values_per_token(layer_config: PretrainedConfig) -> int:

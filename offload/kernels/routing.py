@@ -1,38 +1,122 @@
-"""One MoE layer call's routing, grouped by expert once and shared by every wave and kernel."""
+"""One MoE layer call's routing, grouped by expert once and shared by every wave and kernel.
+
+The host needs to know which experts the call uses (the cache decides on them) and where each expert's pairs
+lie in the expert-sorted order (the kernels launch over them); everything else stays on the device. So
+:meth:`RoutedTokens.build` makes exactly one device-to-host read per layer call: the flat expert ids ``[T*k]``,
+with the ids a router predictor computed for a coming layer riding along when there is one. From them the
+host builds ``spans`` (expert -> its range of pair positions) in O(T*k): never a loop over all experts.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+# Up to this many pairs (a decode step) plain Python over the ids is faster than numpy's calls.
+_SMALL = 16
 
-@dataclass(frozen=True)
+
+def read_to_host(tensor: torch.Tensor) -> np.ndarray:
+    """The one way the layer step reads device data on the host: a blocking device-to-host copy (a sync on
+    CUDA). Kept in one place so tests can count the reads a code path makes."""
+    return tensor.cpu().numpy()
+
+
+@dataclass(slots=True)  # not frozen: built once per layer call, and a frozen init costs 2 us of host time
 class RoutedTokens:
-    """Token-expert pairs of one layer call. Pair ``p = t * top_k + j`` is token ``t``'s ``j``-th choice."""
+    """Token-expert pairs of one layer call. Pair ``p = t * top_k + j`` is token ``t``'s ``j``-th choice.
+    Read-only once built."""
 
     hidden: torch.Tensor  # [T, H]
     top_k_index: torch.Tensor  # [T, k] int64
     top_k_weights: torch.Tensor  # [T, k]
     pairs_by_expert: torch.Tensor  # [T*k] int64: pair ids sorted by expert, stable (token order inside one)
-    offsets: list[int]  # [E + 1] host: pairs of expert e are pairs_by_expert[offsets[e]:offsets[e+1]]
+    spans: dict[int, tuple[int, int]]  # expert -> [start, end) of its pairs in pairs_by_expert
     experts: list[int]  # experts with at least one pair, ascending
+    num_experts: int  # E: ids >= E are padding
+    ids: np.ndarray  # [T*k] host copy of the expert ids (what the recorder stores)
+    complete: bool  # every pair has an expert (no padding ids): the kernels write every row of the output
+    along: np.ndarray | None = None  # host copy of the tensor that rode along with the ids, flattened
 
     @property
     def top_k(self) -> int:
         return self.top_k_index.shape[1]
 
+    @property
+    def max_pairs_per_expert(self) -> int:
+        return max((end - start for start, end in self.spans.values()), default=0)
+
     @classmethod
     def build(
-        cls, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int
+        cls,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        num_experts: int,
+        along: torch.Tensor | None = None,  # integer tensor on the same device, read to the host too
     ) -> RoutedTokens:
         flat = top_k_index.reshape(-1)
-        pairs_by_expert = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=num_experts)[
-            :num_experts
-        ].tolist()  # the layer's one host sync
-        offsets = [0]
-        for c in counts:
-            offsets.append(offsets[-1] + c)
-        experts = [e for e, c in enumerate(counts) if c]
-        return cls(hidden, top_k_index, top_k_weights, pairs_by_expert, offsets, experts)
+        n = flat.numel()
+        if along is None:
+            ids = read_to_host(flat)  # the layer's one device-to-host read
+            extra = None
+        else:
+            both = read_to_host(torch.cat((flat, along.reshape(-1).to(flat.dtype))))
+            ids, extra = both[:n], both[n:]
+        if n <= _SMALL:
+            id_list = ids.tolist()
+            order = sorted(range(n), key=id_list.__getitem__)  # stable: token order inside one expert
+            spans = _spans(id_list[i] for i in order)
+        else:
+            order_np = np.argsort(ids, kind="stable")
+            counts = np.bincount(ids, minlength=num_experts)  # a negative id raises ValueError, as it should
+            present = np.flatnonzero(counts)
+            ends = np.cumsum(counts[present])
+            spans = dict(
+                zip(
+                    present.tolist(),
+                    zip((ends - counts[present]).tolist(), ends.tolist(), strict=True),
+                    strict=True,
+                )
+            )
+        if flat.device.type == "cpu":  # the order is on the host already
+            pairs_by_expert = torch.from_numpy(np.array(order) if n <= _SMALL else order_np)
+        else:  # sorted on the device, asynchronously: no host-to-device copy on the compute stream
+            pairs_by_expert = torch.argsort(flat, stable=True)
+        # Ids >= E are padding some models route to a non-expert: they have no pairs to compute. They sort last.
+        complete = True
+        while spans and next(reversed(spans)) >= num_experts:
+            spans.popitem()
+            complete = False
+        return cls(
+            hidden,
+            top_k_index,
+            top_k_weights,
+            pairs_by_expert,
+            spans,
+            list(spans),
+            num_experts,
+            ids,
+            complete,
+            extra,
+        )
+
+
+def _spans(sorted_ids: object) -> dict[int, tuple[int, int]]:
+    """``[start, end)`` of each id in an ascending sequence of ids."""
+    spans: dict[int, tuple[int, int]] = {}
+    position = 0
+    current, start = -1, 0
+    for expert in sorted_ids:  # type: ignore[attr-defined]
+        if expert != current:
+            if position:
+                spans[current] = (start, position)
+            elif expert < 0:
+                raise ValueError(f"expert ids must be non-negative, got {expert}")
+            current, start = expert, position
+        position += 1
+    if position:
+        spans[current] = (start, position)
+    return spans

@@ -19,24 +19,30 @@ def expert_pairs_torch(
     pool: SlotPool,
     activation: ExpertActivation,
     out: torch.Tensor,
+    slot_row: torch.Tensor | None = None,
 ) -> None:
     """Write the routing-weighted output of every pair routed to ``experts`` into ``out`` ``[T*k, H]``.
 
+    ``slots[i]`` is the slot of ``experts[i]``. ``slot_row`` (``[E]`` int32 on the device, or None) is the
+    layer's row of the pool's slot table, given when ``experts`` are every expert of the call: a kernel may
+    read slots there instead of copying ``slots`` to the device; this one uses the lists.
+
     Each expert sees all of its tokens at once and in token order, whatever wave it runs in, so results do
-    not depend on the slot count (bitwise).
+    not depend on the slot count (bitwise). Compressed experts are read back to the compute dtype one expert
+    at a time (:meth:`offload.memory.layout.ExpertLayout.weight`): the dequantize-then-matmul oracle.
     """
     k = routed.top_k
     weights = routed.top_k_weights.reshape(-1)  # [T*k]
-    gate_up, down = pool.field("gate_up"), pool.field("down")  # [S, G*I, H], [S, H, I]
-    has_bias = pool.layout.has_bias
-    if has_bias:
-        gate_up_bias, down_bias = pool.field("gate_up_bias"), pool.field("down_bias")
+    layout = pool.layout
     for expert, slot in zip(experts, slots, strict=True):
-        pairs = routed.pairs_by_expert[routed.offsets[expert] : routed.offsets[expert + 1]]
-        if pairs.numel() == 0:
+        span = routed.spans.get(expert)
+        if span is None:
             continue
+        fields = pool.slot_fields(slot)
+        gate_up, down = layout.weight(fields, "gate_up"), layout.weight(fields, "down")  # [G*I, H], [H, I]
+        pairs = routed.pairs_by_expert[span[0] : span[1]]
         x = routed.hidden[pairs // k]  # [n, H]
-        h = F.linear(x, gate_up[slot], gate_up_bias[slot] if has_bias else None)  # [n, G*I]
+        h = F.linear(x, gate_up, fields.get("gate_up_bias"))  # [n, G*I]
         h = activation.fn(h)  # [n, I]
-        y = F.linear(h, down[slot], down_bias[slot] if has_bias else None)  # [n, H]
+        y = F.linear(h, down, fields.get("down_bias"))  # [n, H]
         out[pairs] = (y * weights[pairs, None]).to(out.dtype)

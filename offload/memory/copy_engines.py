@@ -58,8 +58,10 @@ class CopyEngine(ABC):
         self.copies = 0
 
     @abstractmethod
-    def load(self, loads: Sequence[tuple[int, torch.Tensor]]) -> None:
-        """Start copying each ``(slot, host bytes)``, in order; returns before the copies land where it can."""
+    def load(self, loads: Sequence[tuple[int, torch.Tensor]], keys: Sequence[int] | None = None) -> None:
+        """Start copying each ``(slot, host bytes)``, in order; returns before the copies land where it can.
+        ``keys[i]``: the entry of the pool's slot table (``layer * experts + expert``) that copy ``i`` makes
+        resident, written with the slot right after the copy, in copy order."""
 
     @abstractmethod
     def acquire(self, slots: Sequence[int]) -> None:
@@ -98,10 +100,12 @@ class SyncCopyEngine(CopyEngine):
         super().__init__(pool)
         self._seconds = 0.0
 
-    def load(self, loads: Sequence[tuple[int, torch.Tensor]]) -> None:
+    def load(self, loads: Sequence[tuple[int, torch.Tensor]], keys: Sequence[int] | None = None) -> None:
         start = time.perf_counter()
-        for slot, src in loads:
+        for i, (slot, src) in enumerate(loads):
             self.pool.slot(slot).copy_(src)
+            if keys is not None:
+                self.pool.table_flat[keys[i]] = slot
             self.bytes_copied += src.numel()
         self.copies += len(loads)
         self._seconds += time.perf_counter() - start
@@ -146,19 +150,19 @@ class ThreadedCopyEngine(CopyEngine):
         self._pending = [0] * pool.num_slots
         self._in_use = [False] * pool.num_slots
         self._state = threading.Condition()
-        self._jobs: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue()
+        self._jobs: queue.Queue[tuple[int, torch.Tensor, int] | None] = queue.Queue()
         self._copy_seconds = 0.0
         self._stall_seconds = 0.0
         self._error: BaseException | None = None
         self._worker = threading.Thread(target=self._run, name="offload-copy", daemon=True)
         self._worker.start()
 
-    def load(self, loads: Sequence[tuple[int, torch.Tensor]]) -> None:
+    def load(self, loads: Sequence[tuple[int, torch.Tensor]], keys: Sequence[int] | None = None) -> None:
         with self._state:
             for slot, _ in loads:
                 self._pending[slot] += 1
-        for job in loads:
-            self._jobs.put(job)
+        for i, (slot, src) in enumerate(loads):
+            self._jobs.put((slot, src, -1 if keys is None else keys[i]))
         self.copies += len(loads)
 
     def acquire(self, slots: Sequence[int]) -> None:
@@ -190,7 +194,7 @@ class ThreadedCopyEngine(CopyEngine):
             job = self._jobs.get()
             if job is None:
                 return
-            slot, src = job
+            slot, src, key = job
             try:
                 with self._state:
                     while self._in_use[slot]:  # compute still reads it
@@ -199,6 +203,8 @@ class ThreadedCopyEngine(CopyEngine):
                     time.sleep(self._random.uniform(*self._delay))
                 start = time.perf_counter()
                 self.pool.slot(slot).copy_(src)
+                if key >= 0:
+                    self.pool.table_flat[key] = slot
                 seconds = time.perf_counter() - start
             except BaseException as exc:  # surfaced to the caller at its next wait
                 with self._state:
@@ -249,8 +255,12 @@ class CudaCopyEngine(CopyEngine):
         self._copies: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._seconds = {"copy": 0.0, "stall": 0.0}
+        # The copy stream writes the pool: if the pool is freed while copies are in flight (a model dropped
+        # without offload.close), the allocator must not hand its memory out before they land.
+        pool.data.record_stream(self.stream)
+        pool.table.record_stream(self.stream)
 
-    def load(self, loads: Sequence[tuple[int, torch.Tensor]]) -> None:
+    def load(self, loads: Sequence[tuple[int, torch.Tensor]], keys: Sequence[int] | None = None) -> None:
         if not loads:
             return
         stream = self.stream
@@ -260,8 +270,10 @@ class CudaCopyEngine(CopyEngine):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
             start.record(stream)
-            for slot, src in loads:
+            for i, (slot, src) in enumerate(loads):
                 self.pool.slot(slot).copy_(src, non_blocking=True)
+                if keys is not None:  # a fill kernel with the slot as its argument: no host-to-device copy
+                    self.pool.table_flat[keys[i]].fill_(slot)
                 self._landed[slot].record(stream)
                 self.bytes_copied += src.numel()
             end.record(stream)
@@ -277,6 +289,7 @@ class CudaCopyEngine(CopyEngine):
             compute.wait_event(self._landed[slot])
         after.record(compute)
         self._stalls.append((before, after))
+        self._collect(block=False)  # at a 100% hit rate nothing is loaded: fold the stall events here too
 
     def release(self, slots: Sequence[int]) -> None:
         compute = torch.cuda.current_stream(self.pool.device)

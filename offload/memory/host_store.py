@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
 
-from offload.memory.host_memory import host_buffer, unpin
+from offload.memory.host_memory import host_buffer, pinning_error, unpin
 from offload.memory.layout import ExpertLayout
+
+log = logging.getLogger(__name__)
 
 
 class HostExpertStore:
@@ -16,7 +19,8 @@ class HostExpertStore:
     Layers are allocated as they are filled, so host RAM grows with loading instead of up front. Buffers are
     page-locked when ``pin`` is set (exactly their size: see :func:`offload.memory.host_memory.host_buffer`),
     which lets the copy engine move them asynchronously at link speed. :meth:`release` unpins and drops them
-    at once; otherwise that happens when the store is garbage-collected.
+    at once; otherwise that happens when the store is garbage-collected. If pinning fails, that layer and
+    every later one stay pageable, with one warning: slower copies, never a crash.
     """
 
     def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, pin: bool) -> None:
@@ -29,13 +33,45 @@ class HostExpertStore:
         self._finalizer = weakref.finalize(self, _unpin_all, self._layers) if pin else None
 
     def fill_layer(self, layer: int, weights: dict[str, torch.Tensor]) -> None:
-        """Pack one layer from HF experts tensors (see :meth:`ExpertLayout.canonicalize`)."""
-        fields = self.layout.canonicalize(weights)
-        buffer = host_buffer(self.num_experts * self.layout.nbytes, self.pin).view(self.num_experts, -1)
+        """Pack one layer from HF experts tensors (see :meth:`ExpertLayout.canonicalize`), quantizing it one
+        expert at a time when the layout's format is compressed (full-precision temporaries: one expert)."""
+        canonical = self.layout.canonicalize(weights)
+        buffer = self._new_buffer()
+        views = self.layout.views(buffer)
+        if self.layout.format == "float":
+            for name, tensor in canonical.items():
+                views[name].copy_(tensor)
+        else:
+            for expert in range(self.num_experts):
+                for name, tensor in self.layout.pack(canonical, expert).items():
+                    views[name][expert].copy_(tensor)
+        self._layers[layer] = buffer
+
+    def fill_packed_layer(self, layer: int, fields: dict[str, torch.Tensor]) -> None:
+        """Store one layer whose fields ``{name: [E, *shape]}`` are already in the layout's format (a
+        checkpoint's own MXFP4 or FP8 bytes): copied as they are."""
+        expected = {f.name: (self.num_experts, *f.shape) for f in self.layout.fields}
+        if set(fields) != set(expected):
+            raise ValueError(
+                f"layer {layer}: fields {sorted(fields)}, the {self.layout.format} layout has {sorted(expected)}"
+            )
+        buffer = self._new_buffer()
         views = self.layout.views(buffer)
         for name, tensor in fields.items():
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(
+                    f"layer {layer} field {name}: shape {tuple(tensor.shape)}, expected {expected[name]}"
+                )
             views[name].copy_(tensor)
         self._layers[layer] = buffer
+
+    def _new_buffer(self) -> torch.Tensor:
+        """A zeroed ``[experts, nbytes]`` buffer, page-locked while pinning works."""
+        flat, pinned = host_buffer(self.num_experts * self.layout.nbytes, self.pin)
+        if self.pin and not pinned:
+            log.warning(pinning_error())
+            self.pin = False
+        return flat.view(self.num_experts, -1)
 
     def expert(self, layer: int, expert: int) -> torch.Tensor:
         """uint8 ``[nbytes]``: the bytes one copy moves."""

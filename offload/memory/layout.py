@@ -15,6 +15,11 @@ field              shape                meaning
 
 Weights are ``[out_features, in_features]`` like ``nn.Linear``. Each field starts on a 256-byte boundary
 (16-byte alignment for grouped GEMMs and vector loads, with room to spare), and so does every expert.
+
+The layout also records the storage *format* of the two weight matrices (:mod:`offload.memory.formats`):
+``float`` (the compute dtype, as above), ``int8``, ``int4``, ``mxfp4`` or ``fp8``, whose scales and zero
+points are further fields of the same buffer (``gate_up_scale``, ``down_zero``, ...). ``dtype`` is always
+the compute dtype: what kernels compute in and what biases are stored in.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from offload.memory import formats
 
 ALIGN = 256  # bytes
 
@@ -35,6 +42,11 @@ class Field:
     name: str
     shape: tuple[int, ...]
     offset: int  # bytes from the start of the expert's buffer
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * _itemsize(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -48,39 +60,72 @@ class ExpertLayout:
     dtype: torch.dtype
     source_concatenated: bool = True  # False: the checkpoint interleaves gate and up columns (gpt-oss)
     source_transposed: bool = False  # True: the checkpoint stores [in, out] (gpt-oss)
+    format: str = "float"  # storage of the weight matrices: float, int8, int4, mxfp4, fp8
+    group_size: int = 0  # int4: columns per scale; mxfp4: 32; fp8: the block size; else 0
+
+    def __post_init__(self) -> None:
+        if self.format not in formats.FORMATS:
+            raise ValueError(f"unknown expert format {self.format!r}; known: {', '.join(formats.FORMATS)}")
 
     @property
     def gate_up_rows(self) -> int:
         return (2 if self.has_gate else 1) * self.intermediate_size
 
     @property
+    def matrices(self) -> tuple[tuple[str, int, int], ...]:
+        """``(name, rows, cols)`` of the two weight matrices: cols is what a matmul reduces over."""
+        return (
+            ("gate_up", self.gate_up_rows, self.hidden_size),
+            ("down", self.hidden_size, self.intermediate_size),
+        )
+
+    @property
     def fields(self) -> tuple[Field, ...]:
-        shapes: list[tuple[str, tuple[int, ...]]] = [
-            ("gate_up", (self.gate_up_rows, self.hidden_size)),
-            ("down", (self.hidden_size, self.intermediate_size)),
-        ]
+        shapes: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        for name, rows, cols in self.matrices:
+            shapes += formats.matrix_fields(name, rows, cols, self.format, self.group_size, self.dtype)
         if self.has_bias:
-            shapes += [("gate_up_bias", (self.gate_up_rows,)), ("down_bias", (self.hidden_size,))]
+            shapes += [
+                ("gate_up_bias", (self.gate_up_rows,), self.dtype),
+                ("down_bias", (self.hidden_size,), self.dtype),
+            ]
         out, offset = [], 0
-        for name, shape in shapes:
-            out.append(Field(name, shape, offset))
-            offset = _align(offset + _numel(shape) * self.element_size)
+        for name, shape, dtype in shapes:
+            field = Field(name, shape, offset, dtype)
+            out.append(field)
+            offset = _align(offset + field.nbytes)
         return tuple(out)
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        """Bytes of one element of the compute dtype."""
+        return _itemsize(self.dtype)
 
     @property
     def nbytes(self) -> int:
         """Bytes of one expert, padded: the stride between experts in the store and the slot pool."""
         last = self.fields[-1]
-        return _align(last.offset + _numel(last.shape) * self.element_size)
+        return _align(last.offset + last.nbytes)
 
     @property
     def payload_bytes(self) -> int:
-        """Bytes of weights (and biases) in one expert, without padding."""
-        return sum(_numel(f.shape) for f in self.fields) * self.element_size
+        """Bytes of weights (and scales, zero points, biases) in one expert, without padding."""
+        return sum(f.nbytes for f in self.fields)
+
+    @property
+    def format_name(self) -> str:
+        """What ``offload.stats`` reports: the dtype for float experts (``bf16``), else the format."""
+        if self.format == "float":
+            return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(
+                self.dtype, str(self.dtype)
+            )
+        return f"int4-g{self.group_size}" if self.format == "int4" and self.group_size != 64 else self.format
+
+    def weight(self, fields: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """Matrix ``name`` (``gate_up`` or ``down``) as ``[..., R, C]`` in the compute dtype, read back from
+        ``fields`` (one expert's views, or a slot's): the reference every kernel is checked against."""
+        cols = self.hidden_size if name == "gate_up" else self.intermediate_size
+        return formats.dequantize(fields, name, self.format, cols, self.group_size, self.dtype)
 
     def field(self, name: str) -> Field:
         for f in self.fields:
@@ -97,13 +142,13 @@ class ExpertLayout:
         lead = buffer.shape[:-1]
         out = {}
         for f in self.fields:
-            size = _numel(f.shape) * self.element_size
-            out[f.name] = buffer[..., f.offset : f.offset + size].view(self.dtype).view(*lead, *f.shape)
+            out[f.name] = buffer[..., f.offset : f.offset + f.nbytes].view(f.dtype).view(*lead, *f.shape)
         return out
 
     def canonicalize(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """HF experts tensors of one layer (``gate_up_proj`` or ``up_proj``, ``down_proj``, optional
-        ``*_bias``; all ``[E, ...]``) -> canonical fields ``[E, *shape]`` in this layout's dtype."""
+        ``*_bias``; all ``[E, ...]``) -> canonical float tensors ``[E, rows, cols]`` (and biases) in the compute
+        dtype: the fields of a float layout, the input of :meth:`pack` for a compressed one."""
         gate_up = weights["gate_up_proj" if self.has_gate else "up_proj"]
         down = weights["down_proj"]
         if self.source_transposed:  # stored [E, in, out]
@@ -117,11 +162,33 @@ class ExpertLayout:
             if self.has_bias:
                 bias = out["gate_up_bias"]
                 out["gate_up_bias"] = torch.cat((bias[:, 0::2], bias[:, 1::2]), dim=1)
-        for f in self.fields:
-            got = tuple(out[f.name].shape[1:])
-            if got != f.shape:
-                raise ValueError(f"experts field {f.name}: expected per-expert shape {f.shape}, got {got}")
+        expected: dict[str, tuple[int, ...]] = {name: (rows, cols) for name, rows, cols in self.matrices}
+        if self.has_bias:
+            expected.update(gate_up_bias=(self.gate_up_rows,), down_bias=(self.hidden_size,))
+        for name, shape in expected.items():
+            got = tuple(out[name].shape[1:])
+            if got != shape:
+                raise ValueError(f"experts field {name}: expected per-expert shape {shape}, got {got}")
         return {name: t.to(self.dtype) for name, t in out.items()}
+
+    def pack(self, canonical: dict[str, torch.Tensor], expert: int) -> dict[str, torch.Tensor]:
+        """One expert's fields in this layout's format, from the canonical float tensors ``[E, ...]``
+        (:meth:`canonicalize`): the weights quantized when the format asks for it."""
+        out: dict[str, torch.Tensor] = {}
+        for name, _, _ in self.matrices:
+            weight = canonical[name][expert]
+            if self.format == "float":
+                out[name] = weight
+            else:
+                out.update(formats.quantize(weight, name, self.format, self.group_size, self.dtype))
+        for name in ("gate_up_bias", "down_bias"):
+            if name in canonical:
+                out[name] = canonical[name][expert]
+        return out
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -54,11 +54,18 @@ class BudgetPlan:
         )
 
 
+# cuBLAS(Lt) workspace torch allocates per handle on the compute stream (its default of 32 MiB on Hopper;
+# less on older GPUs): device memory a forward takes that no activation accounts for.
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20
+
+
 def plan_budget(survey: ModelSurvey, config: OffloadConfig) -> BudgetPlan:
     """The slots ``config``'s budget leaves for ``survey``'s model; BudgetError below the minimum."""
     workspace = config.workspace_bytes
     if workspace is None:
         workspace = survey.workspace_bytes(config.max_context)
+        if config.device.type == "cuda":
+            workspace += CUBLAS_WORKSPACE_BYTES
     return fit_budget(
         budget_bytes=config.vram_budget,
         resident_bytes=survey.resident_bytes,

@@ -3,7 +3,8 @@
 ::
 
     route    the router's choices (transformers' code, before this step), then the routing override if one
-             is set, then the recorder; pairs grouped by expert (RoutedTokens: one host read of the counts)
+             is set; a router predictor's ids for a coming layer (on the device); pairs grouped by expert, with
+             the layer's one device-to-host read (RoutedTokens); the recorder
     plan     ExpertCache.access: hits, misses, victims, slots and waves (pure Python); the prefetcher settles
              the experts it prefetched for this layer (landed in time, or late)
     serve    per wave: every miss is copied into its slot (the copy engine). After the first wave's demand
@@ -29,6 +30,7 @@ from offload.memory.copy_engines import CopyEngine
 from offload.memory.host_store import HostExpertStore
 from offload.memory.slot_pool import SlotPool
 from offload.runtime.recorder import RoutingRecorder
+from offload.runtime.router_predictors import RouterPredictor
 
 # (layer, top_k_index [T, k], top_k_weights [T, k]) -> the routing to use instead
 RoutingOverride = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -54,10 +56,11 @@ class LayerStep:
         self.recorder = recorder
         self.prefetcher: Prefetcher | None = None
         self.routing_override: RoutingOverride | None = None
+        # Each layer's row of the device slot table, as views made once (making one costs host time).
+        self._table_rows = list(pool.table.unbind(0))
         self.layer_calls = 0
         self.waves = 0
 
-    @torch.no_grad()
     def __call__(
         self,
         layer: int,
@@ -66,30 +69,47 @@ class LayerStep:
         top_k_index: torch.Tensor,  # [T, k]
         top_k_weights: torch.Tensor,  # [T, k]
     ) -> torch.Tensor:  # [T, H]
+        if torch.is_grad_enabled():  # generate() runs without; a direct call may not
+            with torch.no_grad():
+                return self(layer, activation, hidden_states, top_k_index, top_k_weights)
         routed = self.route(layer, hidden_states, top_k_index, top_k_weights)
         plan = self.plan(layer, routed)
         tokens, top_k = routed.top_k_index.shape
         # Same accumulation as transformers: weighted pairs in the promoted dtype, summed over k, cast back.
         out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
-        pairs_out = torch.zeros(
+        # Every row is written by exactly one wave unless some pair has a padding id: zeros only then.
+        alloc = torch.empty if routed.complete else torch.zeros
+        pairs_out = alloc(
             (tokens * top_k, hidden_states.shape[-1]), dtype=out_dtype, device=hidden_states.device
         )
+        # A single wave holds every expert of the call: the kernel may look slots up in the device slot
+        # table instead of a per-wave table copied from the host (offload.memory.slot_pool).
+        slot_row = self._table_rows[layer] if len(plan.waves) == 1 else None
         for i, wave in enumerate(plan.waves):
             self.serve(layer, wave)
-            if i == 0:
+            if i == 0 and self.prefetcher is not None:
                 self.serve_prefetch(self.guess(layer, routed, plan))
-            self.compute(routed, wave, activation, pairs_out)
+            self.compute(routed, wave, activation, pairs_out, slot_row)
         self.layer_calls += 1
-        return pairs_out.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+        # The sum over k; for one token the same reduction (bitwise) without the view's dispatch.
+        out = (
+            pairs_out.sum(dim=0, keepdim=True)
+            if tokens == 1
+            else pairs_out.view(tokens, top_k, -1).sum(dim=1)
+        )
+        return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
     def route(
         self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> RoutedTokens:
         if self.routing_override is not None:
             top_k_index, top_k_weights = self.routing_override(layer, top_k_index, top_k_weights)
+        predictor = None if self.prefetcher is None else self.prefetcher.predictor
+        along = predictor.router_ids(layer, hidden) if isinstance(predictor, RouterPredictor) else None
+        routed = RoutedTokens.build(hidden, top_k_index, top_k_weights, self.num_experts, along=along)
         if self.recorder is not None:
-            self.recorder.record(layer, top_k_index, top_k_weights)
-        return RoutedTokens.build(hidden, top_k_index, top_k_weights, self.num_experts)
+            self.recorder.record(layer, routed.ids.reshape(top_k_index.shape), top_k_weights)
+        return routed
 
     def plan(self, layer: int, routed: RoutedTokens) -> AccessPlan:
         plan = self.cache.access(layer, routed.experts)
@@ -99,30 +119,43 @@ class LayerStep:
 
     def serve(self, layer: int, wave: Wave) -> None:
         """Copy the wave's misses into their slots (asynchronously where the engine can)."""
-        self.engine.load([(wave.slots[i], self.store.expert(layer, wave.experts[i])) for i in wave.loads])
+        if wave.loads:
+            base = layer * self.num_experts
+            self.engine.load(
+                [(wave.slots[i], self.store.expert(layer, wave.experts[i])) for i in wave.loads],
+                keys=[base + wave.experts[i] for i in wave.loads],
+            )
 
     def guess(self, layer: int, routed: RoutedTokens, plan: AccessPlan) -> Prefetch | None:
         if self.prefetcher is None:
             return None
-        return self.prefetcher.after_access(layer, routed.experts, plan, hint=routed.hidden)
+        # The hint: what a router predictor computed on the device, read to the host with the routing.
+        return self.prefetcher.after_access(layer, routed.experts, plan, hint=routed.along)
 
     def serve_prefetch(self, prefetch: Prefetch | None) -> None:
         """Copy a prefetch in behind the demand copies: it lands while this layer computes."""
         if prefetch is not None:
+            base = prefetch.layer * self.num_experts
             self.engine.load(
                 [
                     (slot, self.store.expert(prefetch.layer, expert))
                     for expert, slot in zip(prefetch.experts, prefetch.slots, strict=True)
-                ]
+                ],
+                keys=[base + expert for expert in prefetch.experts],
             )
 
     def compute(
-        self, routed: RoutedTokens, wave: Wave, activation: ExpertActivation, pairs_out: torch.Tensor
+        self,
+        routed: RoutedTokens,
+        wave: Wave,
+        activation: ExpertActivation,
+        pairs_out: torch.Tensor,
+        slot_row: torch.Tensor | None,
     ) -> None:
         """Wait for exactly the wave's slots, compute its experts' pairs, then let its slots be reused
         (invariant *slot-safety*)."""
         self.engine.acquire(wave.slots)
-        self.kernel(routed, wave.experts, wave.slots, self.pool, activation, pairs_out)
+        self.kernel(routed, wave.experts, wave.slots, self.pool, activation, pairs_out, slot_row=slot_row)
         self.engine.release(wave.slots)
         self.waves += 1
 

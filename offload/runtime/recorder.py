@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from cache_policies import RoutingTrace
+from offload.kernels.routing import read_to_host
 
 
 class RoutingRecorder:
@@ -21,14 +22,16 @@ class RoutingRecorder:
         self._ids: list[np.ndarray] = []  # the open step, one [tokens, top_k] per layer so far
         self._open_weights: list[np.ndarray] = []
 
-    def record(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+    def record(self, layer: int, ids: np.ndarray, top_k_weights: torch.Tensor) -> None:
+        """``ids``: the layer call's expert ids ``[T, k]``, already on the host; the weights ``[T, k]`` are read
+        here (the one extra device-to-host read per layer that recording costs)."""
         if layer == 0:
             self._ids, self._open_weights = [], []
         if layer != len(self._ids):  # a layer was skipped (an aborted forward): drop the partial step
             self._ids, self._open_weights = [], []
             return
-        self._ids.append(top_k_index.detach().to("cpu", torch.int64).numpy())
-        self._open_weights.append(top_k_weights.detach().to("cpu", torch.float32).numpy())
+        self._ids.append(ids.astype(np.int64, copy=False))
+        self._open_weights.append(read_to_host(top_k_weights.detach().float()))
         if len(self._ids) == self.num_layers:
             self._steps.append(np.stack(self._ids, axis=1))
             self._weights.append(np.stack(self._open_weights, axis=1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,8 +18,12 @@ from cache_policies import Guess
 from offload.errors import UnsupportedModelError
 
 
-class LookaheadPredictor:
-    name = "lookahead"
+class RouterPredictor:
+    """A predictor in two halves, so that it adds no device-to-host read of its own: ``router_ids`` runs on
+    the device before the layer's routing is read to the host, its ids ride along in that one read
+    (:meth:`offload.kernels.RoutedTokens.build`), and ``guess`` gets their host copy as ``hint``."""
+
+    name = "router"
 
     def __init__(self, routers: list[nn.Module], num_experts: int) -> None:
         self.routers = routers  # one per MoE layer, found by offload.hf.install.moe_routers
@@ -27,25 +32,39 @@ class LookaheadPredictor:
     def observe(self, layer: int, experts: Any) -> None:
         pass  # it predicts from the hidden state alone
 
-    def guess(self, layer: int, count: int, hint: Any) -> Guess | None:
-        """Layer ``layer + 1``'s experts for ``hint`` (the hidden state ``[T, H]`` entering ``layer``'s experts);
-        None after the last layer. ``count`` is unused: the router picks its own top-k per token."""
-        ids = self.router_ids(layer, hint)
-        if ids is None:
-            return None
-        return Guess(layer + 1, [e for e in torch.unique(ids).tolist() if 0 <= e < self.num_experts])
+    def target(self, layer: int) -> int | None:
+        """The layer it guesses for while ``layer`` runs; None for none."""
+        raise NotImplementedError
 
     def router_ids(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """Expert ids ``[T, k]`` layer ``layer + 1`` would choose for ``hidden_states`` ``[T, H]``; None after the
-        last layer. Calls ``forward`` directly so no module hook (e.g. router-logit recorders) sees it."""
-        if layer + 1 >= len(self.routers):
+        """Expert ids ``[T, k]`` the target layer's router chooses for ``hidden_states`` ``[T, H]`` (the state
+        entering ``layer``'s experts); None when there is no target. Calls ``forward`` directly so no module hook
+        (e.g. router-logit recorders) sees it."""
+        target = self.target(layer)
+        if target is None:
             return None
-        out = self.routers[layer + 1].forward(hidden_states)
+        out = self.routers[target].forward(hidden_states)
         outputs = out if isinstance(out, tuple) else (out,)
         ids = [t for t in outputs if torch.is_tensor(t) and not t.is_floating_point() and t.dim() == 2]
         if not ids:
             raise UnsupportedModelError(
-                f"lookahead prefetch: the router of MoE layer {layer + 1} ({type(self.routers[layer + 1]).__name__}) "
+                f"{self.name} prefetch: the router of MoE layer {target} ({type(self.routers[target]).__name__}) "
                 "does not return expert ids; use prefetch='history'"
             )
         return ids[0]
+
+    def guess(self, layer: int, count: int, hint: Any) -> Guess | None:
+        """The target layer's experts from ``hint``, the host copy of :meth:`router_ids`' ids. ``count`` is
+        unused: the router picks its own top-k per token."""
+        target = self.target(layer)
+        if target is None or hint is None:
+            return None
+        ids = np.asarray(hint)
+        return Guess(target, np.unique(ids[(ids >= 0) & (ids < self.num_experts)]).tolist())
+
+
+class LookaheadPredictor(RouterPredictor):
+    name = "lookahead"
+
+    def target(self, layer: int) -> int | None:
+        return layer + 1 if layer + 1 < len(self.routers) else None

@@ -8,13 +8,15 @@ optionally a routing recorder and a prefetcher. Every MoE layer call goes throug
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from cache_policies import HistoryPredictor, Predictor, Prefetcher
 from offload.config import OffloadConfig
 from offload.errors import OffloadError
 from offload.kernels import ExpertActivation, select_kernel
-from offload.memory.copy_engines import make_copy_engine
+from offload.memory.copy_engines import CopyEngine, make_copy_engine
 from offload.memory.host_store import HostExpertStore
 from offload.memory.slot_pool import SlotPool
 from offload.offload_stats import OffloadStats
@@ -35,10 +37,11 @@ class OffloadRuntime:
         self.budget = budget
         device = config.device
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
             self._memory_baseline = torch.cuda.memory_allocated(device)
         self.store = HostExpertStore(survey.layout, survey.num_layers, survey.num_experts, pin=config.pin)
-        self.pool = SlotPool(survey.layout, budget.slots, device)
+        self.pool = SlotPool(
+            survey.layout, budget.slots, device, table_shape=(survey.num_layers, survey.num_experts)
+        )
         self.engine = make_copy_engine(self.pool, config.copy_engine, overlap=config.prefetch != "none")
         self.cache = build_cache(config, survey, budget.slots)
         self.recorder = (
@@ -57,12 +60,22 @@ class OffloadRuntime:
             self.use_predictor(HistoryPredictor(survey.num_layers, config.history_window))
         self.activations: list[ExpertActivation | None] = [None] * survey.num_layers
         self.closed = False
+        # Whether by close() or by the runtime being dropped with its model: copies in flight land before the
+        # slots and the pinned store they touch are released (invariant *slot-safety*).
+        self._release = weakref.finalize(self, _release, self.engine, self.pool, self.store)
 
     def attach_layer(
         self, layer: int, weights: dict[str, torch.Tensor], activation: ExpertActivation
     ) -> None:
         """Pack one MoE layer's HF expert tensors into the host store."""
         self.store.fill_layer(layer, weights)
+        self.activations[layer] = activation
+
+    def attach_packed_layer(
+        self, layer: int, fields: dict[str, torch.Tensor], activation: ExpertActivation
+    ) -> None:
+        """Store one MoE layer whose fields ``[E, ...]`` are already in the layout's format."""
+        self.store.fill_packed_layer(layer, fields)
         self.activations[layer] = activation
 
     def use_predictor(self, predictor: Predictor) -> None:
@@ -95,14 +108,13 @@ class OffloadRuntime:
     def close(self) -> None:
         """Release the copy thread or stream (after the copies in flight land), the slots and the pinned
         store. Idempotent; the model cannot run afterwards."""
-        if self.closed:
-            return
         self.closed = True
-        self.engine.close()
-        self.pool.release()
-        self.store.release()
+        self._release()  # runs once
 
     def stats(self) -> OffloadStats:
+        """Counters since load. Peak device memory is ``max_memory_allocated`` minus what was allocated when
+        the runtime was built: the process-wide peak counter is not reset (it is the user's too), so a higher
+        peak from earlier in the process shows here; reset it before loading to measure one model."""
         device = self.config.device
         if not self.closed:
             self.engine.synchronize()  # counters of copies still in flight
@@ -128,4 +140,12 @@ class OffloadRuntime:
             prefetch_late=0 if prefetcher is None else prefetcher.late,
             prefetch_wasted=self.cache.prefetch_wasted,
             stall_seconds=self.engine.stall_seconds,
+            expert_format=self.survey.layout.format_name,
+            expert_bytes=self.survey.layout.nbytes,
         )
+
+
+def _release(engine: CopyEngine, pool: SlotPool, store: HostExpertStore) -> None:
+    engine.close()  # waits for every copy in flight
+    pool.release()
+    store.release()

@@ -25,10 +25,10 @@ TOTAL_SECONDS = {False: 360.0, True: 120.0}  # the whole check: on a GPU, and th
 # Each stage's cap (seconds), on a GPU and in the smoke run; the caps fit the totals with room for startup.
 CAPS = {
     "machine": (25, 12),
-    "tests": (70, 36),
-    "budget": (55, 24),
-    "kernels": (90, 20),
-    "e2e": (110, 26),
+    "tests": (70, 44),
+    "budget": (55, 22),
+    "kernels": (90, 18),
+    "e2e": (110, 22),
 }
 
 

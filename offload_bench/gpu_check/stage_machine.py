@@ -93,7 +93,7 @@ def h2d_large(device: torch.device, n: int) -> dict:
     pinned = device.type == "cuda"
     dst = torch.empty(n, dtype=torch.uint8, device=device)
     sources = {
-        "registered": host_buffer(n, pin=pinned),
+        "registered": host_buffer(n, pin=pinned)[0],
         "torch_pinned": torch.ones(n, dtype=torch.uint8, pin_memory=pinned),
         "pageable": torch.ones(n, dtype=torch.uint8),
     }
@@ -115,7 +115,7 @@ def engine_copies(device: torch.device, layout: ExpertLayout, budget_bytes: int)
     copy engine (its copy stream on CUDA) into a slot pool, timed by the engine itself and by the wall clock."""
     count = max(4, min(64, budget_bytes // layout.nbytes))
     slots = min(count, 16)
-    host = host_buffer(count * layout.nbytes, pin=device.type == "cuda").view(count, layout.nbytes)
+    host = host_buffer(count * layout.nbytes, pin=device.type == "cuda")[0].view(count, layout.nbytes)
     pool = SlotPool(layout, slots, device)
     engine = make_copy_engine(pool)
     best_wall = math.inf

@@ -88,3 +88,24 @@ def test_routing_override_replaces_the_choices_and_can_be_removed(mixtral_checkp
     with torch.no_grad():
         own, reference = model(prompt("cpu")).logits, plain(prompt("cpu")).logits
     assert torch.equal(own, reference) and not torch.equal(forced, reference)
+
+
+def test_a_model_dropped_without_close_releases_after_its_copies(mixtral_checkpoint: Path) -> None:
+    """No offload.close(): when the model goes, the runtime's finalizer waits for the copy thread's queued
+    copies (delayed here, so some are still queued) before the slots and the store are let go."""
+    from offload.memory.copy_engines import injected_copy_delays
+
+    before = len(copy_threads())
+    with injected_copy_delays(0.001, 0.003, seed=1):
+        model = load(
+            mixtral_checkpoint, slot_counts(mixtral_checkpoint)["quarter"], "cpu", prefetch="history"
+        )
+    runtime = runtime_of(model)
+    engine, store = runtime.engine, runtime.store
+    with torch.no_grad():
+        model(prompt("cpu"))
+    del model, runtime
+    gc.collect()
+    assert len(copy_threads()) == before
+    assert isinstance(engine, ThreadedCopyEngine) and not any(engine._pending)  # every copy landed
+    assert store.nbytes == 0  # released after the copies, not before

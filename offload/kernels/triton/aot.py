@@ -167,6 +167,51 @@ MODELS = {
 }
 
 
+# Every activation and layout variant the runtime can meet: (kind, has_gate, has_bias).
+VARIANTS = [(act, gate, bias) for act in ("silu", "gelu_tanh", "gelu", "relu") for gate in (True, False)
+            for bias in (False, True)] + [("gpt_oss", True, True), ("gpt_oss", True, False)]  # fmt: skip
+# Token counts at which the dispatch's choices change (decode, split-K, prefill block sizes).
+TOKEN_SWEEP = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+_NOT_VARIANT = {"N", "K", "TOP_K", "NUM_EXPERTS", "UP_OFF", "K_PER_SPLIT", "pos_base", "num_blocks", "alpha",
+                "limit", "slot_stride"}  # fmt: skip
+
+
+def variant_launches(
+    targets: list[str], dtypes: list[torch.dtype]
+) -> list[tuple[str, Any, tuple[int, ...], dict[str, Any]]]:
+    """One launch per distinct compiled kernel the dispatch can pick: every tile it chooses for the four
+    model shapes across :data:`TOKEN_SWEEP`, and every activation and layout variant (decode and prefill at
+    one shape). Distinct means a different kernel, target, dtype, flag, tile, split > 1, warps or stages;
+    the dimensions only bound loops and masks. Returns ``(target, kernel, grid, kwargs)``."""
+    seen: dict[tuple[Any, ...], tuple[str, Any, tuple[int, ...], dict[str, Any]]] = {}
+    for target, dtype in itertools.product(targets, dtypes):
+        info = TARGETS[target][1]
+        cases = [
+            (ExpertLayout(h, i, True, False, dtype), tokens, k, e, "silu")
+            for (h, i, e, k), tokens in itertools.product(MODELS.values(), TOKEN_SWEEP)
+        ] + [
+            (ExpertLayout(2048, 1024, gate, bias, dtype), tokens, 8, 64, act)
+            for (act, gate, bias), tokens in itertools.product(VARIANTS, (1, 256))
+        ]
+        for layout, tokens, top_k, experts, act in cases:
+            for kernel, grid, kwargs in record_launches(layout, tokens, top_k, experts, act, info):
+                key = (target, str(dtype), kernel.__name__, _flags(kwargs, dims=False))
+                seen.setdefault(key, (target, kernel, grid, kwargs))
+    return list(seen.values())
+
+
+def _flags(kwargs: dict[str, Any], dims: bool) -> tuple[tuple[str, Any], ...]:
+    """What makes a compiled kernel distinct: its constexprs and launch options (with ``dims``, the sizes
+    too; without, only whether K is split)."""
+    return tuple(
+        sorted(
+            (name, value if dims or name != "SPLIT" else value > 1)
+            for name, value in kwargs.items()
+            if not torch.is_tensor(value) and (dims or name not in _NOT_VARIANT)
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", action="append", choices=sorted(TARGETS), help="default: all")
@@ -174,40 +219,67 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, action="append", help="default: 1, 64, 4096")
     parser.add_argument("--dtype", action="append", choices=["bf16", "fp16", "fp32"], help="default: bf16")
     parser.add_argument("--bias", action="store_true", help="experts with biases (gpt-oss style)")
+    parser.add_argument(
+        "--all-variants",
+        action="store_true",
+        help="every distinct kernel the dispatch can pick (tiles across token counts, every activation and "
+        "layout) for the targets and dtypes given, instead of --model/--tokens",
+    )
+    parser.add_argument("--shard", default="0/1", help="I/N: compile every N-th variant from the I-th")
     parser.add_argument("--json", action="store_true", help="one JSON object per launch")
     args = parser.parse_args(argv)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    targets = args.target or sorted(TARGETS)
+    chosen_dtypes = [dtypes[d] for d in args.dtype or ["bf16"]]
+    if args.all_variants:
+        index, count = (int(x) for x in args.shard.split("/"))
+        todo = variant_launches(targets, chosen_dtypes)[index::count]
+        print(f"{len(todo)} distinct launches in shard {args.shard}")
+        failures = sum(_report(t, k, g, kw, "variants", 0, args.json) for t, k, g, kw in todo)
+        return 1 if failures else 0
     failures = 0
-    seen: set[tuple[str, ...]] = set()
-    cases = itertools.product(
-        args.target or sorted(TARGETS), args.dtype or ["bf16"], args.model or sorted(MODELS)
-    )
-    for target, dtype_name, model in cases:
+    seen: set[tuple[Any, ...]] = set()
+    for target, dtype, model in itertools.product(targets, chosen_dtypes, args.model or sorted(MODELS)):
         hidden, inter, experts, top_k = MODELS[model]
-        layout = ExpertLayout(hidden, inter, True, args.bias, dtypes[dtype_name])
+        layout = ExpertLayout(hidden, inter, True, args.bias, dtype)
         for tokens in args.tokens or [1, 64, 4096]:
-            launches = record_launches(layout, tokens, top_k, experts, "silu", TARGETS[target][1])
-            for kernel, grid, kwargs in launches:
-                launch = compile_launch(kernel, grid, kwargs, target)
-                problems = check(launch, layout.dtype)
-                failures += bool(problems)
-                key = (target, dtype_name, model, launch.kernel, launch.constexprs)
-                if key in seen and not problems:
+            for kernel, grid, kwargs in record_launches(
+                layout, tokens, top_k, experts, "silu", TARGETS[target][1]
+            ):
+                key = (target, str(dtype), model, kernel.__name__, _flags(kwargs, dims=True))
+                if key in seen:
                     continue
                 seen.add(key)
-                if args.json:
-                    row = dict(
-                        asdict(launch), dtype=dtype_name, model=model, tokens=tokens, problems=problems
-                    )
-                    print(json.dumps(row))
-                    continue
-                print(
-                    f"{target:8} {dtype_name:4} {model:17} T={tokens:<5} {launch.kernel:13} "
-                    f"{launch.constexprs:45} warps={launch.num_warps} stages={launch.num_stages} "
-                    f"smem={launch.shared_bytes:>6} tc={launch.tensor_core_ops:<3} vec={launch.vector_loads:<3} "
-                    f"scalar={launch.scalar_loads:<3} {'; '.join(problems) or 'ok'}"
-                )
+                failures += _report(target, kernel, grid, kwargs, model, tokens, args.json)
     return 1 if failures else 0
+
+
+def _report(
+    target: str,
+    kernel: Any,
+    grid: tuple[int, ...],
+    kwargs: dict[str, Any],
+    model: str,
+    tokens: int,
+    as_json: bool,
+) -> bool:
+    """Compile one launch, check it, print a line (or a JSON object); True when it has a problem."""
+    launch = compile_launch(kernel, grid, kwargs, target)
+    dtype = kwargs["bias_ptr"].dtype  # a field of the pool in every kernel: the experts' dtype
+    problems = check(launch, dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
+    if as_json:
+        print(
+            json.dumps(dict(asdict(launch), dtype=dtype_name, model=model, tokens=tokens, problems=problems))
+        )
+        return bool(problems)
+    print(
+        f"{target:8} {dtype_name:8} {model:17} T={tokens:<5} {launch.kernel:13} "
+        f"{launch.constexprs:45} warps={launch.num_warps} stages={launch.num_stages} "
+        f"smem={launch.shared_bytes:>6} tc={launch.tensor_core_ops:<3} vec={launch.vector_loads:<3} "
+        f"scalar={launch.scalar_loads:<3} {'; '.join(problems) or 'ok'}"
+    )
+    return bool(problems)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 Pipeline of one wave (``[Route] -> [Plan] -> [Gate-up + act] -> [Down + weight] -> [Combine]``)::
 
-    routed (pairs_by_expert, host offsets)      one per layer call, shared by every wave
+    routed (pairs_by_expert, host spans)        one per layer call, shared by every wave
       -> plan_launch(...)                       pure: path and tiles from the *layer call* (launch_plan.py)
-      -> slot_map [E] int32 (+ block table)     host lists -> one small non-blocking copy to the device
+      -> slot_map [E] int32 (+ block table)     the device slot table row, or host lists copied non-blocking
       -> stage 1: h[row] = act(x @ gate.T + b) * (x @ up.T + b)      h: [rows, I] workspace, weights' dtype
       -> stage 2: out[pair] = (h[row] @ down.T + b) * weight[pair]   out: [T*k, H], the caller's buffer
       -> the runtime sums out over k
@@ -17,11 +17,16 @@ device), so results are bitwise identical whatever the wave partition or slot nu
 The runtime's ``pairs_out.view(T, k, H).sum(1)`` then combines the top-k rows in a fixed order.
 
 The expert -> slot lookup is done on the device through ``slot_map`` (and the pair -> expert lookup through
-``top_k_index``), so nothing here waits on the device; the few host lists are copied from pinned memory.
+``top_k_index``), so nothing here waits on the device. For a single-wave call (every decode step) the slot
+map is the layer's row of the pool's device slot table, which the copy engine keeps up to date on its own
+stream: a decode step copies nothing from the host on the compute stream. A multi-wave call (a prefill that
+needs more experts than there are slots) copies its wave's slot map, and every prefill its block table, from
+pinned memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -47,6 +52,9 @@ from offload.kernels.triton.launch_plan import (
 )
 from offload.kernels.triton.prefill import pairs_gemm
 from offload.memory.slot_pool import SlotPool
+
+# Storage formats the fused kernels read straight from the slot pool; others run the torch reference.
+FORMAT_CODES = {"float": 0}
 
 # The bf16 tl.dot trap is the interpreter's (on CPU tensors, or on CUDA ones when debugging with it).
 INTERPRETED = isinstance(pairs_gemm, InterpretedFunction)
@@ -106,27 +114,28 @@ class TritonMoeKernel:
         pool: SlotPool,
         activation: ExpertActivation,
         out: torch.Tensor,
+        slot_row: torch.Tensor | None = None,
     ) -> Callable[[], None]:
         """Do one wave's host work now (plan, tables, workspaces) and return a closure that only launches
         the kernels: what a CUDA graph captures, and what the benchmark times as kernel time."""
-        if activation.kind not in ACT_CODES:
+        if activation.kind not in ACT_CODES or pool.layout.format not in FORMAT_CODES:
             return functools.partial(expert_pairs_torch, routed, experts, slots, pool, activation, out)
         launches: list[tuple[Any, tuple[int, ...], dict[str, Any]]] = []
         recorder = TritonMoeKernel(self.options, self.device_info, lambda *launch: launches.append(launch))
-        recorder(routed, experts, slots, pool, activation, out)
+        recorder(routed, experts, slots, pool, activation, out, slot_row=slot_row)
         self.last_plan = recorder.last_plan
 
         def run() -> None:
-            for kernel, grid, kwargs in launches:
-                self.launch(kernel, grid, kwargs)
+            with _on(pool.device):
+                for kernel, grid, kwargs in launches:
+                    self.launch(kernel, grid, kwargs)
 
         return run
 
     def plan(self, routed: RoutedTokens, pool: SlotPool) -> LaunchPlan:
-        counts = [b - a for a, b in zip(routed.offsets[:-1], routed.offsets[1:], strict=True)]
         return plan_launch(
             num_pairs=routed.top_k_index.numel(),
-            max_pairs_per_expert=max(counts, default=0),
+            max_pairs_per_expert=routed.max_pairs_per_expert,
             active_experts=len(routed.experts),
             layout=pool.layout,
             device=self._device_info(pool.device),
@@ -141,13 +150,15 @@ class TritonMoeKernel:
         pool: SlotPool,
         activation: ExpertActivation,
         out: torch.Tensor,  # [T*k, H], promote_types(hidden.dtype, weights.dtype)
+        slot_row: torch.Tensor | None = None,  # [E] int32: the layer's slot table row (single-wave calls)
     ) -> None:
-        if activation.kind not in ACT_CODES:  # "custom": only the HF code knows the math
+        if activation.kind not in ACT_CODES or pool.layout.format not in FORMAT_CODES:
+            # "custom": only the model's code knows the math; a storage format without a fused kernel yet
             expert_pairs_torch(routed, experts, slots, pool, activation, out)
             self.calls["torch"] += 1
             return
-        offsets = routed.offsets
-        live = [(e, s) for e, s in zip(experts, slots, strict=True) if offsets[e + 1] > offsets[e]]
+        spans = routed.spans
+        live = [(e, s) for e, s in zip(experts, slots, strict=True) if e in spans]
         if not live:
             return
         layout = pool.layout
@@ -164,12 +175,9 @@ class TritonMoeKernel:
         self.last_plan = plan
         self.calls[plan.path] += 1
 
-        num_experts = len(offsets) - 1
-        slot_map = [-1] * num_experts
-        for e, s in live:
-            slot_map[e] = s
-        pos_base = offsets[live[0][0]]
-        rows = offsets[live[-1][0] + 1] - pos_base  # positions spanned by this wave's experts
+        num_experts = routed.num_experts
+        pos_base = spans[live[0][0]][0]
+        rows = spans[live[-1][0]][1] - pos_base  # positions spanned by this wave's experts
         device = pool.device
         h_dim, i_dim = layout.hidden_size, layout.intermediate_size
         h_ws = torch.empty((rows, i_dim), dtype=layout.dtype, device=device)  # [rows, I]
@@ -178,9 +186,21 @@ class TritonMoeKernel:
         gated = layout.has_gate
         stages = (
             _Stage(
-                hidden, pool.field("gate_up"), bias_up, h_ws, i_dim, h_dim, i_dim if gated else 0, 1, gated
+                hidden,
+                pool.field("gate_up"),
+                bias_up,
+                h_ws,
+                i_dim,
+                h_dim,
+                i_dim if gated else 0,
+                1,
+                gated,
+                gated,
+                ACT_CODES[activation.kind],
             ),
-            _Stage(h_ws, pool.field("down"), bias_down, out, h_dim, i_dim, 0, 2, False),
+            # The activation is stage 1's alone: stage 2 always passes the same flags, so one compiled
+            # stage-2 kernel serves every activation and gate variant.
+            _Stage(h_ws, pool.field("down"), bias_down, out, h_dim, i_dim, 0, 2, False, False, 0),
         )
         args: dict[str, Any] = dict(
             order_ptr=routed.pairs_by_expert,
@@ -190,30 +210,36 @@ class TritonMoeKernel:
             alpha=float(activation.alpha),
             limit=float(activation.limit),
             TOP_K=routed.top_k,
-            HAS_GATE=gated,
             HAS_BIAS=layout.has_bias,
-            ACT=ACT_CODES[activation.kind],
         )
-        if plan.path == "decode":
-            args.update(
-                slot_map_ptr=_to_device(slot_map, device),
-                expert_ptr=routed.top_k_index.reshape(-1).contiguous(),
-                NUM_EXPERTS=num_experts,
-            )
-            for stage, tiles in zip(stages, (plan.gate_up, plan.down), strict=True):
-                assert isinstance(tiles, GemvTiles)
-                _launch_decode(self.launch, stage, tiles, rows, args)
-        else:
+        with _on(device):
+            if plan.path == "decode":
+                args.update(
+                    slot_map_ptr=slot_row
+                    if slot_row is not None
+                    else _to_device(_slot_map(live, num_experts), device),
+                    expert_ptr=routed.top_k_index.reshape(-1).contiguous(),
+                    NUM_EXPERTS=num_experts,
+                )
+                for stage, tiles in zip(stages, (plan.gate_up, plan.down), strict=True):
+                    assert isinstance(tiles, GemvTiles)
+                    _launch_decode(self.launch, stage, tiles, rows, args)
+                return
             assert isinstance(plan.gate_up, GemmTiles) and isinstance(plan.down, GemmTiles)
             block_m = plan.gate_up.block_m  # the same for both stages: one block table
             blocks: list[int] = []
             for e, _ in live:
-                for start in range(offsets[e], offsets[e + 1], block_m):
-                    blocks += [e, start, min(start + block_m, offsets[e + 1])]
-            table = _to_device(slot_map + blocks, device)  # one copy for both tables
+                first, end = spans[e]
+                for start in range(first, end, block_m):
+                    blocks += [e, start, min(start + block_m, end)]
+            if slot_row is not None:
+                slot_map, blocks_ptr = slot_row, _to_device(blocks, device)
+            else:  # one copy for both tables
+                table = _to_device(_slot_map(live, num_experts) + blocks, device)
+                slot_map, blocks_ptr = table[:num_experts], table[num_experts:]
             args.update(
-                slot_map_ptr=table[:num_experts],
-                blocks_ptr=table[num_experts:],
+                slot_map_ptr=slot_map,
+                blocks_ptr=blocks_ptr,
                 num_blocks=len(blocks) // 3,
                 UPCAST=INTERPRETED and layout.dtype == torch.bfloat16,
                 PRECISION=_dot_precision(),
@@ -221,6 +247,19 @@ class TritonMoeKernel:
             for stage, tiles in zip(stages, (plan.gate_up, plan.down), strict=True):
                 assert isinstance(tiles, GemmTiles)
                 _launch_prefill(self.launch, stage, tiles, len(blocks) // 3, args)
+
+
+def _slot_map(live: list[tuple[int, int]], num_experts: int) -> list[int]:
+    """Slot of each expert of this wave, -1 for every other expert (multi-wave calls)."""
+    slot_map = [-1] * num_experts
+    for e, s in live:
+        slot_map[e] = s
+    return slot_map
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Launch on the pool's device, whatever the current one is."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class _Stage(NamedTuple):
@@ -233,9 +272,19 @@ class _Stage(NamedTuple):
     up_off: int  # first weight row of "up" (I with a gate in stage 1, else 0)
     stage: int  # 1 or 2
     dual: bool  # two accumulators (gate and up)
+    has_gate: bool  # stage 1 only: the activation has a gate
+    act: int  # stage 1 only: the activation's code (ACT_CODES)
 
     def constexprs(self) -> dict[str, Any]:
-        return dict(N=self.n, K=self.k, UP_OFF=self.up_off, STAGE=self.stage, DUAL=self.dual)
+        return dict(
+            N=self.n,
+            K=self.k,
+            UP_OFF=self.up_off,
+            STAGE=self.stage,
+            DUAL=self.dual,
+            HAS_GATE=self.has_gate,
+            ACT=self.act,
+        )
 
 
 def _launch_decode(launch: Launch, stage: _Stage, tiles: GemvTiles, rows: int, args: dict[str, Any]) -> None:

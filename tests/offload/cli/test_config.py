@@ -75,7 +75,7 @@ def test_preset_values_and_command_line_precedence(tmp_path: Path) -> None:
         ('temperature = "hot"\n', ["key 'temperature' must be a number"]),
         ('prefetch = "sometimes"\n', ["key 'prefetch' must be one of none, history, lookahead"]),
         ('vram_budget = "12GB"\n', ["unknown key 'vram_budget'", "did you mean 'vram-budget'"]),
-        ('quantize = "int4"\n', ["unknown key 'quantize'"]),
+        ('kv-cache-dtype = "fp8"\n', ["unknown key 'kv-cache-dtype'"]),
         ("[serve]\nport = 1\n", ["key 'serve' is a table"]),
         ('vram-budget = "12GB\n', ["not valid TOML"]),
     ],

@@ -307,9 +307,20 @@ def test_record_trace_then_static_profile(
 
 
 def test_kernel_flag(cli_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """--kernel triton runs (in Triton's interpreter on CPU) and gives the torch path's greedy text."""
+    """--kernel triton runs (on the GPU where there is one, else in Triton's interpreter, which conftest switches
+    on only without a GPU) and gives the torch path's greedy text."""
     budget = budget_for(cli_checkpoint, 4, 64, "fp32")
-    base = ["--model", str(cli_checkpoint), "--vram-budget", budget, "--device", "cpu", "--max-context", "64"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = [
+        "--model",
+        str(cli_checkpoint),
+        "--vram-budget",
+        budget,
+        "--device",
+        device,
+        "--max-context",
+        "64",
+    ]
     base += ["--dtype", "fp32", "--prompt", "abc", "--max-new-tokens", "4"]
     outs = {}
     for kernel in ("torch", "triton"):

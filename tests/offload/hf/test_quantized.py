@@ -66,12 +66,16 @@ def gpt_oss_mxfp4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, trans
 
 
 def test_mxfp4_experts_load_dequantized(gpt_oss_mxfp4: tuple[Path, transformers.PreTrainedModel]) -> None:
+    """dequantize=True: the experts are expanded to the compute dtype while loading."""
     path, original = gpt_oss_mxfp4
-    default = offload.from_pretrained(path, vram_budget="1GB", device="cpu", max_context=64, progress=False)
+    default = offload.from_pretrained(
+        path, vram_budget="1GB", device="cpu", max_context=64, dequantize=True, progress=False
+    )
     assert runtime_of(default).survey.layout.dtype == torch.bfloat16  # the dtype gpt-oss was quantized from
+    assert offload.stats(default).expert_format == "bf16"
     # Compared in fp32, where the dequantized bf16 values are exact, so only summation order differs.
     model = offload.from_pretrained(
-        path, vram_budget="1GB", device="cpu", dtype="fp32", max_context=64, progress=False
+        path, vram_budget="1GB", device="cpu", dtype="fp32", max_context=64, dequantize=True, progress=False
     )
     original = original.float()
     runtime = runtime_of(model)
@@ -95,6 +99,56 @@ def test_mxfp4_experts_load_dequantized(gpt_oss_mxfp4: tuple[Path, transformers.
     )
 
 
+def test_mxfp4_experts_stay_mxfp4(gpt_oss_mxfp4: tuple[Path, transformers.PreTrainedModel]) -> None:
+    """By default the experts keep the checkpoint's bytes (about a quarter of bf16's), de-interleaved into the
+    canonical order, and the model gives the original's outputs (its weights are exactly MXFP4), bitwise the
+    same at a top-k budget and with every expert resident."""
+    path, original = gpt_oss_mxfp4
+    from safetensors import safe_open
+
+    original = original.float()
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = original(ids).logits
+    logits = []
+    for budget in ("1GB", None):
+        options = dict(device="cpu", dtype="fp32", max_context=64, progress=False)
+        if budget is None:  # the smallest budget: one layer's top-k slots
+            minimum = offload.from_pretrained(path, vram_budget="1GB", **options)
+            runtime = runtime_of(minimum)
+            budget = runtime.budget.fixed_bytes + runtime.survey.top_k * runtime.survey.layout.nbytes
+        model = offload.from_pretrained(path, vram_budget=budget, **options)
+        runtime = runtime_of(model)
+        layout = runtime.survey.layout
+        assert (layout.format, offload.stats(model).expert_format) == ("mxfp4", "mxfp4")
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+        torch.testing.assert_close(logits[-1], expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(logits[0], logits[1])
+    assert runtime.pool.num_slots == runtime.survey.top_k
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        name = runtime.survey.layer_names[0]
+        blocks = f.get_tensor(f"{name}.gate_up_proj_blocks").flatten(
+            2
+        )  # [E, 2I, H/2], gate and up interleaved
+    views = runtime.store.views(0, 1)
+    assert torch.equal(views["gate_up"], torch.cat((blocks[1, 0::2], blocks[1, 1::2])))
+    full = offload.from_pretrained(path, vram_budget="1GB", device="cpu", dequantize=True, progress=False)
+    assert layout.nbytes < 0.35 * runtime_of(full).survey.layout.nbytes  # 4.25 of 16 bits, scales and padding
+
+
+def test_quantize_needs_full_precision_experts(
+    gpt_oss_mxfp4: tuple[Path, transformers.PreTrainedModel],
+) -> None:
+    path, _ = gpt_oss_mxfp4
+    with pytest.raises(offload.OffloadError, match="stored in mxfp4 already"):
+        offload.from_pretrained(path, vram_budget="1GB", device="cpu", quantize="int4", progress=False)
+    model = offload.from_pretrained(
+        path, vram_budget="1GB", device="cpu", quantize="int4", dequantize=True, progress=False
+    )
+    assert offload.stats(model).expert_format == "int4"
+
+
 def fp8_representable(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """e4m3 codes, per-block inverse scales, and the exact values they stand for (fine-grained FP8)."""
     out, inp = weight.shape
@@ -108,7 +162,7 @@ def fp8_representable(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, t
     return codes.view(rows * block, cols * block)[:out, :inp].contiguous(), scale_inv, values
 
 
-def test_fine_grained_fp8_loads_dequantized(tmp_path: Path) -> None:
+def test_fine_grained_fp8_experts_stay_fp8(tmp_path: Path) -> None:
     block = 16
     config = tiny_config("qwen3_moe")
     torch.manual_seed(0)
@@ -146,16 +200,31 @@ def test_fine_grained_fp8_loads_dequantized(tmp_path: Path) -> None:
     }
     (path / "config.json").write_text(json.dumps(saved))
 
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    for dequantize, fmt in ((False, "fp8"), (True, "fp32")):  # kept in e4m3 with block scales, or expanded
+        model = offload.from_pretrained(
+            path,
+            vram_budget="1GB",
+            device="cpu",
+            dtype="fp32",
+            max_context=64,
+            dequantize=dequantize,
+            progress=False,
+        )
+        assert offload.stats(model).expert_format == fmt
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(
+            model.generate(ids, max_new_tokens=5, do_sample=False),
+            original.generate(ids, max_new_tokens=5, do_sample=False),
+        )
+    # Blocks that do not divide the experts' sizes cannot stack gate and up scales: dequantized, with a warning.
+    saved["quantization_config"]["weight_block_size"] = [24, 24]
+    (path / "config.json").write_text(json.dumps(saved))
     model = offload.from_pretrained(
         path, vram_budget="1GB", device="cpu", dtype="fp32", max_context=64, progress=False
     )
-    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
-    assert torch.equal(
-        model.generate(ids, max_new_tokens=5, do_sample=False),
-        original.generate(ids, max_new_tokens=5, do_sample=False),
-    )
+    assert offload.stats(model).expert_format == "fp32"
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "compressed-tensors"])

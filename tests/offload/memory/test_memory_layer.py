@@ -125,17 +125,63 @@ def test_cuda_engine_copies_on_its_stream_and_orders_reuse() -> None:
     assert store.expert(0, 0).is_pinned()
     engine = make_copy_engine(pool)
     assert isinstance(engine, CudaCopyEngine)
-    engine.load([(0, store.expert(0, 0)), (1, store.expert(0, 1))])
+    engine.load([(0, store.expert(0, 0)), (1, store.expert(0, 1))], keys=[0, 1])
     engine.acquire([0, 1])
     seen = pool.field("down")[:2].float().sum()  # compute on the default stream, after the events
     engine.release([0, 1])
-    engine.load([(0, store.expert(0, 2))])  # waits for the read above before overwriting slot 0
+    engine.load([(0, store.expert(0, 2))], keys=[2])  # waits for the read above before overwriting slot 0
     engine.acquire([0])
     torch.cuda.synchronize()
     expected = store.views(0, 0)["down"].float().sum() + store.views(0, 1)["down"].float().sum()
     assert torch.allclose(seen.cpu(), expected, rtol=1e-3)
     assert torch.equal(pool.slot(0).cpu(), store.expert(0, 2))
+    assert pool.table.cpu().view(-1)[:3].tolist() == [0, 1, 0]  # written on the copy stream, after each copy
     assert engine.copy_seconds > 0
+
+
+def _big_slots(mib: int) -> tuple[SlotPool, torch.Tensor, torch.Tensor]:
+    """A pool of one slot of ``mib`` MiB and two pinned sources of distinct bytes: copies take milliseconds."""
+    layout = ExpertLayout(1024, mib * 256, False, False, torch.bfloat16)  # up_proj + down: mib MiB
+    pool = SlotPool(layout, 1, torch.device("cuda"))
+    old = torch.full((layout.nbytes,), 1, dtype=torch.uint8).pin_memory()
+    new = torch.full((layout.nbytes,), 2, dtype=torch.uint8).pin_memory()
+    return pool, old, new
+
+
+@pytest.mark.gpu
+def test_cuda_engine_holds_a_copy_back_until_the_reader_released_the_slot() -> None:
+    """A reader acquires slot 0, sleeps on the compute stream, then reads it; the next copy into slot 0 is
+    issued right after release: if the engine did not wait for the release event, the copy would land during
+    the sleep and the read would see the new bytes. Checked by content."""
+    pool, old, new = _big_slots(256)
+    engine = make_copy_engine(pool)
+    engine.load([(0, old)])
+    engine.acquire([0])
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the read
+    seen = pool.slot(0).clone()
+    engine.release([0])
+    engine.load([(0, new)])
+    torch.cuda.synchronize()
+    assert bool((seen == 1).all()), "the copy overwrote a slot a kernel was still to read"
+    assert bool((pool.slot(0) == 2).all())
+
+
+@pytest.mark.gpu
+def test_cuda_engine_makes_compute_wait_for_the_copy() -> None:
+    """acquire makes the compute stream wait for a large copy still in flight: the read sees all of it."""
+    pool, old, new = _big_slots(256)
+    engine = make_copy_engine(pool)
+    engine.load([(0, old)])
+    engine.acquire([0])
+    engine.release([0])
+    torch.cuda.synchronize()
+    engine.load([(0, new)])
+    assert not engine.landed(0)  # 256 MiB: still in flight right after it was issued
+    engine.acquire([0])
+    seen = pool.slot(0).clone()
+    engine.release([0])
+    torch.cuda.synchronize()
+    assert bool((seen == 2).all())
 
 
 def test_mapped_buffers_are_exact_page_aligned_and_zeroed() -> None:
@@ -153,7 +199,9 @@ def test_mapped_buffers_are_exact_page_aligned_and_zeroed() -> None:
 def test_pinned_store_is_exact_size_and_copies_asynchronously() -> None:
     """torch's pin_memory rounds up to a power of two; the store's pinned layers must not."""
     layout = ExpertLayout(4096, 4100, True, False, torch.bfloat16)  # 3 experts of ~100 MB: not a power of two
-    before = torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0)
+    stats = torch.cuda.host_memory_stats()
+    assert "allocated_bytes.current" in stats, sorted(stats)
+    before = stats["allocated_bytes.current"]
     store = HostExpertStore(layout, num_layers=1, num_experts=3, pin=True)
     ref = {
         "gate_up_proj": torch.randn(3, 2 * 4100, 4096, dtype=torch.bfloat16),
@@ -162,9 +210,108 @@ def test_pinned_store_is_exact_size_and_copies_asynchronously() -> None:
     store.fill_layer(0, ref)
     buffer = store.expert(0, 0)
     assert buffer.is_pinned()
-    grown = torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0) - before
+    grown = torch.cuda.host_memory_stats()["allocated_bytes.current"] - before
     assert grown == 0  # registered, not taken from torch's (rounding) caching host allocator
     pool = SlotPool(layout, 1, torch.device("cuda"))
+    done = torch.cuda.Event()
     pool.slot(0).copy_(buffer, non_blocking=True)
+    done.record()
+    assert not done.query()  # ~100 MB from pinned memory: the host did not wait for it
     torch.cuda.synchronize()
     assert torch.equal(pool.field("down")[0].cpu(), ref["down_proj"][0])
+
+
+class FakeCudart:
+    """What the host store calls of CUDA's runtime, recording the calls; registration fails when told to."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+        self.registered: list[int] = []
+        self.unregistered: list[int] = []
+
+    def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:
+        if self.fail:
+            return 2  # cudaErrorMemoryAllocation
+        self.registered.append(ptr)
+        return 0
+
+    def cudaHostUnregister(self, ptr: int) -> int:
+        self.unregistered.append(ptr)
+        return 0
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch):
+    from offload.memory import host_memory
+
+    consumed: list[int] = []
+    monkeypatch.setattr(host_memory, "_consume_cuda_error", lambda: consumed.append(1))
+
+    def install(fail: bool) -> FakeCudart:
+        fake = FakeCudart(fail)
+        monkeypatch.setattr(host_memory, "_cudart", lambda: fake)
+        return fake
+
+    install.consumed = consumed  # type: ignore[attr-defined]
+    return install
+
+
+def test_failed_pinning_leaves_the_store_pageable_with_one_warning(fake_cuda, caplog) -> None:
+    fake = fake_cuda(fail=True)
+    layout = ExpertLayout(H, I, True, True, torch.float32)
+    store = HostExpertStore(layout, num_layers=3, num_experts=E, pin=True)
+    with caplog.at_level("WARNING"):
+        for layer in range(3):
+            store.fill_layer(layer, hf_tensors(reference_fields(layer), True, True, False, True))
+    warnings = [r for r in caplog.records if "page-locking host memory failed" in r.getMessage()]
+    assert len(warnings) == 1 and not store.pin  # one warning; later layers do not try again
+    assert fake_cuda.consumed == [1]  # the CUDA error the failure left was consumed at once
+    assert torch.equal(store.views(2, 1)["down"], reference_fields(2)["down"][1])  # the bytes are all there
+    store.release()
+    assert fake.unregistered == []  # nothing was registered, so nothing is unregistered
+
+
+def test_unpin_touches_only_what_was_registered(fake_cuda) -> None:
+    from offload.memory.host_memory import host_buffer, unpin
+
+    fake = fake_cuda(fail=False)
+    layout = ExpertLayout(H, I, True, False, torch.float32)
+    store = HostExpertStore(layout, num_layers=2, num_experts=E, pin=True)
+    for layer in range(2):
+        store.fill_layer(layer, hf_tensors(reference_fields(layer), True, True, False, False))
+    assert len(fake.registered) == 2 and store.pin
+    foreign = torch.zeros(4096, dtype=torch.uint8)  # memory this module never registered (torch's, say)
+    unpin(foreign)
+    assert fake.unregistered == []
+    store.release()
+    assert sorted(fake.unregistered) == sorted(fake.registered)
+    store.release()  # twice: nothing more
+    assert len(fake.unregistered) == 2
+    buffer, pinned = host_buffer(100, pin=False)
+    assert not pinned and buffer.numel() == 100
+
+
+@pytest.mark.gpu
+def test_a_failed_registration_does_not_poison_the_next_kernel() -> None:
+    """Registering memory twice fails; the error it leaves must not surface at the next kernel launch."""
+    from offload.memory.host_memory import _consume_cuda_error, host_buffer, unpin
+
+    buffer, pinned = host_buffer(1 << 20, pin=True)
+    assert pinned
+    assert int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), 1 << 20, 1)) != 0  # already registered
+    _consume_cuda_error()
+    assert torch.ones(4, device="cuda").mul_(2).sum().item() == 8  # would raise with the stale error
+    unpin(buffer)
+
+
+@pytest.mark.gpu
+def test_stall_events_do_not_pile_up_at_a_full_hit_rate() -> None:
+    """With every expert resident nothing is loaded; acquire's timing events must still be folded."""
+    store, pool = _store_and_pool("cuda", slots=2)
+    engine = make_copy_engine(pool)
+    engine.load([(0, store.expert(0, 0))])
+    for _ in range(1000):
+        engine.acquire([0])
+        engine.release([0])
+    assert len(engine._stalls) <= 256
+    assert engine.stall_seconds >= 0

@@ -27,9 +27,9 @@ class LoggingEngine(SyncCopyEngine):
         super().__init__(pool)
         self.log = log
 
-    def load(self, loads: Sequence[tuple[int, torch.Tensor]]) -> None:
+    def load(self, loads: Sequence[tuple[int, torch.Tensor]], keys: Sequence[int] | None = None) -> None:
         self.log.append(("load", [slot for slot, _ in loads]))
-        super().load(loads)
+        super().load(loads, keys)
 
     def acquire(self, slots: Sequence[int]) -> None:
         self.log.append(("acquire", list(slots)))
@@ -64,7 +64,7 @@ def build(slots: int) -> tuple[LayerStep, list[tuple[str, Any]], HostExpertStore
                 "down_proj": torch.randn(EXPERTS, H, I, generator=g),
             },
         )
-    pool = SlotPool(LAYOUT, slots, torch.device("cpu"))
+    pool = SlotPool(LAYOUT, slots, torch.device("cpu"), table_shape=(LAYERS, EXPERTS))
     cache = ExpertCache(LAYERS, EXPERTS, slots, make_policy_factory("lru"))
     step = LayerStep(cache, store, pool, LoggingEngine(pool, log), expert_pairs_torch, EXPERTS)
     step.prefetcher = Prefetcher(cache, NextLayerGuess(log), top_k=2)
@@ -95,6 +95,7 @@ def test_single_wave_order() -> None:
         ("release", [0, 1]),
     ]
     assert torch.equal(out, reference(store, 0, hidden, index, weights))
+    assert step.pool.table[0, [0, 2]].tolist() == [0, 1] and step.pool.table[1, [4, 5]].tolist() == [2, 3]
 
 
 def test_waves_guess_once_after_the_first_waves_copies() -> None:

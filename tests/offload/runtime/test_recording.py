@@ -1,4 +1,4 @@
-"""Recording routing from real runs, and the simulator making the runtime's decisions (DESIGN invariant 4)."""
+"""Recording routing from real runs, and the simulator making the runtime's decisions (invariant *same-decisions*)."""
 
 from __future__ import annotations
 
