@@ -1,7 +1,9 @@
 """What each preset in ``configs/`` buys: its checkpoint's shape on the meta device, surveyed and planned by
-the runtime's own code (``offload.hf.survey``, ``offload.runtime.budget``) at the preset's budget, context
-and cache scope. Nothing is downloaded or allocated: the shapes come from transformers' config classes with
-each checkpoint's config.json values where the defaults differ.
+the runtime's own code (``offload.hf.survey``, ``offload.hf.expert_formats.with_format``,
+``offload.runtime.budget``) at the preset's budget, context, cache scope and expert format, as on a CUDA card.
+Nothing is downloaded or allocated: the shapes come from transformers' config classes with each checkpoint's
+config.json values where the defaults differ (its ``quantization_config`` included, so gpt-oss is planned in
+its native MXFP4 as a load keeps it).
 
 The figures the presets' comments quote (slots, share of experts, host RAM) come from here; a test checks
 that every preset's "Plan:" line still says what the planner computes.
@@ -46,8 +48,13 @@ def _gpt_oss(layers: int, experts: int) -> Callable[[], transformers.PretrainedC
         import transformers
 
         # GptOssConfig() is openai/gpt-oss-120b (36 layers x 128 experts, top-4, hidden 2880); gpt-oss-20b
-        # differs only in depth and experts (24 x 32). The MXFP4 experts are dequantized to bf16 at load.
-        return transformers.GptOssConfig(num_hidden_layers=layers, num_local_experts=experts)
+        # differs only in depth and experts (24 x 32). Both checkpoints store their experts in MXFP4, which a
+        # load keeps unless --dequantize is given.
+        return transformers.GptOssConfig(
+            num_hidden_layers=layers,
+            num_local_experts=experts,
+            quantization_config={"quant_method": "mxfp4"},
+        )
 
     return build
 
@@ -99,7 +106,8 @@ def presets() -> list[Path]:
 
 @functools.cache
 def checkpoint_survey(model: str) -> Any:
-    """The runtime's survey of ``model``'s shape in bf16, on the meta device (a few seconds; cached)."""
+    """The runtime's survey of ``model``'s shape with bf16 experts, on the meta device (a few seconds;
+    cached)."""
     import torch
 
     from offload_bench.synthetic import shape_survey
@@ -107,22 +115,47 @@ def checkpoint_survey(model: str) -> Any:
     return shape_survey(CHECKPOINTS[model](), torch.bfloat16)
 
 
+# Host RAM beyond the store and the layer being loaded: the Python process with torch, transformers and the
+# CUDA runtime, the tokenizer, the server (a few GB; an allowance, not measured per model).
+PROCESS_BYTES = 4 * 10**9
+# Common machines' RAM, GB: a preset names the smallest that holds what it needs and 2 GB for the OS.
+RAM_SIZES_GB = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+OS_BYTES = 2 * 10**9
+
+
 def plan_preset(path: Path) -> dict[str, Any]:
     """The preset read as offload-serve reads it (defaults included), planned for its checkpoint's shape."""
+    from dataclasses import replace
+
+    import torch
+
     from offload.cli.serve import build_parser
     from offload.config import OffloadConfig
+    from offload.hf.expert_formats import with_format
     from offload.runtime.budget import plan_budget
 
     args = build_parser().parse_args(["--config", str(path)])
-    survey = checkpoint_survey(args.model)
+    bf16 = checkpoint_survey(args.model)
     config = OffloadConfig.create(
         args.vram_budget,
         device="cpu",
         dtype="bf16",
         max_context=args.max_context,
         cache_scope=args.cache_scope,
+        quantize=None if args.quantize == "none" else args.quantize,
+        quantize_group=args.quantize_group,
+        dequantize=args.dequantize,
     )
+    # Planned as offload-serve plans it on the card (cuBLAS's workspace counted), without needing one here.
+    config = replace(config, device=torch.device("cuda"))
+    survey = with_format(bf16, config, CHECKPOINTS[args.model]())
     plan = plan_budget(survey, config)
+    store = plan.total_experts * plan.expert_bytes
+    # Peak host RAM of the load: the store so far plus one layer's experts as the checkpoint gives them (the
+    # full-precision layer a quantized load packs, or the native MXFP4 layer), plus the process.
+    quantized = survey.layout.format in ("int4", "int8")
+    loading = survey.num_experts * (bf16.layout.nbytes if quantized else plan.expert_bytes)
+    host_ram = store + loading + PROCESS_BYTES
     return dict(
         preset=path.name,
         model=args.model,
@@ -134,14 +167,19 @@ def plan_preset(path: Path) -> dict[str, Any]:
         layers=survey.num_layers,
         experts_per_layer=survey.num_experts,
         top_k=survey.top_k,
+        expert_format=survey.layout.format_name,
         expert_bytes=plan.expert_bytes,
+        bf16_expert_bytes=bf16.layout.nbytes,
         resident_bytes=plan.resident_bytes,
         kv_cache_bytes=plan.kv_cache_bytes,
         workspace_bytes=plan.workspace_bytes,
         slots=plan.slots,
         total_experts=plan.total_experts,
         slot_fraction=plan.slots / plan.total_experts,
-        host_store_bytes=plan.total_experts * plan.expert_bytes,
+        host_store_bytes=store,
+        layer_load_bytes=loading,
+        host_ram_bytes=host_ram,
+        machine_ram_gb=next((gb for gb in RAM_SIZES_GB if gb * 10**9 >= host_ram + OS_BYTES), None),
     )
 
 
@@ -153,15 +191,17 @@ def stated_plan(path: Path) -> tuple[int, int] | None:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| preset | budget | context | scope | policy | slots / experts | resident | KV | workspace | host store |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | budget | context | scope | policy | format | slots / experts | resident | KV | workspace "
+        "| host store | host RAM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| `{r['preset']}` | {r['vram_budget']} | {r['max_context']} | {r['cache_scope']} | {r['policy']} | "
+            f"{r['expert_format']} | "
             f"{r['slots']} / {r['total_experts']} ({r['slot_fraction']:.0%}) | {r['resident_bytes'] / 1e9:.1f} GB | "
             f"{r['kv_cache_bytes'] / 1e9:.2f} GB | {r['workspace_bytes'] / 1e9:.2f} GB | "
-            f"{r['host_store_bytes'] / 1e9:.1f} GB |"
+            f"{r['host_store_bytes'] / 1e9:.1f} GB | {r['host_ram_bytes'] / 1e9:.0f} GB |"
         )
     return "\n".join(lines)
 

@@ -183,7 +183,8 @@ def test_every_card_and_model_has_a_preset() -> None:
 
 @pytest.mark.slow
 def test_model_presets_state_what_the_planner_computes() -> None:
-    """Each preset's "# Plan: N of M expert slots" against the runtime's planner on the checkpoint's shape."""
+    """Each preset's "# Plan: N of M expert slots" and host RAM against the runtime's planner on the
+    checkpoint's shape, in the format the preset loads."""
     from offload_bench.preset_sizing import plan_preset, stated_plan
 
     for preset in MODEL_PRESETS:
@@ -192,5 +193,8 @@ def test_model_presets_state_what_the_planner_computes() -> None:
         slots_per_layer = plan["slots"] / plan["layers"]
         if plan["cache_scope"] == "layer":
             assert slots_per_layer >= plan["top_k"], preset.name
-        assert f"{plan['host_store_bytes'] / 1e9:.1f} GB of pinned expert store" in preset.read_text()
+        text = preset.read_text()
+        assert f"{plan['host_store_bytes'] / 1e9:.1f} GB of pinned expert store" in text, preset.name
+        assert f"in {plan['expert_format']})" in text, preset.name  # the store's format, as planned
+        assert f"{plan['host_ram_bytes'] / 1e9:.1f} GB in all" in text, preset.name
         assert json.dumps(plan)  # plain numbers
