@@ -201,7 +201,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['expert_format']} | "
             f"{r['slots']} / {r['total_experts']} ({r['slot_fraction']:.0%}) | {r['resident_bytes'] / 1e9:.1f} GB | "
             f"{r['kv_cache_bytes'] / 1e9:.2f} GB | {r['workspace_bytes'] / 1e9:.2f} GB | "
-            f"{r['host_store_bytes'] / 1e9:.1f} GB | {r['host_ram_bytes'] / 1e9:.0f} GB |"
+            f"{r['host_store_bytes'] / 1e9:.1f} GB | {r['host_ram_bytes'] / 1e9:.1f} GB |"
         )
     return "\n".join(lines)
 
