@@ -18,13 +18,14 @@ def scrape(url: str) -> dict[str, list]:
 
 
 def value(families: dict[str, list], name: str, **labels: str) -> float:
-    family = name.removesuffix("_total")
+    """One sample by its full name (a counter's ``_total``, a histogram's ``_count``), in any family."""
     matches = [
         s.value
-        for s in families[family]
+        for samples in families.values()
+        for s in samples
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     ]
-    assert len(matches) == 1, (name, labels, families.get(family))
+    assert len(matches) == 1, (name, labels, sorted(families))
     return matches[0]
 
 
