@@ -50,11 +50,9 @@ def _gpt_oss(layers: int, experts: int) -> Callable[[], transformers.PretrainedC
         # GptOssConfig() is openai/gpt-oss-120b (36 layers x 128 experts, top-4, hidden 2880); gpt-oss-20b
         # differs only in depth and experts (24 x 32). Both checkpoints store their experts in MXFP4, which a
         # load keeps unless --dequantize is given.
-        return transformers.GptOssConfig(
-            num_hidden_layers=layers,
-            num_local_experts=experts,
-            quantization_config={"quant_method": "mxfp4"},
-        )
+        config = transformers.GptOssConfig(num_hidden_layers=layers, num_local_experts=experts)
+        config.quantization_config = {"quant_method": "mxfp4"}  # as the checkpoints' config.json says
+        return config
 
     return build
 
