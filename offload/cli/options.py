@@ -9,11 +9,13 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from cache_policies.study.presets import PresetParser, add_config_option
+from offload.errors import OffloadError
 from offload.units import parse_size
 
 if TYPE_CHECKING:
@@ -29,6 +31,30 @@ class OneLineParser(PresetParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
+
+
+def command_main(
+    prog: str,
+    parser: argparse.ArgumentParser,
+    command: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None,
+) -> int:
+    """Parse, answer ``--list-architectures``, run ``command``: bad input is one line on stderr and exit
+    code 2, an interrupt exit code 130."""
+    try:
+        args = parser.parse_args(argv)
+        if args.list_architectures:
+            from offload.hf.architectures import describe
+
+            print(describe())
+            return 0
+        return command(args)
+    except (UsageError, OffloadError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

@@ -14,10 +14,10 @@ from offload.cli.options import (
     UsageError,
     add_model_options,
     choose_model,
+    command_main,
     validate_model_options,
     write_json,
 )
-from offload.errors import OffloadError
 from offload.units import format_size
 
 PROG = "offload-run"
@@ -35,22 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _run(build_parser().parse_args(argv))
-    except (UsageError, OffloadError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return command_main(PROG, build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.list_architectures:
-        from offload.hf.architectures import describe
-
-        print(describe())
-        return 0
     validate_model_options(args)
     import torch
 

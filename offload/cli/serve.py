@@ -20,10 +20,10 @@ from offload.cli.options import (
     UsageError,
     add_model_options,
     choose_model,
+    command_main,
     validate_model_options,
     write_json,
 )
-from offload.errors import OffloadError
 
 PROG = "offload-serve"
 API_KEY_ENV = "OFFLOAD_API_KEY"
@@ -69,22 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _serve(build_parser().parse_args(argv))
-    except (UsageError, OffloadError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return command_main(PROG, build_parser(), _serve, argv)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if args.list_architectures:
-        from offload.hf.architectures import describe
-
-        print(describe())
-        return 0
     validate_model_options(args)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {args.port}")

@@ -17,7 +17,7 @@ from offload.hf.demo import DEMO_CHAT_TEMPLATE, byte_tokenizer
 from offload.hf.skeleton import survey_checkpoint
 from offload.runtime.budget import budget_for_slots
 from offload_bench.serve_process import ServerProcess
-from tests.conftest import save_tiny
+from tests.conftest import TINY_ARCHS, save_tiny
 
 API_KEY = "test-key"
 MODEL = "tiny"
@@ -32,18 +32,10 @@ def chat_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("serve") / "mixtral-chat"
     tokenizer = byte_tokenizer()
     tokenizer.chat_template = DEMO_CHAT_TEMPLATE
-    config = transformers.MixtralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=MAX_CONTEXT,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = TINY_ARCHS["mixtral"]()
+    config.vocab_size = len(tokenizer)
+    config.max_position_embeddings = MAX_CONTEXT
+    config.eos_token_id = tokenizer.eos_token_id
     save_tiny(config, directory)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     printable = [tokenizer.encode(chr(c))[0] for c in range(32, 127)]
