@@ -116,21 +116,20 @@ def _load_weights(
     layout = runtime.survey.layout
     native = layout.format if layout.format in NATIVE_FORMATS else None
     cache = _store_cache(checkpoint, runtime)
-    reading = cache is not None and cache.state == "read"
     with _quiet_transformers_progress(), _dropped_on_failure(cache):
         bar = tqdm(layer_names, desc="Loading experts", unit="layer", disable=not progress)
         for layer, name in enumerate(bar):
-            packed = None
-            if reading:  # the cached store holds every field of the layer: no expert key is read
-                assert cache is not None
-                packed = layout.views(cache.read_layer(layer))
-                take_over_experts(model, runtime, layer, name, packed=packed)
+            if cache is not None and cache.state == "read":  # every field of the layer: no expert key read
+                take_over_experts(model, runtime, layer, name, packed=layout.views(cache.read_layer(layer)))
                 continue
             # A checkpoint's own MXFP4/FP8 expert bytes are read as they are; transformers loads the rest.
-            kept = [k for k in by_layer[layer] if native is not None and is_native_key(k, native)]
-            others = [k for k in by_layer[layer] if k not in set(kept)]
+            kept: list[str] = []
+            others: list[str] = []
+            for key in by_layer[layer]:
+                (kept if native is not None and is_native_key(key, native) else others).append(key)
             info, _ = convert_and_load_state_dict_in_model(model, slices(others), chunk_config("cpu"))
             _raise_on_errors(info, checkpoint)
+            packed = None
             if native is not None:
                 raw = {key: handle_of[key].get_tensor(key) for key in kept}
                 try:
