@@ -58,7 +58,7 @@ if TYPE_CHECKING:  # torch is imported when a run starts: `offload-bench --help`
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 OLMOE_TRACE = ROOT / "data" / "traces" / "olmoe-1b-7b_decode_299.jsonl"
-VARIANTS = ("lru", "history", "lookahead", "accelerate")
+VARIANTS = ("lru", "history", "lookahead", "int4", "accelerate")
 SETTINGS = (
     "policy",
     "prompt_tokens",
@@ -86,7 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--smoke", action="store_true", help=f"tiny shapes on the CPU ({SMOKE_LABEL})")
     add("--shapes", action="append", choices=list(SHAPES), help="default: all three")
-    add("--variants", action="append", choices=VARIANTS, help="default: all four")
+    add(
+        "--variants",
+        action="append",
+        choices=VARIANTS,
+        help="default: all five (int4: LRU with int4 experts)",
+    )
     add(
         "--vram-budget",
         default="12GB",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,11 @@ FLOOR, LOOKAHEAD, PEER = (
     "lookahead demand misses <= 0.5 x LRU's",
     "decode tok/s >= 4 x accelerate's",
 )
+INT4_OVER_BF16, INT4_PEER = (
+    "int4 decode tok/s >= 3 x bf16's (LRU, same budget, copy-bound)",
+    "int4 decode tok/s >= 10 x accelerate's",
+)
+COPY_BOUND = 0.5  # bf16 LRU spends at least half its decode time waiting for copies
 
 
 def targets(rows: list[dict[str, Any]], shapes: list[str]) -> list[dict[str, Any]]:
@@ -24,7 +30,7 @@ def targets(rows: list[dict[str, Any]], shapes: list[str]) -> list[dict[str, Any
         mine = {r["variant"]: r for r in rows if r["shape"] == shape and r.get("status") == "ran"}
         peer = next((r for r in rows if r["shape"] == shape and r["variant"] == "accelerate"), None)
         add = lambda *values, shape=shape: out.append(dict(zip(fields, (shape, *values), strict=True)))  # noqa: E731
-        for variant in ("lru", "history", "lookahead"):
+        for variant in ("lru", "history", "lookahead", "int4"):
             r = mine.get(variant)
             if r is None:
                 continue
@@ -36,7 +42,7 @@ def targets(rows: list[dict[str, Any]], shapes: list[str]) -> list[dict[str, Any
             )
             status = "N/A" if ratio is None else "PASS" if ratio <= 1.2 else "FAIL"  # N/A: no demand miss
             add(FLOOR, variant, status, ratio, inputs, r["notes"])
-            if peer is None:
+            if peer is None or variant == "int4":  # int4 has its own, higher bar against accelerate
                 continue
             if peer.get("status") != "ran":
                 reason = peer.get("reason", peer.get("error", ""))
@@ -61,7 +67,37 @@ def targets(rows: list[dict[str, Any]], shapes: list[str]) -> list[dict[str, Any
             )
             status = "N/A" if a == 0 else "PASS" if 2 * b <= a else "FAIL"
             add(LOOKAHEAD, "lookahead", status, b / a if a else None, inputs, mine["lookahead"]["notes"])
+        if "int4" in mine:
+            _int4_targets(mine["int4"], mine.get("lru"), peer, add)
     return out
+
+
+def _int4_targets(
+    int4: dict[str, Any], bf16: dict[str, Any] | None, peer: dict[str, Any] | None, add: Callable[..., None]
+) -> None:
+    """Issue 12's targets: int4 experts move ~0.28 of bf16's bytes, so a copy-bound decode gets >= 3x faster."""
+    if bf16 is not None:
+        ratio = int4["decode_tok_per_s"] / bf16["decode_tok_per_s"]
+        bound = bf16["stall_fraction"] >= COPY_BOUND
+        inputs = dict(
+            int4_decode_tok_per_s=int4["decode_tok_per_s"],
+            bf16_decode_tok_per_s=bf16["decode_tok_per_s"],
+            bf16_stall_fraction=bf16["stall_fraction"],
+            int4_expert_bytes=int4["expert_bytes"],
+            bf16_expert_bytes=bf16["expert_bytes"],
+        )
+        status = "PASS" if ratio >= 3 else "FAIL" if bound else "N/A"  # N/A: bf16 was not copy-bound
+        add(INT4_OVER_BF16, "int4", status, ratio, inputs, int4["notes"])
+    if peer is None:
+        return
+    inputs = dict(int4_decode_tok_per_s=int4["decode_tok_per_s"])
+    if peer.get("status") != "ran":
+        reason = peer.get("reason", peer.get("error", ""))
+        add(INT4_PEER, "int4", "NOT RUN", None, inputs, [f"accelerate {peer.get('status')}: {reason}"])
+        return
+    speedup = int4["decode_tok_per_s"] / peer["decode_tok_per_s"]
+    inputs["accelerate_decode_tok_per_s"] = peer["decode_tok_per_s"]
+    add(INT4_PEER, "int4", "PASS" if speedup >= 10 else "FAIL", speedup, inputs, int4["notes"])
 
 
 def fmt(x: Any, spec: str) -> str:

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     import transformers
 
 GB = 1e9
-PREFETCH = {"lru": "none", "history": "history", "lookahead": "lookahead"}
+PREFETCH = {"lru": "none", "history": "history", "lookahead": "lookahead", "int4": "none"}
+# variant -> experts quantized while loading (issue 12: int4 is LRU with experts in int4, groups of 64)
+QUANTIZE = {"int4": "int4"}
 
 
 @dataclass
@@ -138,7 +140,12 @@ def run_offloaded(
 
     device, peak, s = ctx["device"], ctx["peak"], ctx["survey"]
     options = dict(
-        policy=args.policy, prefetch=PREFETCH[variant], max_context=args.max_context, seed=args.seed
+        policy=args.policy,
+        prefetch=PREFETCH[variant],
+        quantize=QUANTIZE.get(variant),
+        store_cache=False,  # a random model has no checkpoint to key a cached store by
+        max_context=args.max_context,
+        seed=args.seed,
     )
     config = OffloadConfig.create(ctx["budget"], device=device, dtype=ctx["dtype"], **options)
     if device.type == "cuda":
@@ -147,6 +154,7 @@ def run_offloaded(
     model = random_offloaded(hf_config, config, seed=args.seed, progress=False)
     build_s = time.perf_counter() - start
     runtime = runtime_of(model)
+    layout = runtime.survey.layout  # the variant's own format: int4 experts are ~0.28 of bf16's bytes
     if ctx["trace"] is not None:
         offload.override_routing(model, ForcedRouting(ctx["trace"], s.num_layers, s.num_experts, s.top_k))
     pinned = pinned_bytes() if device.type == "cuda" else None
@@ -154,13 +162,14 @@ def run_offloaded(
         model, device, ctx["prompt"], args.warmup_tokens, args.decode_tokens, runtime.stats
     )
     snaps = timed.snapshots
-    decode = counters(snaps["decoded"], snaps["warm"], peak, s.layout.nbytes)
+    decode = counters(snaps["decoded"], snaps["warm"], peak, layout.nbytes)
     row: dict[str, Any] = dict(
         shape=shape.name,
         variant=variant,
         status="ran",
         policy=args.policy,
         prefetch=PREFETCH[variant],
+        expert_format=layout.format_name,
         routing=routing_label(ctx["trace_path"]),
     )
     row.update(common(timed, ctx["prompt"], args.warmup_tokens, args.decode_tokens))
@@ -171,7 +180,7 @@ def run_offloaded(
         layers=s.num_layers,
         experts_per_layer=s.num_experts,
         top_k=s.top_k,
-        expert_bytes=s.layout.nbytes,
+        expert_bytes=layout.nbytes,
         slots=runtime.pool.num_slots,
         total_experts=s.total_experts,
         budget_bytes=runtime.budget.budget_bytes,
@@ -187,7 +196,7 @@ def run_offloaded(
         time_over_floor=row["s_per_token"] / floor if floor > 0 else None,
         link_floor_s_per_token=decode["bytes_host_to_device"] / args.decode_tokens / peak,
         decode=decode,
-        prefill=counters(snaps["prefilled"], snaps["start"], peak, s.layout.nbytes),
+        prefill=counters(snaps["prefilled"], snaps["start"], peak, layout.nbytes),
         notes=[],
     )
     if ctx["trace"] is None:

@@ -3,7 +3,7 @@ cut to 12 of its 48 layers and Mixtral-8x7B cut to 4 of its 32, so that building
 cap. A cut model gets the budget that holds the same fraction of its experts as 12 GB holds of the full
 model's (``--scale-budget``), so the hit rate and the copies per layer are the full model's. Each shape runs
 LRU, history and lookahead prefetch, and accelerate's offload at the same cap, with the copy floor per token
-beside each. Random weights route with their own random routers: hit rates are not those of trained models."""
+beside each; Qwen3 also runs LRU with int4 experts (quantizing Mixtral's 4 layers would not fit the cap). Random weights route with their own random routers: hit rates are not those of trained models."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from offload_bench.gpu_check.part import Part
 
 # shape -> layers it is cut to on the GPU
 SHAPES = {"qwen3-30b-a3b": 12, "mixtral-8x7b": 4}
+# shape -> the variants it runs (default: all of offload_bench.e2e.VARIANTS)
+ONLY = {"mixtral-8x7b": ["lru", "history", "lookahead", "accelerate"]}
 COMMON = [
     "--vram-budget", "12GB", "--scale-budget", "--routing-trace", "none", "--prompt-tokens", "64",
     "--warmup-tokens", "3", "--decode-tokens", "16", "--accelerate-decode-tokens", "3",
@@ -26,9 +28,20 @@ PEAK = "peak device memory <= budget"
 
 def run(part: Part, seconds: float) -> None:
     runs = (
-        [["--smoke", "--shapes", "qwen3-30b-a3b"]]
+        # the smoke run checks this stage's plumbing within its cap; tests/offload_bench/test_e2e.py runs all
+        [
+            [
+                "--smoke",
+                "--shapes",
+                "qwen3-30b-a3b",
+                *(f"--variants={v}" for v in ("lru", "int4", "accelerate")),
+            ]
+        ]
         if part.smoke
-        else [[*COMMON, "--shapes", shape, "--layers", str(layers)] for shape, layers in SHAPES.items()]
+        else [
+            [*COMMON, "--shapes", shape, "--layers", str(layers), *_variants(shape)]
+            for shape, layers in SHAPES.items()
+        ]
     )
     results: list[dict[str, Any]] = []
     part.set(device="cpu" if part.smoke else "cuda", runs=[" ".join(argv) for argv in runs], results=results)
@@ -44,6 +57,10 @@ def run(part: Part, seconds: float) -> None:
         results.append(json.loads(Path(out).read_text()))
         part.set(results=results)
     judge(part, results)
+
+
+def _variants(shape: str) -> list[str]:
+    return [arg for variant in ONLY.get(shape, []) for arg in ("--variants", variant)]
 
 
 def judge(part: Part, results: list[dict[str, Any]]) -> None:

@@ -22,7 +22,7 @@ from tests.helpers import ROOT
 BENCH = ROOT / "bench" / "e2e.py"
 # smoke shape: whether its routing is forced from the shared OLMoE trace
 SHAPES = {"mixtral-tiny": False, "qwen3-tiny": False, "olmoe-tiny": True}
-OURS = ("lru", "history", "lookahead")
+OURS = ("lru", "history", "lookahead", "int4")
 
 
 def close(a: float, b: float) -> bool:
@@ -71,10 +71,15 @@ def test_smoke_is_labelled_and_records_the_run(smoke: tuple[dict[str, Any], str]
 def test_every_variant_has_a_row(smoke: tuple[dict[str, Any], str]) -> None:
     result, _ = smoke
     rows = rows_of(result)
-    assert len(rows) == len(result["rows"]) == len(SHAPES) * 4
+    assert len(rows) == len(result["rows"]) == len(SHAPES) * 5
     for shape in SHAPES:
         for variant in OURS:
             assert rows[shape, variant]["status"] == "ran", rows[shape, variant]
+        int4, bf16 = rows[shape, "int4"], rows[shape, "lru"]
+        assert int4["expert_format"] == "int4" and bf16["expert_format"] in ("bf16", "fp32")  # smoke: fp32
+        # the same budget holds more int4 experts (at tiny shapes, 256-byte field alignment takes much of it)
+        assert int4["expert_bytes"] < bf16["expert_bytes"] and int4["budget_bytes"] == bf16["budget_bytes"]
+        assert int4["slots"] > bf16["slots"]
         peer = rows[shape, "accelerate"]
         assert peer["status"] == "skipped" and "GPU" in peer["reason"]  # the stated reason
         assert peer["model_bytes"] > 0  # the random-weight model was built all the same
@@ -99,13 +104,17 @@ def test_counters_account_for_every_use_and_byte(smoke: tuple[dict[str, Any], st
             assert phase["bytes_host_to_device"] == copied * r["expert_bytes"]
             assert phase["prefetch_used"] + phase["prefetch_late"] <= phase["prefetch_issued"]
             assert phase["prefetch_wasted"] <= phase["prefetch_issued"]
+            if phase["copy_seconds"] == 0:  # int4: the same budget may hold every expert of a tiny shape
+                assert phase["bytes_host_to_device"] == 0 and phase["copy_gb_per_s"] is None
+                continue
             assert close(phase["copy_gb_per_s"], phase["bytes_host_to_device"] / phase["copy_seconds"] / 1e9)
             assert close(phase["copy_fraction_of_peak"], phase["copy_gb_per_s"] * 1e9 / peak)
-        if variant == "lru":
+        if variant in ("lru", "int4"):
             assert d["prefetch_issued"] == 0 and r["prefetch"] == "none"
         else:
             assert d["prefetch_issued"] > 0 and r["prefetch"] == variant
-        assert r["slots"] < r["total_experts"] == r["layers"] * r["experts_per_layer"]
+        assert r["total_experts"] == r["layers"] * r["experts_per_layer"]
+        assert r["slots"] < r["total_experts"] or variant == "int4"  # int4: may all fit a tiny shape's budget
         assert r["planned_bytes"] <= r["budget_bytes"]
         assert r["peak_device_bytes"] is None and r["within_budget"] is None  # CPU: no device memory to read
         assert r["freed"] is True  # the model was gone before the next one was built
@@ -128,7 +137,10 @@ def test_floor_and_rates_follow_from_the_reported_numbers(
         assert d["demand_missed_bytes"] == d["expert_misses"] * r["expert_bytes"]
         assert close(r["demand_missed_bytes_per_token"], missed)
         assert close(r["floor_s_per_token"], missed / peak)
-        assert close(r["time_over_floor"], r["s_per_token"] / r["floor_s_per_token"])
+        if r["floor_s_per_token"] == 0:  # no demand miss: no floor to be over
+            assert r["time_over_floor"] is None
+        else:
+            assert close(r["time_over_floor"], r["s_per_token"] / r["floor_s_per_token"])
         assert close(r["link_floor_s_per_token"], d["bytes_host_to_device"] / r["decode_tokens"] / peak)
         assert close(r["stall_fraction"], d["stall_seconds"] / r["decode_s"])
         if r["routing"].startswith("random"):
@@ -139,7 +151,8 @@ def test_targets_carry_their_inputs(smoke: tuple[dict[str, Any], str]) -> None:
     result, _ = smoke
     rows = rows_of(result)
     by = {(t["shape"], t["target"], t["variant"]): t for t in result["targets"]}
-    assert len(by) == len(result["targets"]) == len(SHAPES) * 7
+    # per shape: the floor for each of ours, accelerate for each but int4, lookahead's, int4's two
+    assert len(by) == len(result["targets"]) == len(SHAPES) * 10
     for shape in SHAPES:
         for variant in OURS:
             r = rows[shape, variant]
@@ -147,8 +160,13 @@ def test_targets_carry_their_inputs(smoke: tuple[dict[str, Any], str]) -> None:
             inputs = floor["inputs"]
             assert inputs["s_per_token"] == r["s_per_token"]
             assert inputs["floor_s_per_token"] == r["floor_s_per_token"]
-            assert close(floor["value"], inputs["s_per_token"] / inputs["floor_s_per_token"])
-            assert floor["status"] == ("PASS" if floor["value"] <= 1.2 else "FAIL")
+            if inputs["floor_s_per_token"] == 0:
+                assert floor["value"] is None and floor["status"] == "N/A"
+            else:
+                assert close(floor["value"], inputs["s_per_token"] / inputs["floor_s_per_token"])
+                assert floor["status"] == ("PASS" if floor["value"] <= 1.2 else "FAIL")
+            if variant == "int4":
+                continue
             peer = by[shape, "decode tok/s >= 4 x accelerate's", variant]
             assert peer["status"] == "NOT RUN" and peer["value"] is None  # accelerate was skipped
             assert peer["inputs"]["ours_decode_tok_per_s"] == r["decode_tok_per_s"]
@@ -160,6 +178,14 @@ def test_targets_carry_their_inputs(smoke: tuple[dict[str, Any], str]) -> None:
         assert look["inputs"]["budget_bytes"] == rows[shape, "lru"]["budget_bytes"]
         assert rows[shape, "lru"]["budget_bytes"] == rows[shape, "lookahead"]["budget_bytes"]
         assert close(look["value"], b / a) and look["status"] == ("PASS" if 2 * b <= a else "FAIL")
+        int4, bf16 = rows[shape, "int4"], rows[shape, "lru"]
+        over = by[shape, "int4 decode tok/s >= 3 x bf16's (LRU, same budget, copy-bound)", "int4"]
+        assert close(over["value"], int4["decode_tok_per_s"] / bf16["decode_tok_per_s"])
+        assert over["inputs"]["bf16_stall_fraction"] == bf16["stall_fraction"]
+        bound = bf16["stall_fraction"] >= 0.5
+        assert over["status"] == ("PASS" if over["value"] >= 3 else "FAIL" if bound else "N/A")
+        peer = by[shape, "int4 decode tok/s >= 10 x accelerate's", "int4"]
+        assert peer["status"] == "NOT RUN" and peer["value"] is None
     forced_lookahead = by["olmoe-tiny", "lookahead demand misses <= 0.5 x LRU's", "lookahead"]
     assert any("random routers" in c for c in forced_lookahead["caveats"])
 
