@@ -193,26 +193,25 @@ def layout_of(
 
 
 def variant_launches(
-    targets: list[str], dtypes: list[torch.dtype]
+    targets: list[str], dtypes: list[torch.dtype], compressed: bool = True
 ) -> list[tuple[str, Any, tuple[int, ...], dict[str, Any]]]:
     """One launch per distinct compiled kernel the dispatch can pick: every tile it chooses for the four
     model shapes across :data:`TOKEN_SWEEP`, every activation and layout variant (decode and prefill at
     one shape), and every compressed format at the model shapes (:data:`FORMAT_VARIANTS`). Distinct means
     a different kernel, target, dtype, flag, tile, split > 1, warps or stages; the dimensions only bound
-    loops and masks. Returns ``(target, kernel, grid, kwargs)``."""
+    loops and masks. ``compressed=False`` leaves the formats out. Returns ``(target, kernel, grid, kwargs)``."""
     seen: dict[tuple[Any, ...], tuple[str, Any, tuple[int, ...], dict[str, Any]]] = {}
     for target, dtype in itertools.product(targets, dtypes):
         info = TARGETS[target][1]
-        cases = (
+        cases = [
+            (ExpertLayout(h, i, True, False, dtype), tokens, k, e, "silu")
+            for (h, i, e, k), tokens in itertools.product(MODELS.values(), TOKEN_SWEEP)
+        ] + [
+            (ExpertLayout(2048, 1024, gate, bias, dtype), tokens, 8, 64, act)
+            for (act, gate, bias), tokens in itertools.product(VARIANTS, (1, 256))
+        ]
+        formats_cases = (
             [
-                (ExpertLayout(h, i, True, False, dtype), tokens, k, e, "silu")
-                for (h, i, e, k), tokens in itertools.product(MODELS.values(), TOKEN_SWEEP)
-            ]
-            + [
-                (ExpertLayout(2048, 1024, gate, bias, dtype), tokens, 8, 64, act)
-                for (act, gate, bias), tokens in itertools.product(VARIANTS, (1, 256))
-            ]
-            + [
                 (ExpertLayout(h, i, True, False, dtype, format=fmt, group_size=group), tokens, k, e, "silu")
                 for (fmt, group), (h, i, e, k), tokens in itertools.product(
                     FORMAT_VARIANTS, MODELS.values(), FORMAT_TOKENS
@@ -233,7 +232,7 @@ def variant_launches(
                 for tokens in FORMAT_TOKENS
             ]
         )
-        for layout, tokens, top_k, experts, act in cases:
+        for layout, tokens, top_k, experts, act in cases + (formats_cases if compressed else []):
             for kernel, grid, kwargs in record_launches(layout, tokens, top_k, experts, act, info):
                 key = (target, str(dtype), kernel.__name__, _flags(kwargs, dims=False))
                 seen.setdefault(key, (target, kernel, grid, kwargs))
@@ -271,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         help="every distinct kernel the dispatch can pick (tiles across token counts, every activation and "
         "layout) for the targets and dtypes given, instead of --model/--tokens",
     )
+    parser.add_argument(
+        "--float-only", action="store_true", help="with --all-variants: leave the compressed formats out"
+    )
     parser.add_argument("--shard", default="0/1", help="I/N: compile every N-th variant from the I-th")
     parser.add_argument("--json", action="store_true", help="one JSON object per launch")
     args = parser.parse_args(argv)
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen_dtypes = [dtypes[d] for d in args.dtype or ["bf16"]]
     if args.all_variants:
         index, count = (int(x) for x in args.shard.split("/"))
-        todo = variant_launches(targets, chosen_dtypes)[index::count]
+        todo = variant_launches(targets, chosen_dtypes, compressed=not args.float_only)[index::count]
         print(f"{len(todo)} distinct launches in shard {args.shard}")
         failures = sum(_report(t, k, g, kw, "variants", 0, args.json) for t, k, g, kw in todo)
         return 1 if failures else 0
