@@ -3,24 +3,28 @@ per-expert loop (the reference) and ``torch.nn.functional.grouped_mm``, on real 
 
     python bench/kernels.py                          # a CUDA GPU; writes bench/results/kernels-<gpu>.json
     python bench/kernels.py --models qwen3-30b-a3b --tokens 1 --tokens 256
+    python bench/kernels.py --format int4 --format mxfp4   # compressed experts, dequantized in registers
     python bench/kernels.py --smoke                  # tiny shapes, CPU, Triton interpreter: proves the
                                                      # script runs; its timings are NOT performance
 
-Every expert of one layer is resident in a slot pool (bf16 by default), as in an all-resident run. Per row:
+Every expert of one layer is resident in a slot pool (bf16 by default), as in an all-resident run, stored in
+each ``--format`` asked for (default: float; int8, int4, mxfp4 and fp8 are read and dequantized by the Triton
+kernels in registers; the torch loop dequantizes one expert at a time, and is the reference the error is
+measured against; grouped_mm reads float experts only). Per row:
 
 - ``kernel_us``: GPU time of the launches alone, replayed from a CUDA graph (what a graph-captured decode
   step pays); ``call_us``: the whole Python call, host work included (plan, tables, launches), timed with
   ``triton.testing.do_bench`` (which flushes L2 between calls).
-- ``GB/s``: bytes that must move (weights of every expert with a pair, activations in and out, the
-  ``h`` workspace) over ``kernel_us``, and the fraction of the HBM peak *measured in the same run* with a
-  2 GiB device-to-device copy. The number that matters for small batches.
+- ``GB/s``: bytes that must move (weights of every expert with a pair as stored, scales included;
+  activations in and out, the ``h`` workspace) over ``kernel_us``, and the fraction of the HBM peak
+  *measured in the same run* with a 2 GiB device-to-device copy. The number that matters for small batches.
 - ``TFLOP/s``: ``2 * T * k * 3 * H * I`` (gated) over ``kernel_us``. The number that matters for large ones.
 
 Each timed call cycles through several routings whose experts differ (at one token: disjoint expert sets
 covering every expert), so weights come from HBM, not from L2, as in a real decode loop.
 
-Targets (issue 6, on an H100): Triton >= 75% of the measured HBM bandwidth at one token, and at least as
-fast as grouped_mm from 256 tokens up. The JSON records whether each was met.
+Targets (issue 6, on an H100, float experts): Triton >= 75% of the measured HBM bandwidth at one token, and
+at least as fast as grouped_mm from 256 tokens up. The JSON records whether each was met.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ if "--smoke" in sys.argv:
 
 import torch  # noqa: E402
 
+from offload.memory import formats  # noqa: E402
 from offload_bench.kernel_timing import (  # noqa: E402
     DTYPES,
     MODELS,
@@ -64,7 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (Triton interpreter)")
     parser.add_argument("--models", action="append", choices=sorted(MODELS), help="default: all four")
     parser.add_argument("--tokens", type=int, action="append", help=f"default: {TOKENS}")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="the compute dtype")
+    parser.add_argument(
+        "--format",
+        action="append",
+        choices=formats.FORMATS,
+        help="the experts' storage format; repeat for several (default: float)",
+    )
     parser.add_argument("--routings", type=int, default=0, help="routings cycled per timed call (0: auto)")
     parser.add_argument(
         "--impl",
@@ -103,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             2 if args.smoke else max(2, min(16, math.ceil(shape.experts / shape.top_k)))
         )
         print(f"{name}: H={shape.hidden} I={shape.intermediate} E={shape.experts} k={shape.top_k}")
-        rows += bench_model(name, shape, tokens_list, dtype, device, peak, impls, n_routings)
+        for fmt in args.format or ["float"]:
+            rows += bench_model(name, shape, tokens_list, dtype, device, peak, impls, n_routings, fmt)
 
     import triton
 
@@ -124,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             cuda=torch.version.cuda,
         ),
         dtype=str(dtype).removeprefix("torch."),
+        formats=args.format or ["float"],
         peak_bytes_per_s=peak,
         peak_measured_with=peak_how,
         models={name: vars(shape) for name, shape in models.items()},

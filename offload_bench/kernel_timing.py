@@ -18,6 +18,7 @@ import torch
 
 from offload.kernels import ExpertActivation, RoutedTokens, expert_pairs_torch, select_kernel
 from offload.kernels.grouped_mm import expert_pairs_grouped_mm, prepare_grouped_mm
+from offload.memory import formats
 from offload.memory.layout import ExpertLayout
 from offload.memory.slot_pool import SlotPool
 
@@ -59,11 +60,15 @@ MODELS: dict[str, ModelShape] = {
         "this checkpoint (17.3 MB/expert)",
     ),
 }
-SMOKE_MODELS = {"tiny": ModelShape(64, 48, 8, 2, "smoke test shape")}
+SMOKE_MODELS = {"tiny": ModelShape(64, 64, 8, 2, "smoke test shape (I a multiple of 32, for MXFP4)")}
 TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
 SMOKE_TOKENS = [1, 4, 16]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The group each storage format is benchmarked with: what loading gives it (fp8: DeepSeek-V3's blocks).
+FORMAT_GROUPS = {"float": 0, "int8": 0, "int4": formats.DEFAULT_INT4_GROUP, "mxfp4": formats.MXFP4_BLOCK,
+                 "fp8": 128}  # fmt: skip
 # |kernel - reference| <= atol + rtol * |reference|, as tests/offload/kernels/test_kernels.py states them
+# (the reference dequantizes compressed experts first: the kernels multiply the same rounded weights)
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -75,16 +80,44 @@ def silu_glu() -> ExpertActivation:
     return ExpertActivation("silu", True, fn)
 
 
-def make_pool(shape: ModelShape, dtype: torch.dtype, device: torch.device, seed: int) -> SlotPool:
-    """Every expert resident, slot s = expert (E - 1 - s): slot ids differ from expert ids."""
-    layout = ExpertLayout(shape.hidden, shape.intermediate, True, False, dtype)
+def make_pool(
+    shape: ModelShape, dtype: torch.dtype, device: torch.device, seed: int, fmt: str = "float"
+) -> SlotPool:
+    """Every expert resident in storage format ``fmt``, slot s = expert (E - 1 - s): slot ids differ from
+    expert ids. Weights of order ``1/sqrt(fan_in)``, so outputs are of order 1."""
+    layout = ExpertLayout(
+        shape.hidden, shape.intermediate, True, False, dtype, format=fmt, group_size=FORMAT_GROUPS[fmt]
+    )
     pool = SlotPool(layout, shape.experts, device)
     g = torch.Generator(device=device).manual_seed(seed)
-    for name in ("gate_up", "down"):
-        field = pool.field(name)
-        for s in range(shape.experts):  # one expert at a time: no pool-sized fp32 temporary
-            field[s].copy_(torch.randn(field.shape[1:], generator=g, device=device) / field.shape[-1] ** 0.5)
+    for s in range(shape.experts):  # one expert at a time: no pool-sized fp32 temporary
+        for name, rows, cols in layout.matrices:
+            for field, value in random_matrix(layout, name, rows, cols, g).items():
+                pool.field(field)[s].copy_(value)
     return pool
+
+
+def random_matrix(
+    layout: ExpertLayout, name: str, rows: int, cols: int, g: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """One expert's random matrix ``[rows, cols]`` as the fields of ``layout.format``: float weights
+    quantized for int8/int4; random codes with scales of the right size for the checkpoint formats."""
+    device, fmt, group = g.device, layout.format, layout.group_size
+    if fmt == "mxfp4":
+        # FP4 codes have an RMS of about 2.9: the power of two that brings them to 1/sqrt(cols)
+        codes = torch.randint(0, 256, (rows, cols // 2), generator=g, device=device, dtype=torch.uint8)
+        exponent = 127 + round(-math.log2(2.9 * cols**0.5))
+        scales = torch.full((rows, cols // 32), exponent, dtype=torch.uint8, device=device)
+        return {name: codes, f"{name}_scale": scales}
+    w = torch.randn(rows, cols, generator=g, device=device)
+    if fmt == "fp8":  # codes of RMS 16, well inside e4m3's range, and block scales that undo it
+        blocks = (-(-rows // group), -(-cols // group))
+        scale = torch.full(blocks, 1.0 / (16 * cols**0.5), device=device)
+        return {name: (w * 16).to(torch.float8_e4m3fn), f"{name}_scale": scale}
+    w = w / cols**0.5
+    if fmt == "float":
+        return {name: w.to(layout.dtype)}
+    return formats.quantize(w, name, fmt, group, layout.dtype)
 
 
 def routings(shape: ModelShape, tokens: int, dtype: torch.dtype, device: torch.device, n: int, seed: int):
@@ -178,8 +211,11 @@ def bench_model(
     peak: float,
     impls: list[str],
     n_routings: int,
+    fmt: str = "float",
 ) -> list[dict]:
-    pool = make_pool(shape, dtype, device, seed=0)
+    """Rows of every impl at every token count, experts stored in ``fmt`` (compressed experts: grouped_mm
+    reads float experts only, and its rows record that error)."""
+    pool = make_pool(shape, dtype, device, seed=0, fmt=fmt)
     layout = pool.layout
     activation = silu_glu()
     triton_auto: Any = select_kernel("triton", device)  # a TritonMoeKernel
@@ -205,7 +241,10 @@ def bench_model(
         reference = outs[0].clone()
         for impl in impls:
             outs[0].zero_()
-            row: dict = dict(model=name, tokens=tokens, impl=impl, dtype=str(dtype).removeprefix("torch."))
+            row: dict = dict(
+                model=name, tokens=tokens, impl=impl, dtype=str(dtype).removeprefix("torch."),
+                format=layout.format_name, expert_bytes=layout.nbytes,
+            )  # fmt: skip
             try:
                 if impl in triton_kernels:
                     kernel = triton_kernels[impl]
@@ -233,7 +272,7 @@ def bench_model(
                 kernel_us = kernel_us / len(args) if kernel_us is not None else None
             except Exception as exc:  # an impl that cannot run here (e.g. grouped_mm dtype support)
                 row.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-                print(f"  {name:17} T={tokens:<5} {impl:15} ERROR {row['error']}")
+                print(f"  {name:17} {fmt:5} T={tokens:<5} {impl:15} ERROR {row['error']}")
                 rows.append(row)
                 continue
             us = kernel_us if kernel_us is not None else call_us
@@ -251,7 +290,7 @@ def bench_model(
             )
             rows.append(row)
             print(
-                f"  {name:17} T={tokens:<5} {impl:15} kernel {row['kernel_us'] or '-':>9} us  "
+                f"  {name:17} {fmt:5} T={tokens:<5} {impl:15} kernel {row['kernel_us'] or '-':>9} us  "
                 f"call {row['call_us']:>9} us  {row['gbps']:>8} GB/s ({row['pct_peak']:>5}% of peak)  "
                 f"{row['tflops']:>7} TFLOP/s  err {err:.2e}"
             )
@@ -274,7 +313,9 @@ def targets(rows: list[dict]) -> list[dict]:
     from 256 tokens. Speeds are compared like with like: GPU time of both (CUDA-graph replays) where both have
     it, else host-inclusive call time of both."""
     out = []
-    by = {(r["model"], r["tokens"], r["impl"]): r for r in rows if "error" not in r}
+    # float experts only: these are the float kernels' targets; compressed rows are reported beside them
+    float_rows = [r for r in rows if r.get("format", "float") not in formats.FORMATS[1:]]
+    by = {(r["model"], r["tokens"], r["impl"]): r for r in float_rows if "error" not in r}
     for model, tokens, impl in by:
         if impl != "triton":
             continue

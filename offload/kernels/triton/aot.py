@@ -30,6 +30,7 @@ from offload.kernels.activation import ExpertActivation
 from offload.kernels.routing import RoutedTokens
 from offload.kernels.triton.launch import TritonMoeKernel
 from offload.kernels.triton.launch_plan import DeviceInfo, TritonMoeOptions
+from offload.memory import formats
 from offload.memory.layout import ExpertLayout
 from offload.memory.slot_pool import SlotPool
 
@@ -128,7 +129,8 @@ def compile_launch(kernel: Any, grid: tuple[int, ...], kwargs: dict[str, Any], t
     ops = Counter(_PTX_OPS.findall(compiled.asm["ptx"]))
     loads = {op: n for op, n in ops.items() if op.startswith("ld.global")}
     vector = sum(n for op, n in loads.items() if ".v2" in op or ".v4" in op)
-    variant = {k: kwargs[k] for k in ("STAGE", "SPLIT", "BLOCK_M", "BLOCK_N", "BLOCK_K") if k in kwargs}
+    picks = ("FORMAT", "GROUP", "STAGE", "SPLIT", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+    variant = {k: kwargs[k] for k in picks if k in kwargs and (k != "GROUP" or kwargs[k])}
     return CompiledLaunch(
         kernel=kernel.__name__,
         target=target,
@@ -173,16 +175,31 @@ VARIANTS = [(act, gate, bias) for act in ("silu", "gelu_tanh", "gelu", "relu") f
 # Token counts at which the dispatch's choices change (decode, split-K, prefill block sizes).
 TOKEN_SWEEP = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 _NOT_VARIANT = {"N", "K", "TOP_K", "NUM_EXPERTS", "UP_OFF", "K_PER_SPLIT", "pos_base", "num_blocks", "alpha",
-                "limit", "slot_stride"}  # fmt: skip
+                "limit", "slot_bytes"}  # fmt: skip
+# Compressed storage formats with the group loading gives them, each at every model shape at one token
+# (decode, split-K where the heuristics split) and 256 (prefill): not the full product with every tile of
+# TOKEN_SWEEP, which would double the compile time; the format code sits in the weight loads, apart from
+# the tiles. int4's other common group at one shape.
+FORMAT_VARIANTS = [("int8", 0), ("int4", 64), ("mxfp4", 32), ("fp8", 128)]
+FORMAT_TOKENS = [1, 256]
+
+
+def layout_of(
+    hidden: int, inter: int, has_gate: bool, has_bias: bool, dtype: torch.dtype, fmt: str = "float"
+) -> ExpertLayout:
+    """The layout a checkpoint loads into, in storage format ``fmt`` with that format's usual group."""
+    group = {"int4": formats.DEFAULT_INT4_GROUP, "mxfp4": formats.MXFP4_BLOCK, "fp8": 128}.get(fmt, 0)
+    return ExpertLayout(hidden, inter, has_gate, has_bias, dtype, format=fmt, group_size=group)
 
 
 def variant_launches(
-    targets: list[str], dtypes: list[torch.dtype]
+    targets: list[str], dtypes: list[torch.dtype], compressed: bool = True
 ) -> list[tuple[str, Any, tuple[int, ...], dict[str, Any]]]:
     """One launch per distinct compiled kernel the dispatch can pick: every tile it chooses for the four
-    model shapes across :data:`TOKEN_SWEEP`, and every activation and layout variant (decode and prefill at
-    one shape). Distinct means a different kernel, target, dtype, flag, tile, split > 1, warps or stages;
-    the dimensions only bound loops and masks. Returns ``(target, kernel, grid, kwargs)``."""
+    model shapes across :data:`TOKEN_SWEEP`, every activation and layout variant (decode and prefill at
+    one shape), and every compressed format at the model shapes (:data:`FORMAT_VARIANTS`). Distinct means
+    a different kernel, target, dtype, flag, tile, split > 1, warps or stages; the dimensions only bound
+    loops and masks. ``compressed=False`` leaves the formats out. Returns ``(target, kernel, grid, kwargs)``."""
     seen: dict[tuple[Any, ...], tuple[str, Any, tuple[int, ...], dict[str, Any]]] = {}
     for target, dtype in itertools.product(targets, dtypes):
         info = TARGETS[target][1]
@@ -193,7 +210,29 @@ def variant_launches(
             (ExpertLayout(2048, 1024, gate, bias, dtype), tokens, 8, 64, act)
             for (act, gate, bias), tokens in itertools.product(VARIANTS, (1, 256))
         ]
-        for layout, tokens, top_k, experts, act in cases:
+        formats_cases = (
+            [
+                (ExpertLayout(h, i, True, False, dtype, format=fmt, group_size=group), tokens, k, e, "silu")
+                for (fmt, group), (h, i, e, k), tokens in itertools.product(
+                    FORMAT_VARIANTS, MODELS.values(), FORMAT_TOKENS
+                )
+            ]
+            + [  # int4 in groups of 128; gpt-oss: MXFP4 experts with biases and the clamped GLU
+                (
+                    ExpertLayout(2048, 768, True, False, dtype, format="int4", group_size=128),
+                    tokens,
+                    8,
+                    128,
+                    "silu",
+                )
+                for tokens in FORMAT_TOKENS
+            ]
+            + [
+                (layout_of(2880, 2880, True, True, dtype, "mxfp4"), tokens, 4, 32, "gpt_oss")
+                for tokens in FORMAT_TOKENS
+            ]
+        )
+        for layout, tokens, top_k, experts, act in cases + (formats_cases if compressed else []):
             for kernel, grid, kwargs in record_launches(layout, tokens, top_k, experts, act, info):
                 key = (target, str(dtype), kernel.__name__, _flags(kwargs, dims=False))
                 seen.setdefault(key, (target, kernel, grid, kwargs))
@@ -220,10 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", action="append", choices=["bf16", "fp16", "fp32"], help="default: bf16")
     parser.add_argument("--bias", action="store_true", help="experts with biases (gpt-oss style)")
     parser.add_argument(
+        "--format",
+        default="float",
+        choices=formats.FORMATS,
+        help="the experts' storage format (default: float)",
+    )
+    parser.add_argument(
         "--all-variants",
         action="store_true",
         help="every distinct kernel the dispatch can pick (tiles across token counts, every activation and "
         "layout) for the targets and dtypes given, instead of --model/--tokens",
+    )
+    parser.add_argument(
+        "--float-only", action="store_true", help="with --all-variants: leave the compressed formats out"
     )
     parser.add_argument("--shard", default="0/1", help="I/N: compile every N-th variant from the I-th")
     parser.add_argument("--json", action="store_true", help="one JSON object per launch")
@@ -233,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen_dtypes = [dtypes[d] for d in args.dtype or ["bf16"]]
     if args.all_variants:
         index, count = (int(x) for x in args.shard.split("/"))
-        todo = variant_launches(targets, chosen_dtypes)[index::count]
+        todo = variant_launches(targets, chosen_dtypes, compressed=not args.float_only)[index::count]
         print(f"{len(todo)} distinct launches in shard {args.shard}")
         failures = sum(_report(t, k, g, kw, "variants", 0, args.json) for t, k, g, kw in todo)
         return 1 if failures else 0
@@ -241,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     seen: set[tuple[Any, ...]] = set()
     for target, dtype, model in itertools.product(targets, chosen_dtypes, args.model or sorted(MODELS)):
         hidden, inter, experts, top_k = MODELS[model]
-        layout = ExpertLayout(hidden, inter, True, args.bias, dtype)
+        layout = layout_of(hidden, inter, True, args.bias, dtype, args.format)
         for tokens in args.tokens or [1, 64, 4096]:
             for kernel, grid, kwargs in record_launches(
                 layout, tokens, top_k, experts, "silu", TARGETS[target][1]

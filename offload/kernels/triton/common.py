@@ -69,7 +69,7 @@ def epilogue(
     store_mask,
     row,  # int64 [...] workspace row (stage 1 destination)
     pair,  # int64 [...] pair id (stage 2 destination and routing weight)
-    slot_bias_ptr,  # bias field of this slot (already offset by slot * slot_stride)
+    slot_bias_ptr,  # bias field of this slot (already moved there by dequant.at_slot)
     weight_ptr,  # [T*k] routing weights
     c_ptr,  # stage 1: h workspace [rows, N]; stage 2: out [T*k, N]
     alpha,

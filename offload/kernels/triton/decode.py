@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from offload.kernels.triton.common import epilogue
+from offload.kernels.triton.dequant import at_slot, weight_tile
 
 
 @triton.jit
@@ -33,12 +34,14 @@ def pairs_gemv(
     order_ptr,  # [T*k] int64: pairs_by_expert
     expert_ptr,  # [T*k] int64: top_k_index, flattened
     slot_map_ptr,  # [E] int32: slot of each expert in this wave, -1 if none
-    w_ptr,  # weight field of slot 0: [N_rows, K], slot stride slot_stride elements
+    w_ptr,  # weight field of slot 0: [N_rows, K] in FORMAT (dequant.weight_tile)
+    scale_ptr,  # its scale field of slot 0 (read only for compressed formats)
+    zero_ptr,  # its zero-point field of slot 0 (int4 only)
     bias_ptr,  # bias field of slot 0 (read only if HAS_BIAS)
     weight_ptr,  # [T*k] routing weights (stage 2)
     c_ptr,  # SPLIT == 1: h workspace (stage 1) or out [T*k, N] (stage 2); else fp32 partials
     pos_base,  # position of row 0
-    slot_stride,  # elements between two slots of the pool
+    slot_bytes,  # bytes between two slots of the pool
     alpha,
     limit,
     N: tl.constexpr,  # output columns: I (stage 1) or H (stage 2)
@@ -51,6 +54,8 @@ def pairs_gemv(
     DUAL: tl.constexpr,  # stage 1 with a gate: two accumulators
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
+    FORMAT: tl.constexpr,  # storage of the weights: dequant.FORMAT_CODES
+    GROUP: tl.constexpr,  # the format's group or block size (0 for float and int8)
     SPLIT: tl.constexpr,
     K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K; SPLIT * K_PER_SPLIT >= K
     BLOCK_N: tl.constexpr,
@@ -62,8 +67,9 @@ def pairs_gemv(
     pair, slot = _lookup(order_ptr, expert_ptr, slot_map_ptr, pos_base + row, NUM_EXPERTS)
     if slot < 0:
         return
-    slot_off = slot.to(tl.int64) * slot_stride  # int64: slot * stride overflows int32 past 2 GiB pools
-    w = w_ptr + slot_off
+    w = at_slot(w_ptr, slot, slot_bytes)
+    w_scale = at_slot(scale_ptr, slot, slot_bytes)
+    w_zero = at_slot(zero_ptr, slot, slot_bytes)
     if STAGE == 1:
         a = a_ptr + (pair // TOP_K) * K
     else:
@@ -71,27 +77,32 @@ def pairs_gemv(
 
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
-    up_rows = (UP_OFF + n).to(tl.int64)[:, None] * K
-    gate_rows = n.to(tl.int64)[:, None] * K
+    up_rows = (UP_OFF + n).to(tl.int64)
+    gate_rows = n.to(tl.int64)
+    dtype = a_ptr.dtype.element_ty  # the compute dtype, which dequantized weights are rounded to
     # 2-D accumulators, reduced once after the loop: one reduction per program, not one per K tile
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     k_begin = pid_s * K_PER_SPLIT
     for k0 in range(0, K_PER_SPLIT, BLOCK_K):  # constexpr bounds (runtime bounds trip the interpreter)
         k = k_begin + k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < K
-        x = tl.load(a + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        tile_mask = n_mask[:, None] & k_mask[None, :]
-        acc += tl.load(w + up_rows + k[None, :], mask=tile_mask, other=0.0).to(tl.float32) * x
+        x = tl.load(a + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
+        up_w = weight_tile(
+            w, w_scale, w_zero, up_rows, n_mask, k_begin + k0, K, BLOCK_K, 1, FORMAT, GROUP, dtype
+        )
+        acc += up_w.to(tl.float32) * x
         if DUAL:
-            acc_gate += tl.load(w + gate_rows + k[None, :], mask=tile_mask, other=0.0).to(tl.float32) * x
+            gate_w = weight_tile(
+                w, w_scale, w_zero, gate_rows, n_mask, k_begin + k0, K, BLOCK_K, 1, FORMAT, GROUP, dtype
+            )
+            acc_gate += gate_w.to(tl.float32) * x
     up = tl.sum(acc, axis=1)
     gate = tl.sum(acc_gate, axis=1)
 
     if SPLIT == 1:
         epilogue(
-            gate, up, n, n_mask, n_mask, row, pair, bias_ptr + slot_off, weight_ptr, c_ptr, alpha, limit,
-            N, UP_OFF, STAGE, HAS_GATE, HAS_BIAS, ACT,
+            gate, up, n, n_mask, n_mask, row, pair, at_slot(bias_ptr, slot, slot_bytes), weight_ptr, c_ptr,
+            alpha, limit, N, UP_OFF, STAGE, HAS_GATE, HAS_BIAS, ACT,
         )  # fmt: skip
     else:
         # partials [SPLIT, rows, (2 if DUAL else 1) * N] fp32: gate first, then up
@@ -112,7 +123,7 @@ def splitk_reduce(
     weight_ptr,
     c_ptr,
     pos_base,
-    slot_stride,
+    slot_bytes,
     alpha,
     limit,
     N: tl.constexpr,
@@ -145,6 +156,6 @@ def splitk_reduce(
         if DUAL:
             gate += tl.load(part + n, mask=n_mask, other=0.0)
     epilogue(
-        gate, up, n, n_mask, n_mask, row, pair, bias_ptr + slot.to(tl.int64) * slot_stride, weight_ptr,
-        c_ptr, alpha, limit, N, UP_OFF, STAGE, HAS_GATE, HAS_BIAS, ACT,
+        gate, up, n, n_mask, n_mask, row, pair, at_slot(bias_ptr, slot, slot_bytes), weight_ptr, c_ptr,
+        alpha, limit, N, UP_OFF, STAGE, HAS_GATE, HAS_BIAS, ACT,
     )  # fmt: skip

@@ -42,6 +42,7 @@ from offload.kernels.routing import RoutedTokens
 from offload.kernels.torch_reference import expert_pairs_torch
 from offload.kernels.triton.common import ACT_CODES
 from offload.kernels.triton.decode import pairs_gemv, splitk_reduce
+from offload.kernels.triton.dequant import FORMAT_CODES
 from offload.kernels.triton.launch_plan import (
     DeviceInfo,
     GemmTiles,
@@ -52,9 +53,6 @@ from offload.kernels.triton.launch_plan import (
 )
 from offload.kernels.triton.prefill import pairs_gemm
 from offload.memory.slot_pool import SlotPool
-
-# Storage formats the fused kernels read straight from the slot pool; others run the torch reference.
-FORMAT_CODES = {"float": 0}
 
 # The bf16 tl.dot trap is the interpreter's (on CPU tensors, or on CUDA ones when debugging with it).
 INTERPRETED = isinstance(pairs_gemm, InterpretedFunction)
@@ -118,7 +116,7 @@ class TritonMoeKernel:
     ) -> Callable[[], None]:
         """Do one wave's host work now (plan, tables, workspaces) and return a closure that only launches
         the kernels: what a CUDA graph captures, and what the benchmark times as kernel time."""
-        if activation.kind not in ACT_CODES or pool.layout.format not in FORMAT_CODES:
+        if activation.kind not in ACT_CODES:
             return functools.partial(expert_pairs_torch, routed, experts, slots, pool, activation, out)
         launches: list[tuple[Any, tuple[int, ...], dict[str, Any]]] = []
         recorder = TritonMoeKernel(self.options, self.device_info, lambda *launch: launches.append(launch))
@@ -152,8 +150,8 @@ class TritonMoeKernel:
         out: torch.Tensor,  # [T*k, H], promote_types(hidden.dtype, weights.dtype)
         slot_row: torch.Tensor | None = None,  # [E] int32: the layer's slot table row (single-wave calls)
     ) -> None:
-        if activation.kind not in ACT_CODES or pool.layout.format not in FORMAT_CODES:
-            # "custom": only the model's code knows the math; a storage format without a fused kernel yet
+        if activation.kind not in ACT_CODES:
+            # "custom": only the model's code knows the math
             expert_pairs_torch(routed, experts, slots, pool, activation, out)
             self.calls["torch"] += 1
             return
@@ -181,13 +179,14 @@ class TritonMoeKernel:
         device = pool.device
         h_dim, i_dim = layout.hidden_size, layout.intermediate_size
         h_ws = torch.empty((rows, i_dim), dtype=layout.dtype, device=device)  # [rows, I]
-        bias_up = pool.field("gate_up_bias") if layout.has_bias else pool.field("gate_up")  # (unread)
-        bias_down = pool.field("down_bias") if layout.has_bias else pool.field("down")
+        bias_up = pool.field("gate_up_bias") if layout.has_bias else h_ws  # (unread)
+        bias_down = pool.field("down_bias") if layout.has_bias else h_ws
         gated = layout.has_gate
+        fmt = FORMAT_CODES[layout.format]
         stages = (
             _Stage(
                 hidden,
-                pool.field("gate_up"),
+                *_weight_fields(pool, "gate_up"),
                 bias_up,
                 h_ws,
                 i_dim,
@@ -197,16 +196,32 @@ class TritonMoeKernel:
                 gated,
                 gated,
                 ACT_CODES[activation.kind],
+                fmt,
+                layout.group_size,
             ),
             # The activation is stage 1's alone: stage 2 always passes the same flags, so one compiled
             # stage-2 kernel serves every activation and gate variant.
-            _Stage(h_ws, pool.field("down"), bias_down, out, h_dim, i_dim, 0, 2, False, False, 0),
+            _Stage(
+                h_ws,
+                *_weight_fields(pool, "down"),
+                bias_down,
+                out,
+                h_dim,
+                i_dim,
+                0,
+                2,
+                False,
+                False,
+                0,
+                fmt,
+                layout.group_size,
+            ),
         )
         args: dict[str, Any] = dict(
             order_ptr=routed.pairs_by_expert,
             weight_ptr=routed.top_k_weights.reshape(-1).contiguous(),
             pos_base=pos_base,
-            slot_stride=pool.field("down").stride(0),  # the same for every field, in elements
+            slot_bytes=pool.data.stride(0),  # the same for every field: each kernel divides by its itemsize
             alpha=float(activation.alpha),
             limit=float(activation.limit),
             TOP_K=routed.top_k,
@@ -257,6 +272,21 @@ def _slot_map(live: list[tuple[int, int]], num_experts: int) -> list[int]:
     return slot_map
 
 
+def _weight_fields(pool: SlotPool, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight matrix's pool fields as the kernels read them: weights, scales, zero points (a field that
+    the format does not have is replaced by the weights, never read)."""
+    w = pool.field(name)
+    if w.dtype == torch.float8_e4m3fn:
+        w = w.view(torch.uint8)  # decoded with integer ops: triton has no fp8e4nv below sm_89
+    scale_zero = []
+    for field in (f"{name}_scale", f"{name}_zero"):
+        try:
+            scale_zero.append(pool.field(field))
+        except KeyError:
+            scale_zero.append(w)
+    return w, scale_zero[0], scale_zero[1]
+
+
 def _on(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """Launch on the pool's device, whatever the current one is."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -264,7 +294,9 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 
 class _Stage(NamedTuple):
     a: torch.Tensor  # stage 1: hidden [T, H]; stage 2: h workspace [rows, I]
-    w: torch.Tensor  # pool field: gate_up [S, G*I, H] or down [S, H, I]
+    w: torch.Tensor  # pool field: gate_up [S, G*I, H] or down [S, H, I], in the layout's format
+    scale: torch.Tensor  # its scales (the weights again where the format has none)
+    zero: torch.Tensor  # its zero points (likewise)
     bias: torch.Tensor  # pool field gate_up_bias / down_bias (any pool field when there is no bias)
     c: torch.Tensor  # stage 1: h workspace [rows, I]; stage 2: out [T*k, H]
     n: int  # output columns
@@ -274,6 +306,8 @@ class _Stage(NamedTuple):
     dual: bool  # two accumulators (gate and up)
     has_gate: bool  # stage 1 only: the activation has a gate
     act: int  # stage 1 only: the activation's code (ACT_CODES)
+    format: int  # the weights' storage (FORMAT_CODES); only the weight-reading kernels take it
+    group: int  # the format's group or block size
 
     def constexprs(self) -> dict[str, Any]:
         return dict(
@@ -290,7 +324,8 @@ class _Stage(NamedTuple):
 def _launch_decode(launch: Launch, stage: _Stage, tiles: GemvTiles, rows: int, args: dict[str, Any]) -> None:
     tiles_n = triton.cdiv(stage.n, tiles.block_n)
     common = dict(
-        a_ptr=stage.a, w_ptr=stage.w, bias_ptr=stage.bias, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        a_ptr=stage.a, w_ptr=stage.w, scale_ptr=stage.scale, zero_ptr=stage.zero, bias_ptr=stage.bias,
+        FORMAT=stage.format, GROUP=stage.group, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         K_PER_SPLIT=tiles.k_per_split, SPLIT=tiles.split, num_warps=tiles.num_warps, **stage.constexprs(),
         **args,
     )  # fmt: skip
@@ -315,7 +350,8 @@ def _launch_prefill(
 ) -> None:
     grid = (num_blocks * triton.cdiv(stage.n, tiles.block_n),)
     kwargs = dict(
-        a_ptr=stage.a, w_ptr=stage.w, bias_ptr=stage.bias, c_ptr=stage.c, BLOCK_M=tiles.block_m,
+        a_ptr=stage.a, w_ptr=stage.w, scale_ptr=stage.scale, zero_ptr=stage.zero, bias_ptr=stage.bias,
+        c_ptr=stage.c, FORMAT=stage.format, GROUP=stage.group, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages, **stage.constexprs(), **args,
     )  # fmt: skip

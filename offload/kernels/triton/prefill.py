@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from offload.kernels.triton.common import epilogue
+from offload.kernels.triton.dequant import at_slot, weight_tile
 
 
 @triton.jit(do_not_specialize=["num_blocks", "pos_base"])
@@ -21,13 +22,15 @@ def pairs_gemm(
     order_ptr,  # [T*k] int64: pairs_by_expert
     blocks_ptr,  # [num_blocks, 3] int32: expert, first position, end position
     slot_map_ptr,  # [E] int32: slot of each expert in this wave
-    w_ptr,  # weight field of slot 0: [N_rows, K]
+    w_ptr,  # weight field of slot 0: [N_rows, K] in FORMAT (dequant.weight_tile)
+    scale_ptr,  # its scale field of slot 0 (read only for compressed formats)
+    zero_ptr,  # its zero-point field of slot 0 (int4 only)
     bias_ptr,  # bias field of slot 0 (read only if HAS_BIAS)
     weight_ptr,  # [T*k] routing weights (stage 2)
     c_ptr,  # stage 1: h workspace [rows, N]; stage 2: out [T*k, N]
     num_blocks,
     pos_base,  # position of workspace row 0
-    slot_stride,  # elements between two slots of the pool
+    slot_bytes,  # bytes between two slots of the pool
     alpha,
     limit,
     N: tl.constexpr,
@@ -39,6 +42,8 @@ def pairs_gemm(
     DUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
+    FORMAT: tl.constexpr,  # storage of the weights: dequant.FORMAT_CODES
+    GROUP: tl.constexpr,  # the format's group or block size (0 for float and int8)
     UPCAST: tl.constexpr,  # feed tl.dot fp32 tiles (bf16 tl.dot is wrong in the triton 3.6 interpreter)
     PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 tiles: "ieee" or "tf32"
     BLOCK_M: tl.constexpr,
@@ -58,8 +63,9 @@ def pairs_gemm(
     start = tl.load(blocks_ptr + block * 3 + 1).to(tl.int64)
     end = tl.load(blocks_ptr + block * 3 + 2).to(tl.int64)
     slot = tl.load(slot_map_ptr + expert)  # the host puts only experts of this wave in the table
-    slot_off = slot.to(tl.int64) * slot_stride  # int64: slot * stride overflows int32 past 2 GiB pools
-    w = w_ptr + slot_off
+    w = at_slot(w_ptr, slot, slot_bytes)
+    w_scale = at_slot(scale_ptr, slot, slot_bytes)
+    w_zero = at_slot(zero_ptr, slot, slot_bytes)
 
     pos = start + tl.arange(0, BLOCK_M)
     m_mask = pos < end
@@ -72,16 +78,17 @@ def pairs_gemm(
 
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
-    up_cols = (UP_OFF + n).to(tl.int64)[None, :] * K  # weight rows, read as the columns of a [K, N] tile
-    gate_cols = n.to(tl.int64)[None, :] * K
+    up_cols = (UP_OFF + n).to(tl.int64)  # weight rows, read as the columns of a [K, N] tile
+    gate_cols = n.to(tl.int64)
+    dtype = a_ptr.dtype.element_ty  # the compute dtype, which dequantized weights are rounded to
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # constexpr bounds (runtime bounds trip the interpreter)
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
         a = tl.load(a_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b_mask = k_mask[:, None] & n_mask[None, :]
-        b = tl.load(w + up_cols + k[:, None], mask=b_mask, other=0.0)
+        # compressed weights arrive dequantized to the compute dtype, ready for a 16-bit tl.dot
+        b = weight_tile(w, w_scale, w_zero, up_cols, n_mask, k0, K, BLOCK_K, 0, FORMAT, GROUP, dtype)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -89,7 +96,7 @@ def pairs_gemm(
             a = a.to(b.dtype)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if DUAL:
-            g = tl.load(w + gate_cols + k[:, None], mask=b_mask, other=0.0)
+            g = weight_tile(w, w_scale, w_zero, gate_cols, n_mask, k0, K, BLOCK_K, 0, FORMAT, GROUP, dtype)
             if UPCAST:
                 g = g.to(tl.float32)
             acc_gate = tl.dot(a, g, acc_gate, input_precision=PRECISION)
@@ -97,5 +104,6 @@ def pairs_gemm(
     store_mask = m_mask[:, None] & n_mask[None, :]
     epilogue(
         acc_gate, acc, n[None, :], n_mask[None, :], store_mask, row[:, None], pair[:, None],
-        bias_ptr + slot_off, weight_ptr, c_ptr, alpha, limit, N, UP_OFF, STAGE, HAS_GATE, HAS_BIAS, ACT,
+        at_slot(bias_ptr, slot, slot_bytes), weight_ptr, c_ptr, alpha, limit, N, UP_OFF, STAGE, HAS_GATE,
+        HAS_BIAS, ACT,
     )  # fmt: skip
