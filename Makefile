@@ -33,8 +33,10 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy offload cache_policies offload_bench
 
+# One worker per core; the tests that run under wall-clock caps (the GPU check's smoke run) run alone after.
 unit: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n logical -m "not serial"
+	$(PY) -m pytest -q -m serial
 
 test: lint typecheck unit
 

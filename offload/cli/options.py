@@ -104,6 +104,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="MXFP4/FP8 checkpoints: expand the experts to the compute dtype instead of keeping their format",
     )
     p.add_argument(
+        "--no-store-cache",
+        action="store_true",
+        help="with --quantize: quantize while loading every time, neither reading nor writing the compressed "
+        "store kept in the user cache folder",
+    )
+    p.add_argument(
         "--host-memory-limit", help="host RAM the model may take, e.g. 48GB (default: what is available)"
     )
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
@@ -179,6 +185,7 @@ def choose_model(args: argparse.Namespace) -> ModelChoice:
         quantize=None if args.quantize == "none" else args.quantize,
         quantize_group=args.quantize_group,
         dequantize=args.dequantize,
+        store_cache=not args.no_store_cache,
         host_memory_limit=args.host_memory_limit,
     )
     demo = args.model is None

@@ -85,6 +85,7 @@ def _summary(result: dict[str, Any], stats: Any) -> str:
             f"copied  : {stats.bytes_host_to_device / 1e9:.3f} GB at {stats.copy_gb_per_s:.2f} GB/s achieved",
             f"slots   : {stats.slots} / {stats.total_experts} experts, {stats.expert_format}, "
             f"{format_size(stats.expert_bytes)} each (in host RAM and in a slot)",
+            *([f"store   : {stats.store_source}"] if stats.store_source else []),
             *(
                 [
                     f"prefetch: {stats.prefetch_issued} issued, {stats.prefetch_used} used in time, "

@@ -147,6 +147,8 @@ def _load_weights(
         if cache is not None:
             cache.commit()
             runtime.store_source = cache.describe()
+        elif runtime.config.quantize is not None:
+            runtime.store_source = "quantized while loading (the store cache is off)"
     _raise_on_errors(info, checkpoint, check_missing=True)
     on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:

@@ -17,6 +17,9 @@ from offload_bench.gpu_check.driver import run_stage
 from offload_bench.gpu_check.stage import STAGES
 from tests.helpers import ROOT
 
+# the smoke run's stages have wall-clock caps: run them alone, not beside other tests' workers
+pytestmark = pytest.mark.serial
+
 # What each stage writes, on a GPU and in the smoke run alike.
 STAGE_KEYS = {
     "machine": {"device", "versions", "h2d", "h2d_expert_copies", "device_bandwidth"},

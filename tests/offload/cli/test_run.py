@@ -69,6 +69,35 @@ def test_runs_and_writes_stats(
     assert stats["expert_misses"] > 0
 
 
+def test_quantize_reads_the_cached_store_the_second_time(
+    cli_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--quantize int4: the summary names the format and where the store came from; the second run reads
+    the compressed-store cache, and --no-store-cache quantizes again and writes nothing."""
+    from offload.user_cache import user_cache_dir
+
+    checkpoint = tmp_path / "model"  # a path of its own: the cache is keyed by it
+    shutil.copytree(cli_checkpoint, checkpoint)
+    argv = ["--model", str(checkpoint), "--vram-budget", "1GB", "--device", "cpu", "--max-context", "64"]
+    argv += ["--prompt", "hello", "--max-new-tokens", "3", "--quantize", "int4"]
+    outputs, sources = [], []
+    for extra in ([], [], ["--no-store-cache"]):
+        stores = user_cache_dir("stores")
+        before = set(stores.iterdir()) if stores.is_dir() else set()
+        code, out, err = run([*argv, *extra], capsys)
+        assert code == 0, err
+        assert "int4" in err.split("slots   :")[1].splitlines()[0]
+        source = [line for line in err.splitlines() if line.startswith("store   : ")]
+        sources.append(source[0] if source else "")
+        outputs.append(out)
+        after = set(stores.iterdir()) if stores.is_dir() else set()
+        assert len(after - before) == (1 if len(sources) == 1 else 0)
+    assert "quantized while loading" in sources[0] and "cached" in sources[0]
+    assert "read from the compressed-store cache" in sources[1]
+    assert sources[2] == "store   : quantized while loading (the store cache is off)"
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
 def test_greedy_output_matches_hf(cli_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(cli_checkpoint)
     model = transformers.AutoModelForCausalLM.from_pretrained(cli_checkpoint, dtype=torch.float32)
