@@ -1,0 +1,230 @@
+"""The measured inputs of the copy-or-compute rule, and which host kernel runs: probed once per machine and
+expert shape, kept in the user cache.
+
+- **link**: pinned host-to-device GB/s of expert-sized copies (a short probe: 64 MiB, best of 3);
+- **host**: per host kernel (:mod:`offload.kernels.host_experts`), seconds per expert at 1, 4 and 16 tokens on
+  synthetic experts of the model's layout, enough of them (up to 64 MiB) that RAM, not the cache, feeds the
+  kernel; the fastest at 1 token (decode) is the host kernel, its rates are the rule's;
+- **device**: seconds of one expert call on the device at 1 token.
+
+A CPU device has no link: ``auto`` there is ``off`` unless rates are given (``host_rates``), and the host kernel
+is the device's own reference kernel, so a pair gives the same bits wherever it runs.
+
+The cache is one JSON file, ``rates.json`` in ``$XDG_CACHE_HOME/moe-offload`` (else ``~/.cache/moe-offload``;
+``~/Library/Caches`` on macOS, ``%LOCALAPPDATA%`` on Windows), keyed by machine (host name, CPU, torch version,
+device name, threads) and by expert shape and format. It is written beside itself and renamed, and a file that
+does not parse is measured over.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cache_policies import HostRates
+from offload.kernels import ExpertActivation
+from offload.kernels.host_experts import host_kernel, host_kernel_candidates
+from offload.memory.layout import ExpertLayout
+
+PROBE_TOKENS = (1, 4, 16)
+_PROBE_BYTES = 64 << 20  # synthetic experts per host probe: more than a last-level cache holds
+
+
+def cache_dir() -> Path:
+    """The user cache folder of moe-offload, by the platform's convention."""
+    if sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    elif os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "moe-offload"
+
+
+def machine_key(device: torch.device, threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"{platform.node()}|{cpu}|torch {torch.__version__}|{name}|{threads} threads"
+
+
+def layout_key(layout: ExpertLayout) -> str:
+    gate = "gate" if layout.has_gate else "nogate"
+    bias = "bias" if layout.has_bias else "nobias"
+    return f"{layout.format_name}|{layout.dtype}|H{layout.hidden_size}|I{layout.intermediate_size}|{gate}|{bias}"
+
+
+def resolve(
+    layout: ExpertLayout, device: torch.device, threads: int, activation: ExpertActivation, need_rates: bool
+) -> tuple[str, HostRates | None]:
+    """(host kernel, measured rates or None): from the cache where it has them, else probed and cached."""
+    if device.type != "cuda":
+        return "reference", None  # the device's own kernel; no link to weigh
+
+    def measure() -> dict[str, Any]:
+        kernel, host = probe_host(layout, activation, host_kernel_candidates(layout))
+        entry: dict[str, Any] = {"kernel": kernel, "host_gbps": host}
+        if need_rates:
+            entry.update(link_gbps=probe_link(device), device_s=probe_device(layout, device))
+        return entry
+
+    needed = ("kernel", "host_gbps", "link_gbps", "device_s") if need_rates else ("kernel", "host_gbps")
+    key = f"{machine_key(device, threads)}||{layout_key(layout)}"
+    entry, source = cached(cache_dir() / "rates.json", key, needed, measure)
+    return entry["kernel"], rates_of(entry, source) if need_rates else None
+
+
+def rates_of(entry: dict[str, Any], source: str) -> HostRates:
+    return HostRates(
+        float(entry["link_gbps"]),
+        tuple((int(t), float(g)) for t, g in entry["host_gbps"]),
+        float(entry["device_s"]),
+        source,
+    )
+
+
+def cached(
+    path: Path, key: str, needed: tuple[str, ...], measure: Callable[[], dict[str, Any]]
+) -> tuple[dict[str, Any], str]:
+    """``path``'s entry ``key`` when it has every ``needed`` field ("cached"), else ``measure()``'s, stored
+    there ("measured")."""
+    store = _read(path)
+    entry = store.get(key)
+    if isinstance(entry, dict) and all(name in entry for name in needed):
+        return entry, "cached"
+    entry = measure()
+    store[key] = entry
+    _write(path, store)
+    return entry, "measured"
+
+
+# -- probes ------------------------------------------------------------------------------------------------
+
+
+def synthetic_experts(layout: ExpertLayout, count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``count`` experts of ``layout`` in host memory, with weights in their format's normal range."""
+    generator = torch.Generator().manual_seed(seed)
+    buffers = torch.empty((count, layout.nbytes), dtype=torch.uint8)
+    views = layout.views(buffers)
+    for name, tensor in views.items():
+        if tensor.dtype == torch.uint8 or tensor.dtype == torch.int8:
+            tensor.view(torch.uint8).copy_(torch.randint(0, 256, tensor.shape, generator=generator))
+        elif tensor.is_floating_point() and tensor.element_size() >= 2:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
+        else:  # fp8 codes
+            tensor.copy_(torch.randn(tensor.shape, generator=generator).to(tensor.dtype))
+        if name.endswith("_scale") and layout.format == "mxfp4":
+            tensor.fill_(120)  # 2^-7
+        elif name.endswith(("_scale", "_zero")) and tensor.is_floating_point():
+            tensor.abs_().add_(0.01 if name.endswith("_scale") else 7.0)
+    return [layout.views(buffers[i]) for i in range(count)]
+
+
+def probe_host(
+    layout: ExpertLayout, activation: ExpertActivation, kernels: tuple[str, ...], repeats: int = 3
+) -> tuple[str, list[tuple[int, float]]]:
+    """The fastest host kernel at 1 token and its (tokens, GB/s) points, on synthetic experts."""
+    count = max(2, min(32, _PROBE_BYTES // layout.nbytes))
+    experts = synthetic_experts(layout, count)
+    best: tuple[str, list[tuple[int, float]]] | None = None
+    for name in kernels:
+        points = [(n, layout.nbytes / host_seconds(name, layout, activation, experts, n, repeats) / 1e9)
+                  for n in PROBE_TOKENS]
+        if best is None or points[0][1] > best[1][0][1]:
+            best = (name, points)
+    assert best is not None
+    return best
+
+
+def host_seconds(
+    kernel_name: str,
+    layout: ExpertLayout,
+    activation: ExpertActivation,
+    experts: list[dict[str, torch.Tensor]],
+    tokens: int,
+    repeats: int = 3,
+) -> float:
+    """Seconds per expert call of ``kernel_name`` at ``tokens`` tokens: a pass over ``experts``, best of
+    ``repeats`` (the first pass warms up)."""
+    kernel = host_kernel(kernel_name)
+    x = torch.randn(tokens, layout.hidden_size).to(layout.dtype)
+    w = torch.ones(tokens, dtype=layout.dtype)
+    best = math.inf
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            began = time.perf_counter()
+            for fields in experts:
+                kernel(x, w, fields, layout, activation, layout.dtype)
+            best = min(best, (time.perf_counter() - began) / len(experts))
+    return best
+
+
+def probe_link(device: torch.device) -> float:
+    """Pinned host-to-device GB/s of back-to-back 4 MiB copies, 64 MiB in all, best of 3."""
+    chunk, count = 4 << 20, 16
+    src = torch.empty((count, chunk), dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty((count, chunk), dtype=torch.uint8, device=device)
+    best = math.inf
+    for _ in range(3):
+        torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        for i in range(count):
+            dst[i].copy_(src[i], non_blocking=True)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - began)
+    return count * chunk / best / 1e9
+
+
+def probe_device(layout: ExpertLayout, device: torch.device) -> float:
+    """Seconds of one expert's two matmuls at 1 token on the device, in the compute dtype, best of 5."""
+    gate_up = torch.randn(layout.gate_up_rows, layout.hidden_size, device=device).to(layout.dtype)
+    down = torch.randn(layout.hidden_size, layout.intermediate_size, device=device).to(layout.dtype)
+    x = torch.randn(1, layout.hidden_size, device=device).to(layout.dtype)
+    best = math.inf
+    for _ in range(6):
+        torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        h = torch.nn.functional.linear(x, gate_up)[:, : layout.intermediate_size]
+        torch.nn.functional.linear(h, down)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+# -- the cache file ----------------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".rates.", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: measure again next time
