@@ -172,8 +172,10 @@ class SimResult:
 
     @property
     def label(self) -> str:
-        """The policy, with ``+history`` when a predictor prefetched for it."""
-        return self.policy if self.prefetch == "none" else f"{self.policy}+{self.prefetch}"
+        """The policy, with ``+history`` when a predictor prefetched for it, ``+host`` when misses could be
+        computed on the host."""
+        label = self.policy if self.prefetch == "none" else f"{self.policy}+{self.prefetch}"
+        return label if self.host == "off" else f"{label}+host"
 
     @property
     def demand_bytes(self) -> int | None:

@@ -80,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host-memory-limit", help="host RAM the model may take, e.g. 48GB (default: what is available)"
     )
+    p.add_argument(
+        "--host-compute",
+        choices=("auto", "off", "always"),
+        default="auto",
+        help="compute a missed expert on the CPU instead of copying it: auto (when the measured cost model "
+        "says it is faster; off on --device cpu), always, or off (default auto)",
+    )
+    p.add_argument(
+        "--host-threads", type=int, default=2, help="worker threads computing experts on the host (default 2)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
     p.add_argument(
@@ -141,6 +151,8 @@ def _run(args: argparse.Namespace) -> int:
         quantize_group=args.quantize_group,
         dequantize=args.dequantize,
         host_memory_limit=args.host_memory_limit,
+        host_compute=args.host_compute,
+        host_threads=args.host_threads,
     )
     if demo:
         print(
@@ -195,6 +207,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.max_context < 1:
         raise UsageError(f"--max-context must be at least 1, got {args.max_context}")
+    if args.host_threads < 1:
+        raise UsageError(f"--host-threads must be at least 1, got {args.host_threads}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be 0 or more, got {args.temperature}")
     for flag, path in (("--stats-json", args.stats_json), ("--record-trace", args.record_trace)):
@@ -221,7 +235,16 @@ def _summary(result: dict[str, Any], stats: Any) -> str:
             f"prefill : {result['prompt_tokens']} tokens in {result['prefill_seconds']:.3f} s "
             f"({result['prefill_tokens_per_s']:.1f} tok/s)",
             f"decode  : {result['new_tokens']} tokens, {result['decode_tokens_per_s']:.2f} tok/s after the first",
-            f"experts : hit rate {stats.hit_rate:.1%} ({stats.expert_hits} hits, {stats.expert_misses} misses)",
+            f"experts : hit rate {stats.hit_rate:.1%} ({stats.expert_hits} hits, {stats.expert_misses} copied, "
+            f"{stats.host_expert_calls} computed on host)",
+            *(
+                [
+                    f"host    : {stats.host_compute}, kernel {stats.host_kernel}, "
+                    f"{stats.host_compute_seconds:.3f} s computing, {stats.host_wait_seconds:.3f} s waited for",
+                ]
+                if stats.host_compute != "off"
+                else []
+            ),
             f"copied  : {stats.bytes_host_to_device / 1e9:.3f} GB at {stats.copy_gb_per_s:.2f} GB/s achieved",
             f"slots   : {stats.slots} / {stats.total_experts} experts, {stats.expert_format}, "
             f"{format_size(stats.expert_bytes)} each (in host RAM and in a slot)",
