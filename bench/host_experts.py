@@ -27,8 +27,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="a tiny shape only: checks the script runs")
     p.add_argument("--link-gbps", type=float, default=25.0, help="stated host-to-device rate (PCIe 4.0 x16)")
-    p.add_argument("--layer-ms", type=float, default=0.3, help="stated compute per layer access besides copies")
-    p.add_argument("--fraction", type=float, default=0.25, help="cache slots per layer, as a share of experts")
+    p.add_argument(
+        "--layer-ms", type=float, default=0.3, help="stated compute per layer access besides copies"
+    )
+    p.add_argument(
+        "--fraction", type=float, default=0.25, help="cache slots per layer, as a share of experts"
+    )
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--traces", type=Path, default=Path("/work/shared/traces"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "host_experts.json")
@@ -50,13 +54,23 @@ def main() -> int:
     result = dict(
         command=" ".join(["python", "bench/host_experts.py", *sys.argv[1:]]),
         date=datetime.datetime.now().isoformat(timespec="seconds"),
-        machine=dict(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                     torch=torch.__version__),
+        machine=dict(
+            cpu=platform.processor() or platform.machine(),
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+        ),
         read_peak_gbps=peak / 1e9,
         stated=dict(link_gbps=args.link_gbps, layer_ms=args.layer_ms, cache_fraction=args.fraction),
         target="best host kernel at 1 token >= 60% of the read peak",
-        best_at_1_token={k: dict(kernel=v["kernel"], gbps=v["gbps"], share=v["share_of_read_peak"],
-                                 met=v["share_of_read_peak"] >= 0.6) for k, v in best_1.items()},
+        best_at_1_token={
+            k: dict(
+                kernel=v["kernel"],
+                gbps=v["gbps"],
+                share=v["share_of_read_peak"],
+                met=v["share_of_read_peak"] >= 0.6,
+            )
+            for k, v in best_1.items()
+        },
         host=rows,
         decode_split=split,
     )
@@ -64,10 +78,14 @@ def main() -> int:
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"read peak {peak / 1e9:.2f} GB/s")
     for k, v in best_1.items():
-        print(f"{k:28s} {v['kernel']:9s} {v['gbps']:6.2f} GB/s at 1 token ({100 * v['share_of_read_peak']:.0f}%)")
+        print(
+            f"{k:28s} {v['kernel']:9s} {v['gbps']:6.2f} GB/s at 1 token ({100 * v['share_of_read_peak']:.0f}%)"
+        )
     for s in split:
-        print(f"{s['trace']} {s['format']} host={s['host']}: hits {s['hits']} copied {s['copied']} "
-              f"on host {s['on_host']}, {s['tokens_per_s']:.2f} tok/s")
+        print(
+            f"{s['trace']} {s['format']} host={s['host']}: hits {s['hits']} copied {s['copied']} "
+            f"on host {s['on_host']}, {s['tokens_per_s']:.2f} tok/s"
+        )
     return 0
 
 

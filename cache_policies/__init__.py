@@ -24,8 +24,8 @@ from cache_policies.study.simulator import SimResult, TimingModel, simulate
 from cache_policies.study.trace import RoutingTrace, TraceError
 
 __all__ = [
-    "HOST_MODES",
     "FIFO",
+    "HOST_MODES",
     "LFRU",
     "LFU",
     "LRU",

@@ -120,8 +120,14 @@ class OffloadConfig:
             raise OffloadError(
                 f"host_compute must be one of {', '.join(HOST_MODES)}, got {self.host_compute!r}"
             )
-        if isinstance(self.host_threads, bool) or not isinstance(self.host_threads, int) or self.host_threads < 1:
-            raise OffloadError(f"host_threads must be a whole number of threads >= 1, got {self.host_threads!r}")
+        if (
+            isinstance(self.host_threads, bool)
+            or not isinstance(self.host_threads, int)
+            or self.host_threads < 1
+        ):
+            raise OffloadError(
+                f"host_threads must be a whole number of threads >= 1, got {self.host_threads!r}"
+            )
         if self.host_rates is not None and not isinstance(self.host_rates, HostRates):
             raise OffloadError("host_rates must be a cache_policies.HostRates")
         if self.kernel not in ("auto", "torch", "triton"):

@@ -21,7 +21,13 @@ EXPERT_SHAPES = {  # (hidden, intermediate) of one expert, gated: from the check
     "Mixtral-8x7B": (4096, 14336),
 }
 SMOKE_SHAPES = {"tiny": (64, 96)}
-FORMATS = (("bf16", "float", 0), ("int8", "int8", 0), ("int4", "int4", 64), ("mxfp4", "mxfp4", 32), ("fp8", "fp8", 128))
+FORMATS = (
+    ("bf16", "float", 0),
+    ("int8", "int8", 0),
+    ("int4", "int4", 64),
+    ("mxfp4", "mxfp4", 32),
+    ("fp8", "fp8", 128),
+)
 TRACE_SHAPES = {"olmoe": "OLMoE-1B-7B"}  # trace file stem prefix -> the expert shape it routes
 
 
@@ -59,8 +65,15 @@ def host_table(shapes: dict[str, tuple[int, int]], repeats: int) -> list[dict[st
                 for tokens in host_rates.PROBE_TOKENS:
                     seconds = host_rates.host_seconds(kernel, layout, silu, experts, tokens, repeats)
                     rows.append(
-                        dict(shape=shape, format=label, kernel=kernel, tokens=tokens, expert_bytes=layout.nbytes,
-                             ms=seconds * 1e3, gbps=layout.nbytes / seconds / 1e9)
+                        dict(
+                            shape=shape,
+                            format=label,
+                            kernel=kernel,
+                            tokens=tokens,
+                            expert_bytes=layout.nbytes,
+                            ms=seconds * 1e3,
+                            gbps=layout.nbytes / seconds / 1e9,
+                        )
                     )
             del experts
     return rows
@@ -79,8 +92,11 @@ def decode_split(
             continue
         trace = load_trace(path)
         for label in ("bf16", "int4"):
-            best = max((r for r in host_rows if r["shape"] == shape and r["format"] == label and r["tokens"] == 1),
-                       key=lambda r: r["gbps"], default=None)
+            best = max(
+                (r for r in host_rows if r["shape"] == shape and r["format"] == label and r["tokens"] == 1),
+                key=lambda r: r["gbps"],
+                default=None,
+            )
             if best is None:
                 continue
             rates = HostRates.flat(link_gbps, best["gbps"])
@@ -88,8 +104,22 @@ def decode_split(
             slots = layer_slots(fraction, trace.num_experts)
             for mode in ("off", "auto"):
                 rule = CopyOrCompute(mode, best["expert_bytes"], rates)
-                r = simulate(trace, "lru", slots, "layer", timing=timing, expert_bytes=best["expert_bytes"], host=rule)
-                out.append(dict(trace=path.name, shape=shape, format=label, host_kernel=best["kernel"],
-                                host_gbps=best["gbps"], host=mode, hits=r.hits, copied=r.misses,
-                                on_host=r.host_computed, accesses=r.accesses, tokens_per_s=r.tokens_per_s))
+                r = simulate(
+                    trace, "lru", slots, "layer", timing=timing, expert_bytes=best["expert_bytes"], host=rule
+                )
+                out.append(
+                    dict(
+                        trace=path.name,
+                        shape=shape,
+                        format=label,
+                        host_kernel=best["kernel"],
+                        host_gbps=best["gbps"],
+                        host=mode,
+                        hits=r.hits,
+                        copied=r.misses,
+                        on_host=r.host_computed,
+                        accesses=r.accesses,
+                        tokens_per_s=r.tokens_per_s,
+                    )
+                )
     return out

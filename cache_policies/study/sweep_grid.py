@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from cache_policies.cache import Scope
+from cache_policies.copy_or_compute import CopyOrCompute, HostRates
 from cache_policies.study.access import AccessSequence
 from cache_policies.study.importers import load_trace
-from cache_policies.copy_or_compute import CopyOrCompute, HostRates
 from cache_policies.study.simulator import SimPrefetch, SimResult, TimingModel, simulate
 from cache_policies.study.trace import RoutingTrace
 

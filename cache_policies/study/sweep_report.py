@@ -155,7 +155,9 @@ def _host_table(rows: Sequence[SweepRow]) -> list[str]:
         "| scope | fraction | policy | hits | copied | on host | tok/s copy only | tok/s with host |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
-    by_key = {(r.result.scope, r.fraction, r.result.policy, r.result.prefetch, r.result.host): r for r in rows}
+    by_key = {
+        (r.result.scope, r.fraction, r.result.policy, r.result.prefetch, r.result.host): r for r in rows
+    }
     for (scope, fraction, policy, prefetch, host), row in by_key.items():
         if host == "off":
             continue

@@ -88,7 +88,7 @@ class HostCompute:
         for future in jobs.futures:  # every job finishes before any error is raised: no writer left behind
             try:
                 results.append(future.result())
-            except BaseException as exc:  # noqa: BLE001 - re-raised below with the expert named
+            except BaseException as exc:
                 results.append(exc)
         self.wait_seconds += time.perf_counter() - began
         for expert, pairs, result in zip(jobs.experts, jobs.pairs, results, strict=True):
@@ -113,7 +113,9 @@ class HostCompute:
     ) -> tuple[torch.Tensor, float]:
         began = time.perf_counter()
         with torch.no_grad():
-            rows = self.kernel(x, w, self.store.views(layer, expert), self.store.layout, activation, out_dtype)
+            rows = self.kernel(
+                x, w, self.store.views(layer, expert), self.store.layout, activation, out_dtype
+            )
         return rows, time.perf_counter() - began
 
     def close(self) -> None:

@@ -68,7 +68,9 @@ def machine_key(device: torch.device, threads: int) -> str:
 def layout_key(layout: ExpertLayout) -> str:
     gate = "gate" if layout.has_gate else "nogate"
     bias = "bias" if layout.has_bias else "nobias"
-    return f"{layout.format_name}|{layout.dtype}|H{layout.hidden_size}|I{layout.intermediate_size}|{gate}|{bias}"
+    return (
+        f"{layout.format_name}|{layout.dtype}|H{layout.hidden_size}|I{layout.intermediate_size}|{gate}|{bias}"
+    )
 
 
 def resolve(
@@ -145,8 +147,10 @@ def probe_host(
     experts = synthetic_experts(layout, count)
     best: tuple[str, list[tuple[int, float]]] | None = None
     for name in kernels:
-        points = [(n, layout.nbytes / host_seconds(name, layout, activation, experts, n, repeats) / 1e9)
-                  for n in PROBE_TOKENS]
+        points = [
+            (n, layout.nbytes / host_seconds(name, layout, activation, experts, n, repeats) / 1e9)
+            for n in PROBE_TOKENS
+        ]
         if best is None or points[0][1] > best[1][0][1]:
             best = (name, points)
     assert best is not None

@@ -16,11 +16,11 @@ from cache_policies import CopyOrCompute, HistoryPredictor, Predictor, Prefetche
 from offload.config import OffloadConfig
 from offload.errors import OffloadError
 from offload.kernels import ExpertActivation, select_kernel
+from offload.kernels.host_experts import host_kernel
 from offload.memory.copy_engines import CopyEngine, make_copy_engine
 from offload.memory.host_store import HostExpertStore
 from offload.memory.slot_pool import SlotPool
 from offload.offload_stats import OffloadStats
-from offload.kernels.host_experts import host_kernel
 from offload.runtime import host_rates
 from offload.runtime.budget import BudgetPlan
 from offload.runtime.host_compute import HostCompute
@@ -68,7 +68,9 @@ class OffloadRuntime:
             self.host_mode = "off"
         self._host_ready = self.host_mode == "off"
         if self.host_mode != "off":
-            self.step.host = HostCompute(self.store, host_kernel("reference"), "reference", config.host_threads)
+            self.step.host = HostCompute(
+                self.store, host_kernel("reference"), "reference", config.host_threads
+            )
         self.closed = False
         # Whether by close() or by the runtime being dropped with its model: copies in flight land before the
         # slots and the pinned store they touch are released (invariant *slot-safety*); host workers finish

@@ -52,7 +52,9 @@ def test_host_compute_is_exact(arch: str, tiny_checkpoints: dict[str, Path]) -> 
         stats = offload.stats(model)
         assert stats.host_compute == mode and stats.host_kernel == "reference"
         assert stats.expert_hits + stats.expert_misses + stats.host_expert_calls == sum(uses)
-        assert stats.bytes_host_to_device == (stats.expert_misses + stats.prefetch_issued) * stats.expert_bytes
+        assert (
+            stats.bytes_host_to_device == (stats.expert_misses + stats.prefetch_issued) * stats.expert_bytes
+        )
         assert stats.host_expert_calls > 0 and stats.host_compute_seconds > 0
         if mode == "auto":  # the even rates split the misses between the link and the host
             assert stats.expert_misses > 0
