@@ -34,13 +34,15 @@ def main() -> int:
         "--fraction", type=float, default=0.25, help="cache slots per layer, as a share of experts"
     )
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--shapes", default=",".join(hx.EXPERT_SHAPES), help="comma-separated expert shapes")
     p.add_argument("--traces", type=Path, default=Path("/work/shared/traces"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "host_experts.json")
     args = p.parse_args()
     import torch
 
     peak = hx.read_bandwidth(0.0625 if args.smoke else 0.5)
-    rows = hx.host_table(hx.SMOKE_SHAPES if args.smoke else hx.EXPERT_SHAPES, args.repeats)
+    shapes = {name: hx.EXPERT_SHAPES[name] for name in args.shapes.split(",")}
+    rows = hx.host_table(hx.SMOKE_SHAPES if args.smoke else shapes, args.repeats)
     for row in rows:
         row["share_of_read_peak"] = row["gbps"] * 1e9 / peak
     traces = sorted(args.traces.glob("*")) if args.traces.is_dir() else []
