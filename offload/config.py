@@ -87,6 +87,7 @@ class OffloadConfig:
     # are given), always, off
     host_threads: int = 2  # worker threads computing host experts (one expert each at a time)
     host_rates: HostRates | None = None  # the cost model's inputs, given instead of measured
+    store_cache: bool = True  # keep a quantized store on disk (offload.user_cache) and read it next time
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

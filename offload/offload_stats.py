@@ -30,8 +30,11 @@ class OffloadStats:
     host_expert_calls: int = 0  # missed experts computed on the host instead of copied (not admitted)
     host_compute_seconds: float = 0.0  # worker time spent on them, summed over the workers
     host_wait_seconds: float = 0.0  # time the layer step waited for them after its own work
-    host_compute: str = "off"  # the mode in effect: off, auto, always (auto on a CPU device without rates: off)
+    host_compute: str = "off"  # the mode in effect: off, auto, always (auto on CPU without rates: off)
     host_kernel: str = ""  # the host kernel (offload.kernels.host_experts), "" when off
+    store_source: str = (
+        ""  # quantized experts: quantized while loading, or read from the compressed-store cache
+    )
 
     @property
     def expert_uses(self) -> int:

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-DEMO_NAME = "demo-mixtral-random-v2"
+# v3: the tokenizer has a chat template (offload-serve's chat endpoint); the weights are v2's.
+DEMO_NAME = "demo-mixtral-random-v3"
 # 8 MoE layers x 8 experts, top-2: 64 experts of 4.5 MiB each in bf16.
 DEMO_ARCH: dict[str, Any] = dict(
     hidden_size=512,
@@ -28,6 +29,11 @@ DEMO_ARCH: dict[str, Any] = dict(
 )
 DEMO_CACHE_FRACTION = 0.25  # the demo budget holds about a quarter of the experts
 DEMO_PROMPT = "Offloading experts to host memory lets a small GPU run a large model."
+# Each message between <s> and </s>, its role on the first line; the reply opens with "<s>assistant".
+DEMO_CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
 
 
 def cache_root() -> Path:
@@ -60,6 +66,7 @@ def _build(directory: Path) -> None:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     tokenizer = byte_tokenizer()
+    tokenizer.chat_template = DEMO_CHAT_TEMPLATE
     config = MixtralConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,

@@ -36,6 +36,9 @@ class OffloadRuntime:
     ) -> None:
         self.config = config
         self.model_name = model_name
+        self.store_source = (
+            ""  # how the loader filled the host store, for the summary (compressed-store cache)
+        )
         self.survey = survey
         self.budget = budget
         device = config.device
@@ -181,6 +184,7 @@ class OffloadRuntime:
             host_wait_seconds=0.0 if host is None else host.wait_seconds,
             host_compute=self.host_mode,
             host_kernel="" if host is None else host.kernel_name,
+            store_source=self.store_source,
         )
 
 

@@ -13,22 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from offload.cli.run import main
 from offload.config import OffloadConfig
-from offload.hf.demo import byte_tokenizer
 from offload.hf.skeleton import survey_checkpoint
 from offload.runtime.budget import budget_for_slots
-from tests.conftest import TINY_ARCHS, save_tiny
-
-
-@pytest.fixture(scope="module")
-def cli_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Mixtral with the demo's byte tokenizer, so the CLI can encode a prompt and stream text."""
-    directory = tmp_path_factory.mktemp("cli") / "mixtral"
-    config = TINY_ARCHS["mixtral"]()
-    tokenizer = byte_tokenizer()
-    config.vocab_size = len(tokenizer)
-    save_tiny(config, directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+from tests.conftest import save_tiny
 
 
 def budget_for(path: Path, slots: int, max_context: int, dtype: str | None = None) -> str:
@@ -292,7 +279,7 @@ def test_embedded_demo(
     assert stats["total_experts"] == 64 and stats["slots"] == 16
     assert stats["expert_misses"] > 0
     built = list((tmp_path / "moe-offload").iterdir())
-    assert [p.name for p in built] == ["demo-mixtral-random-v2"]  # no leftover staging folder
+    assert [p.name for p in built] == ["demo-mixtral-random-v3"]  # no leftover staging folder
     weights = sum(f.stat().st_size for f in built[0].glob("*.safetensors"))
     assert 200e6 < weights < 500e6  # "a few hundred MB"
 
