@@ -10,10 +10,9 @@ expert shape, kept in the user cache.
 A CPU device has no link: ``auto`` there is ``off`` unless rates are given (``host_rates``), and the host kernel
 is the device's own reference kernel, so a pair gives the same bits wherever it runs.
 
-The cache is one JSON file, ``rates.json`` in ``$XDG_CACHE_HOME/moe-offload`` (else ``~/.cache/moe-offload``;
-``~/Library/Caches`` on macOS, ``%LOCALAPPDATA%`` on Windows), keyed by machine (host name, CPU, torch version,
-device name, threads) and by expert shape and format. It is written beside itself and renamed, and a file that
-does not parse is measured over.
+The cache is one JSON file, ``rates.json`` in the user cache folder (:mod:`offload.user_cache`), keyed by
+machine (host name, CPU, torch version, device name, threads) and by expert shape and format. It is written
+beside itself and renamed, and a file that does not parse is measured over.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,21 +33,15 @@ from cache_policies import HostRates
 from offload.kernels import ExpertActivation
 from offload.kernels.host_experts import host_kernel, host_kernel_candidates
 from offload.memory.layout import ExpertLayout
+from offload.user_cache import user_cache_dir
 
 PROBE_TOKENS = (1, 4, 16)
 _PROBE_BYTES = 64 << 20  # synthetic experts per host probe: more than a last-level cache holds
 
 
-def cache_dir() -> Path:
-    """The user cache folder of moe-offload, by the platform's convention."""
-    if sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    elif os.name == "nt":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
-    return base / "moe-offload"
+def rates_path() -> Path:
+    """The rates cache file, in the user cache folder."""
+    return user_cache_dir("rates.json")
 
 
 def machine_key(device: torch.device, threads: int) -> str:
@@ -89,7 +81,7 @@ def resolve(
 
     needed = ("kernel", "host_gbps", "link_gbps", "device_s") if need_rates else ("kernel", "host_gbps")
     key = f"{machine_key(device, threads)}||{layout_key(layout)}"
-    entry, source = cached(cache_dir() / "rates.json", key, needed, measure)
+    entry, source = cached(rates_path(), key, needed, measure)
     return entry["kernel"], rates_of(entry, source) if need_rates else None
 
 

@@ -62,9 +62,9 @@ def test_probe_picks_a_kernel_and_rates() -> None:
 
 
 def test_rates_are_cached_in_the_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    path = host_rates.cache_dir() / "rates.json"
-    assert path == tmp_path / "moe-offload" / "rates.json"
+    monkeypatch.setenv("MOE_OFFLOAD_CACHE", str(tmp_path))
+    path = host_rates.rates_path()
+    assert path == tmp_path / "rates.json"
     calls = []
 
     def measure() -> dict:

@@ -24,8 +24,8 @@ NEW_TOKENS = 4
 EVEN = HostRates.flat(link_gbps=1.0, host_gbps=1.0)
 
 
-def run(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = prompt("cpu")
+def run(model: torch.nn.Module, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    ids = prompt(device)
     with torch.no_grad():
         logits = model(ids).logits
     return logits, model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -58,6 +58,38 @@ def test_host_compute_is_exact(arch: str, tiny_checkpoints: dict[str, Path]) -> 
         assert stats.host_expert_calls > 0 and stats.host_compute_seconds > 0
         if mode == "auto":  # the even rates split the misses between the link and the host
             assert stats.expert_misses > 0
+        offload.close(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_host_compute_on_cuda_is_within_tolerance(arch: str, tiny_checkpoints: dict[str, Path]) -> None:
+    """On a CUDA device a host pair runs on the CPU's kernels, which round differently from the device's: the
+    results stay within tolerance of HF (not bitwise the copy-only run; test_equivalence pins that with off).
+    auto with measured rates (the probes run), with even rates (a split), and always."""
+    path = tiny_checkpoints[arch]
+    ref = reference_model(path, "cuda")
+    ids = prompt("cuda")
+    with torch.no_grad():
+        ref_logits = ref(ids).logits
+    ref_tokens = ref.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    counts = slot_counts(path)
+    for mode, budget, rates in (
+        ("auto", "quarter", None),
+        ("auto", "top_k", EVEN),
+        ("always", "top_k", None),
+    ):
+        model = load(path, counts[budget], "cuda", host_compute=mode, host_rates=rates, prefetch="history")
+        uses = count_uses(model)
+        logits, tokens = run(model, "cuda")
+        label = f"{arch} {mode} {budget} {'measured' if rates is None else 'even'} rates"
+        torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=RTOL, msg=label)
+        assert torch.equal(tokens, ref_tokens), f"{label}: tokens differ from HF"
+        stats = offload.stats(model)
+        assert stats.host_compute == mode, label
+        assert stats.expert_hits + stats.expert_misses + stats.host_expert_calls == sum(uses), label
+        if rates is not None or mode == "always":
+            assert stats.host_expert_calls > 0 and stats.host_kernel != "", label
         offload.close(model)
 
 
