@@ -1,8 +1,9 @@
 """Host expert throughput against the machine's memory read bandwidth, and the decode split it buys on traces.
 
 For each expert shape and format, each host kernel (:mod:`offload.kernels.host_experts`) computes synthetic
-experts at 1, 4 and 16 tokens; GB/s is expert bytes read per second (the stored bytes, scales included). The
-peak is a streaming read of a large fp32 tensor (``torch.sum``) on the same threads. Then the simulator, with
+experts at 1, 4 and 16 tokens, on a thread running torch with a host worker's share of the intra-op threads
+and with all of them; GB/s is expert bytes read per second (the stored bytes, scales included). The peak is
+the best streaming read of a large fp32 tensor (``torch.sum``) at the same thread counts. Then the simulator, with
 a stated link rate and per-layer compute time, replays the shared traces at a scarce cache with the rule off
 and on (``auto`` at the measured 1-token host rate of the trace's expert shape): hits / copied / on host and
 simulated decode tokens/s.
@@ -10,8 +11,10 @@ simulated decode tokens/s.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,16 @@ FORMATS = (
 TRACE_SHAPES = {"olmoe": "OLMoE-1B-7B"}  # trace file stem prefix -> the expert shape it routes
 
 
-def read_bandwidth(gib: float = 0.5, repeats: int = 5) -> float:
-    """Bytes/s of a streaming read: torch.sum over ``gib`` GiB of fp32, best of ``repeats``."""
+def read_bandwidth(gib: float = 0.5, repeats: int = 5, torch_threads: int | None = None) -> float:
+    """Bytes/s of a streaming read: torch.sum over ``gib`` GiB of fp32, best of ``repeats``, on a thread of
+    ``torch_threads`` intra-op threads when given (as a host worker runs)."""
     import torch
 
+    from offload.runtime.host_compute import use_torch_threads
+
+    if torch_threads is not None:
+        with ThreadPoolExecutor(1, initializer=use_torch_threads, initargs=(torch_threads,)) as worker:
+            return worker.submit(read_bandwidth, gib, repeats).result()
     data = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
     best = math.inf
     for _ in range(repeats):
@@ -44,7 +53,24 @@ def read_bandwidth(gib: float = 0.5, repeats: int = 5) -> float:
     return data.numel() * 4 / best
 
 
-def host_table(shapes: dict[str, tuple[int, int]], repeats: int) -> list[dict[str, Any]]:
+def thread_counts() -> list[int]:
+    """Intra-op torch threads to measure at: a host worker's share with the default 2 workers, and all."""
+    import torch
+
+    from offload.runtime.host_compute import torch_threads_per_worker
+
+    return sorted({torch_threads_per_worker(2), torch.get_num_threads()})
+
+
+def host_table(
+    shapes: dict[str, tuple[int, int]],
+    repeats: int,
+    torch_threads: list[int],
+    formats: tuple[str, ...] | None = None,
+    token_counts: tuple[int, ...] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per shape, format, host kernel, intra-op thread count and token count (``formats`` and
+    ``token_counts``: a subset of the labels and of the probe's token counts)."""
     import torch
     import torch.nn.functional as F
 
@@ -58,23 +84,27 @@ def host_table(shapes: dict[str, tuple[int, int]], repeats: int) -> list[dict[st
     rows = []
     for shape, (hidden, inter) in shapes.items():
         for label, fmt, group in FORMATS:
+            if formats is not None and label not in formats:
+                continue
             layout = ExpertLayout(hidden, inter, True, False, torch.bfloat16, format=fmt, group_size=group)
             count = max(2, min(16, (256 << 20) // layout.nbytes))  # more than a last-level cache holds
             experts = host_rates.synthetic_experts(layout, count)
-            for kernel in host_kernel_candidates(layout):
-                for tokens in host_rates.PROBE_TOKENS:
-                    seconds = host_rates.host_seconds(kernel, layout, silu, experts, tokens, repeats)
-                    rows.append(
-                        dict(
-                            shape=shape,
-                            format=label,
-                            kernel=kernel,
-                            tokens=tokens,
-                            expert_bytes=layout.nbytes,
-                            ms=seconds * 1e3,
-                            gbps=layout.nbytes / seconds / 1e9,
-                        )
+            for kernel, threads, tokens in itertools.product(
+                host_kernel_candidates(layout), torch_threads, token_counts or host_rates.PROBE_TOKENS
+            ):
+                seconds = host_rates.host_seconds(kernel, layout, silu, experts, tokens, repeats, threads)
+                rows.append(
+                    dict(
+                        shape=shape,
+                        format=label,
+                        kernel=kernel,
+                        torch_threads=threads,
+                        tokens=tokens,
+                        expert_bytes=layout.nbytes,
+                        ms=seconds * 1e3,
+                        gbps=layout.nbytes / seconds / 1e9,
                     )
+                )
             del experts
     return rows
 

@@ -7,12 +7,19 @@ workers, and returns at once; :meth:`HostCompute.join` waits for the jobs, in ex
 expert's rows into the call's per-pair output, where the sum over k then runs exactly as for device rows
 (invariant *wave-independence*: a pair's row never depends on where or when it was computed, only its kernel).
 
+On a CUDA device each worker runs torch with its share of the process's intra-op threads
+(:func:`torch_threads_per_worker`): workers that each start a pool of every core's threads oversubscribe the
+CPU, and a GEMV whose threads wait for a descheduled one runs several times slower (measured in
+``docs/host-compute.md``). On a CPU device the workers keep the process's count, so their kernels split the
+work as the device path does and give the same bits.
+
 A job that fails raises in :meth:`join`, on the caller's thread, as a :class:`HostComputeError` naming the layer
 and expert; the other jobs of the call are waited for first, so nothing still writes when the error surfaces.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +30,22 @@ import torch
 from offload.kernels import ExpertActivation, RoutedTokens
 from offload.kernels.host_experts import HostKernel
 from offload.memory.host_store import HostExpertStore
+
+
+def torch_threads_per_worker(workers: int) -> int:
+    """Intra-op torch threads for each of ``workers`` host workers: the process's count shared among them."""
+    return max(1, torch.get_num_threads() // workers)
+
+
+def use_torch_threads(count: int) -> None:
+    """Run this thread's torch ops on ``count`` intra-op threads. ``torch.set_num_threads`` also sets the count
+    that threads started later begin with; a short-lived thread sets that back, leaving others as they were."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    if before != count:
+        restore = threading.Thread(target=torch.set_num_threads, args=(before,))
+        restore.start()
+        restore.join()
 
 
 class HostComputeError(RuntimeError):
@@ -40,14 +63,27 @@ class HostJobs:
 
 
 class HostCompute:
-    def __init__(self, store: HostExpertStore, kernel: HostKernel, kernel_name: str, threads: int) -> None:
+    def __init__(
+        self,
+        store: HostExpertStore,
+        kernel: HostKernel,
+        kernel_name: str,
+        threads: int,
+        torch_threads: int | None = None,
+    ) -> None:
+        """``threads`` workers; each runs torch on ``torch_threads`` intra-op threads (None: as the process)."""
         if threads < 1:
             raise ValueError(f"host threads must be at least 1, got {threads}")
         self.store = store
         self.kernel = kernel
         self.kernel_name = kernel_name
         self.threads = threads
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="offload-host")
+        self.torch_threads = torch_threads
+        self._pool = (
+            ThreadPoolExecutor(threads, "offload-host")
+            if torch_threads is None
+            else ThreadPoolExecutor(threads, "offload-host", use_torch_threads, (torch_threads,))
+        )
         self.calls = 0  # expert calls computed on the host
         self.seconds = 0.0  # time the workers spent computing them, summed over workers
         self.wait_seconds = 0.0  # time the layer step waited for them after its device work

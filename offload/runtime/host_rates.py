@@ -24,6 +24,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from cache_policies import HostRates
 from offload.kernels import ExpertActivation
 from offload.kernels.host_experts import host_kernel, host_kernel_candidates
 from offload.memory.layout import ExpertLayout
+from offload.runtime.host_compute import use_torch_threads
 from offload.user_cache import user_cache_dir
 
 PROBE_TOKENS = (1, 4, 16)
@@ -44,7 +46,7 @@ def rates_path() -> Path:
     return user_cache_dir("rates.json")
 
 
-def machine_key(device: torch.device, threads: int) -> str:
+def machine_key(device: torch.device, threads: int, torch_threads: int | None = None) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -54,7 +56,8 @@ def machine_key(device: torch.device, threads: int) -> str:
     except OSError:
         pass
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return f"{platform.node()}|{cpu}|torch {torch.__version__}|{name}|{threads} threads"
+    each = "" if torch_threads is None else f" x {torch_threads} torch threads"
+    return f"{platform.node()}|{cpu}|torch {torch.__version__}|{name}|{threads} threads{each}"
 
 
 def layout_key(layout: ExpertLayout) -> str:
@@ -66,21 +69,29 @@ def layout_key(layout: ExpertLayout) -> str:
 
 
 def resolve(
-    layout: ExpertLayout, device: torch.device, threads: int, activation: ExpertActivation, need_rates: bool
+    layout: ExpertLayout,
+    device: torch.device,
+    threads: int,
+    torch_threads: int | None,
+    activation: ExpertActivation,
+    need_rates: bool,
 ) -> tuple[str, HostRates | None]:
-    """(host kernel, measured rates or None): from the cache where it has them, else probed and cached."""
+    """(host kernel, measured rates or None): from the cache where it has them, else probed and cached.
+    ``threads`` host workers, each on ``torch_threads`` intra-op threads (None: as the process)."""
     if device.type != "cuda":
         return "reference", None  # the device's own kernel; no link to weigh
+    candidates = host_kernel_candidates(layout)
 
     def measure() -> dict[str, Any]:
-        kernel, host = probe_host(layout, activation, host_kernel_candidates(layout))
+        kernel, host = probe_host(layout, activation, candidates, torch_threads=torch_threads)
         entry: dict[str, Any] = {"kernel": kernel, "host_gbps": host}
         if need_rates:
             entry.update(link_gbps=probe_link(device), device_s=probe_device(layout, device))
         return entry
 
     needed = ("kernel", "host_gbps", "link_gbps", "device_s") if need_rates else ("kernel", "host_gbps")
-    key = f"{machine_key(device, threads)}||{layout_key(layout)}"
+    # the candidates are in the key: a kernel added or dropped since the entry was written measures again
+    key = f"{machine_key(device, threads, torch_threads)}||{layout_key(layout)}||{','.join(candidates)}"
     entry, source = cached(rates_path(), key, needed, measure)
     return entry["kernel"], rates_of(entry, source) if need_rates else None
 
@@ -132,15 +143,25 @@ def synthetic_experts(layout: ExpertLayout, count: int, seed: int = 0) -> list[d
 
 
 def probe_host(
-    layout: ExpertLayout, activation: ExpertActivation, kernels: tuple[str, ...], repeats: int = 3
+    layout: ExpertLayout,
+    activation: ExpertActivation,
+    kernels: tuple[str, ...],
+    repeats: int = 3,
+    torch_threads: int | None = None,
 ) -> tuple[str, list[tuple[int, float]]]:
-    """The fastest host kernel at 1 token and its (tokens, GB/s) points, on synthetic experts."""
+    """The fastest host kernel at 1 token and its (tokens, GB/s) points, on synthetic experts, each call on
+    ``torch_threads`` intra-op threads as a host worker runs it (None: the caller's)."""
     count = max(2, min(32, _PROBE_BYTES // layout.nbytes))
     experts = synthetic_experts(layout, count)
     best: tuple[str, list[tuple[int, float]]] | None = None
     for name in kernels:
         points = [
-            (n, layout.nbytes / host_seconds(name, layout, activation, experts, n, repeats) / 1e9)
+            (
+                n,
+                layout.nbytes
+                / host_seconds(name, layout, activation, experts, n, repeats, torch_threads)
+                / 1e9,
+            )
             for n in PROBE_TOKENS
         ]
         if best is None or points[0][1] > best[1][0][1]:
@@ -156,9 +177,15 @@ def host_seconds(
     experts: list[dict[str, torch.Tensor]],
     tokens: int,
     repeats: int = 3,
+    torch_threads: int | None = None,
 ) -> float:
     """Seconds per expert call of ``kernel_name`` at ``tokens`` tokens: a pass over ``experts``, best of
-    ``repeats`` (the first pass warms up)."""
+    ``repeats`` (the first pass warms up); on a thread of ``torch_threads`` intra-op threads when given."""
+    if torch_threads is not None:
+        with ThreadPoolExecutor(1, initializer=use_torch_threads, initargs=(torch_threads,)) as worker:
+            return worker.submit(
+                host_seconds, kernel_name, layout, activation, experts, tokens, repeats
+            ).result()
     kernel = host_kernel(kernel_name)
     x = torch.randn(tokens, layout.hidden_size).to(layout.dtype)
     w = torch.ones(tokens, dtype=layout.dtype)

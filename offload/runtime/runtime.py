@@ -23,7 +23,7 @@ from offload.memory.slot_pool import SlotPool
 from offload.offload_stats import OffloadStats
 from offload.runtime import host_rates
 from offload.runtime.budget import BudgetPlan
-from offload.runtime.host_compute import HostCompute
+from offload.runtime.host_compute import HostCompute, torch_threads_per_worker
 from offload.runtime.layer_step import LayerStep, RoutingOverride
 from offload.runtime.model_survey import ModelSurvey
 from offload.runtime.policy import build_cache
@@ -72,7 +72,11 @@ class OffloadRuntime:
         self._host_ready = self.host_mode == "off"
         if self.host_mode != "off":
             self.step.host = HostCompute(
-                self.store, host_kernel("reference"), "reference", config.host_threads
+                self.store,
+                host_kernel("reference"),
+                "reference",
+                config.host_threads,
+                torch_threads_per_worker(config.host_threads) if device.type == "cuda" else None,
             )
         self.closed = False
         # Whether by close() or by the runtime being dropped with its model: copies in flight land before the
@@ -130,7 +134,9 @@ class OffloadRuntime:
         layout = self.survey.layout
         given = self.config.host_rates
         need = self.host_mode == "auto" and given is None
-        name, measured = host_rates.resolve(layout, self.config.device, host.threads, activation, need)
+        name, measured = host_rates.resolve(
+            layout, self.config.device, host.threads, host.torch_threads, activation, need
+        )
         host.kernel, host.kernel_name = host_kernel(name), name
         self.step.rule = CopyOrCompute(self.host_mode, layout.nbytes, given or measured)
         self._host_ready = True

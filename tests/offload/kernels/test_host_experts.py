@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,11 @@ import torch.nn.functional as F
 
 from offload.kernels import ExpertActivation
 from offload.kernels.activation import GateTimesUp
-from offload.kernels.host_experts import host_kernel, host_kernel_candidates
+from offload.kernels.host_experts import dequantized, host_kernel, host_kernel_candidates
+from offload.memory.host_store import HostExpertStore
 from offload.memory.layout import ExpertLayout
 from offload.runtime import host_rates
+from offload.runtime.host_compute import HostCompute, torch_threads_per_worker
 
 SILU = ExpertActivation("silu", True, GateTimesUp(F.silu))
 FORMATS = [
@@ -56,7 +59,9 @@ def test_every_host_kernel_matches_the_oracle(fmt: str, dtype: torch.dtype, grou
 
 def test_probe_picks_a_kernel_and_rates() -> None:
     layout = ExpertLayout(64, 96, True, False, torch.bfloat16, format="int8")
-    kernel, points = host_rates.probe_host(layout, SILU, host_kernel_candidates(layout), repeats=1)
+    kernel, points = host_rates.probe_host(
+        layout, SILU, host_kernel_candidates(layout), repeats=1, torch_threads=1
+    )
     assert kernel in host_kernel_candidates(layout)
     assert [t for t, _ in points] == list(host_rates.PROBE_TOKENS) and all(g > 0 for _, g in points)
 
@@ -80,3 +85,40 @@ def test_rates_are_cached_in_the_user_cache(tmp_path: Path, monkeypatch: pytest.
     assert rates.link_gbps == 20.0 and rates.host_gbps == ((1, 5.0),) and rates.source == "cached"
     path.write_text("{not json")  # a broken cache file is measured over
     assert host_rates.cached(path, "machine||shape", needed, measure)[1] == "measured"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "dtype", "group"),
+    [
+        ("int8", torch.bfloat16, 0),
+        ("int8", torch.float32, 0),
+        ("int4", torch.bfloat16, 64),
+        ("int4", torch.bfloat16, 32),
+        ("int4", torch.float32, 64),
+        ("mxfp4", torch.bfloat16, 32),
+        ("fp8", torch.bfloat16, 32),
+    ],
+)
+def test_dequant_reads_back_the_oracles_bits(fmt: str, dtype: torch.dtype, group: int) -> None:
+    """Broadcast scales give the dequantize oracle's values exactly: one rounding of an exact product."""
+    layout = ExpertLayout(64, 96, True, False, dtype, format=fmt, group_size=group)
+    fields = host_rates.synthetic_experts(layout, 1, seed=4)[0]
+    for name in ("gate_up", "down"):
+        assert torch.equal(dequantized(fields, layout, name), layout.weight(fields, name)), name
+
+
+def test_host_workers_run_their_share_of_torch_threads() -> None:
+    """Each worker runs on its own intra-op thread count; the caller and threads started later keep theirs."""
+    before = torch.get_num_threads()
+    layout = ExpertLayout(64, 96, True, False, torch.float32)
+    store = HostExpertStore(layout, num_layers=1, num_experts=1, pin=False)
+    host = HostCompute(store, host_kernel("reference"), "reference", threads=2, torch_threads=1)
+    try:
+        seen = {host._pool.submit(torch.get_num_threads).result() for _ in range(4)}
+    finally:
+        host.close()
+    assert seen == {1}
+    assert torch.get_num_threads() == before
+    with ThreadPoolExecutor(1) as other:
+        assert other.submit(torch.get_num_threads).result() == before
+    assert torch_threads_per_worker(2) == max(1, before // 2)
