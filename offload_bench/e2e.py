@@ -58,7 +58,9 @@ if TYPE_CHECKING:  # torch is imported when a run starts: `offload-bench --help`
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 OLMOE_TRACE = ROOT / "data" / "traces" / "olmoe-1b-7b_decode_299.jsonl"
-VARIANTS = ("lru", "history", "lookahead", "accelerate")
+VARIANTS = ("lru", "history", "lookahead", "accelerate")  # the default set
+# lru with host compute off (copy only): the other offloaded variants run the default, host_compute="auto"
+EXTRA_VARIANTS = ("lru-host-off",)
 SETTINGS = (
     "policy",
     "prompt_tokens",
@@ -86,7 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--smoke", action="store_true", help=f"tiny shapes on the CPU ({SMOKE_LABEL})")
     add("--shapes", action="append", choices=list(SHAPES), help="default: all three")
-    add("--variants", action="append", choices=VARIANTS, help="default: all four")
+    add(
+        "--variants",
+        action="append",
+        choices=[*VARIANTS, *EXTRA_VARIANTS],
+        help="default: the first four; lru-host-off is lru copying every miss (host compute off)",
+    )
     add(
         "--vram-budget",
         default="12GB",

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     import transformers
 
 GB = 1e9
-PREFETCH = {"lru": "none", "history": "history", "lookahead": "lookahead"}
+PREFETCH = {"lru": "none", "history": "history", "lookahead": "lookahead", "lru-host-off": "none"}
+HOST_COMPUTE = {"lru-host-off": "off"}  # every other offloaded variant: the default, auto
 
 
 @dataclass
@@ -88,13 +89,15 @@ _COUNTERS = (
     "layer_calls",
     "waves",
     "evictions",
+    "host_expert_calls",
+    "host_compute_seconds",
 )
 
 
 def counters(after: Any, before: Any, peak: float, expert_bytes: int) -> dict[str, Any]:
     """One phase's counters (the difference of two OffloadStats) and what follows from them alone."""
     c: dict[str, Any] = {k: getattr(after, k) - getattr(before, k) for k in _COUNTERS}
-    uses = c["expert_hits"] + c["expert_misses"]
+    uses = c["expert_hits"] + c["expert_misses"] + c["host_expert_calls"]
     gbps = c["bytes_host_to_device"] / c["copy_seconds"] / GB if c["copy_seconds"] > 0 else None
     c.update(
         expert_uses=uses,
@@ -138,7 +141,11 @@ def run_offloaded(
 
     device, peak, s = ctx["device"], ctx["peak"], ctx["survey"]
     options = dict(
-        policy=args.policy, prefetch=PREFETCH[variant], max_context=args.max_context, seed=args.seed
+        policy=args.policy,
+        prefetch=PREFETCH[variant],
+        max_context=args.max_context,
+        seed=args.seed,
+        host_compute=HOST_COMPUTE.get(variant, "auto"),
     )
     config = OffloadConfig.create(ctx["budget"], device=device, dtype=ctx["dtype"], **options)
     if device.type == "cuda":
@@ -161,6 +168,8 @@ def run_offloaded(
         status="ran",
         policy=args.policy,
         prefetch=PREFETCH[variant],
+        host_compute=runtime.host_mode,
+        host_kernel="" if runtime.step.host is None else runtime.step.host.kernel_name,
         routing=routing_label(ctx["trace_path"]),
     )
     row.update(common(timed, ctx["prompt"], args.warmup_tokens, args.decode_tokens))
