@@ -3,7 +3,7 @@ measured memory read bandwidth, and the decode split it buys on the shared trace
 
     python bench/host_experts.py [--smoke] [--shapes S,..] [--formats F,..] [--link-gbps 25] [--layer-ms 0.3]
         [--fraction 0.25]
-        [--traces /work/shared/traces] [--out bench/results/host_experts.json]
+        [--traces data/traces] [--out bench/results/host_experts.json]
 
 Target (issue 14): the best kernel at 1 token reaches at least 60% of the read bandwidth.
 """
@@ -37,7 +37,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--shapes", default=",".join(hx.EXPERT_SHAPES), help="comma-separated expert shapes")
     p.add_argument("--formats", help="comma-separated formats (default: bf16,int8,int4,mxfp4,fp8)")
-    p.add_argument("--traces", type=Path, default=Path("/work/shared/traces"))
+    p.add_argument("--traces", type=Path, default=ROOT / "data" / "traces", help="folder of routing traces")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "host_experts.json")
     args = p.parse_args()
     import torch
