@@ -40,7 +40,7 @@ unit: install
 
 test: lint typecheck unit
 
-# Every GPU claim measured in one call (under 6 minutes on one GPU). Installs nothing: a GPU image has what it
+# Every GPU claim measured in one call (under 7 minutes on one GPU). Installs nothing: a GPU image has what it
 # needs, and the checkout runs from the repository root. Results: OUT/gpu-check.json and OUT/gpu-check.md.
 gpu-check:
 	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=DIR"; exit 2; }

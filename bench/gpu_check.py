@@ -1,4 +1,4 @@
-"""GPU truth in one call: every GPU claim of the project measured in stages, in under 6 minutes on one GPU.
+"""GPU truth in one call: every GPU claim of the project measured in stages, in under 7 minutes on one GPU.
 
     python bench/gpu_check.py --out DIR          # writes DIR/gpu-check.json and DIR/gpu-check.md
     python bench/gpu_check.py --out DIR --smoke  # CPU, toy sizes, under 2 minutes: the same JSON keys

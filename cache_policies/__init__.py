@@ -5,7 +5,8 @@ Pure Python and numpy: no torch, no devices. The core (the cache, the policy int
 and compares it offline: traces and their importers, the simulator, sweeps and their reports.
 """
 
-from cache_policies.cache import AccessPlan, ExpertCache, Prefetch, Scope, Wave
+from cache_policies.cache import AccessPlan, ExpertCache, HostChoice, Prefetch, Scope, Wave
+from cache_policies.copy_or_compute import HOST_MODES, CopyOrCompute, HostMode, HostRates
 from cache_policies.policies.belady import Belady
 from cache_policies.policies.fifo import FIFO
 from cache_policies.policies.lfru import LFRU
@@ -24,6 +25,7 @@ from cache_policies.study.trace import RoutingTrace, TraceError
 
 __all__ = [
     "FIFO",
+    "HOST_MODES",
     "LFRU",
     "LFU",
     "LRU",
@@ -34,9 +36,13 @@ __all__ = [
     "AccessSequence",
     "Belady",
     "CachePolicy",
+    "CopyOrCompute",
     "ExpertCache",
     "Guess",
     "HistoryPredictor",
+    "HostChoice",
+    "HostMode",
+    "HostRates",
     "Predictor",
     "Prefetch",
     "Prefetcher",

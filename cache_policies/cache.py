@@ -27,7 +27,7 @@ useful), and an eviction first counts it in ``prefetch_wasted``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,6 +35,8 @@ from cache_policies.policy import CachePolicy
 
 Scope = Literal["layer", "global"]
 PolicyFactory = Callable[[int], CachePolicy]  # capacity -> a fresh policy
+# (missing experts ascending, hits of the access) -> the missing experts to compute on the host, not admitted
+HostChoice = Callable[[list[int], int], Collection[int]]
 
 
 @dataclass(slots=True)
@@ -54,6 +56,7 @@ class AccessPlan:
     hits: int
     misses: int
     prefetched: list[int] = field(default_factory=list)  # hits that a prefetch made resident, ascending
+    host: list[int] = field(default_factory=list)  # misses computed on the host, not admitted; ascending
 
 
 @dataclass(slots=True)
@@ -113,6 +116,7 @@ class ExpertCache:
         self.prefetch_issued = 0
         self.prefetch_hits = 0  # prefetched experts a demand access then found resident
         self.prefetch_wasted = 0  # prefetched experts evicted before any demand access used them
+        self.host_computed = 0  # missed experts computed on the host instead of copied (not in ``misses``)
 
     # -- queries -------------------------------------------------------------------------------------
     def slot_of(self, layer: int, expert: int) -> int | None:
@@ -131,8 +135,12 @@ class ExpertCache:
         return self._parts[layer if self.scope == "layer" else 0]
 
     # -- the one decision path -----------------------------------------------------------------------
-    def access(self, layer: int, experts: Sequence[int]) -> AccessPlan:
-        """Plan one layer access. ``experts`` must be unique and ascending."""
+    def access(self, layer: int, experts: Sequence[int], host: HostChoice | None = None) -> AccessPlan:
+        """Plan one layer access. ``experts`` must be unique and ascending.
+
+        ``host`` (the copy-or-compute rule, :mod:`cache_policies.copy_or_compute`) picks missing experts to
+        compute on the host: the policy sees their use (``use``, after the hits) but they are not admitted,
+        take no slot and are in no wave; they are counted in ``host_computed``, not in ``misses``."""
         part = self._partition(layer)
         policy = part.policy
         policy.begin_access(self._now)
@@ -144,6 +152,16 @@ class ExpertCache:
         # Every hit is recorded before the first miss is loaded: the residents are all in the first wave,
         # and for LRU this order is part of the reference semantics (a hit is not staler than a load).
         policy.hits([base + e for e in hit_experts])
+        hosted: list[int] = []
+        if host is not None and missing:
+            chosen = host(missing, len(hit_experts))
+            if chosen:
+                hosted = [e for e in missing if e in chosen]
+                missing = [e for e in missing if e not in chosen]
+                experts = [e for e in experts if e not in chosen]
+                for e in hosted:
+                    policy.use(base + e)
+                self.host_computed += len(hosted)
         prefetched = []
         if self._prefetched:
             prefetched = [e for e in hit_experts if base + e in self._prefetched]
@@ -159,7 +177,7 @@ class ExpertCache:
         hits = len(experts) - misses
         self.hits += hits
         self.misses += misses
-        return AccessPlan(layer, waves, hits, misses, prefetched)
+        return AccessPlan(layer, waves, hits, misses, prefetched, hosted)
 
     def prefetch(
         self, layer: int, experts: Sequence[int], running_layer: int, running: Sequence[int] = ()

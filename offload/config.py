@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 
-from cache_policies import ONLINE_POLICIES, POLICIES, PREFETCH_MODES
+from cache_policies import HOST_MODES, ONLINE_POLICIES, POLICIES, PREFETCH_MODES, HostRates
 from offload.errors import OffloadError
 from offload.units import parse_size
 
@@ -82,6 +82,11 @@ class OffloadConfig:
     quantize_group: int = 64  # int4: input columns per scale and zero point
     dequantize: bool = False  # MXFP4/FP8 checkpoints: expand the experts to the compute dtype
     host_memory_limit: int | None = None  # bytes of host RAM the model may take; None: what is available
+    host_compute: Literal["auto", "off", "always"] = "auto"  # compute a missed expert on the host instead of
+    # copying it: auto (when the measured cost model says it is faster; off on a CPU device unless host_rates
+    # are given), always, off
+    host_threads: int = 2  # worker threads computing host experts (one expert each at a time)
+    host_rates: HostRates | None = None  # the cost model's inputs, given instead of measured
     store_cache: bool = True  # keep a quantized store on disk (offload.user_cache) and read it next time
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -112,6 +117,20 @@ class OffloadConfig:
             )
         if self.host_memory_limit is not None and self.host_memory_limit < 1:
             raise OffloadError(f"host_memory_limit must be positive, got {self.host_memory_limit}")
+        if self.host_compute not in HOST_MODES:
+            raise OffloadError(
+                f"host_compute must be one of {', '.join(HOST_MODES)}, got {self.host_compute!r}"
+            )
+        if (
+            isinstance(self.host_threads, bool)
+            or not isinstance(self.host_threads, int)
+            or self.host_threads < 1
+        ):
+            raise OffloadError(
+                f"host_threads must be a whole number of threads >= 1, got {self.host_threads!r}"
+            )
+        if self.host_rates is not None and not isinstance(self.host_rates, HostRates):
+            raise OffloadError("host_rates must be a cache_policies.HostRates")
         if self.kernel not in ("auto", "torch", "triton"):
             raise OffloadError(f"kernel must be auto, torch or triton, got {self.kernel!r}")
         if self.extra:

@@ -9,7 +9,7 @@ from typing import Any
 @dataclass(frozen=True)
 class OffloadStats:
     expert_hits: int  # expert uses served from a resident slot
-    expert_misses: int  # expert uses that had to be copied in first (demand misses)
+    expert_misses: int  # expert uses that had to be copied in first (demand misses, not host-computed)
     bytes_host_to_device: int
     copy_seconds: float  # time spent copying experts (on the copy stream on CUDA)
     slots: int
@@ -27,13 +27,18 @@ class OffloadStats:
     stall_seconds: float = 0.0  # time compute waited for copies to land
     expert_format: str = ""  # how experts are stored: bf16, fp16, fp32, int8, int4, mxfp4, fp8
     expert_bytes: int = 0  # bytes of one expert, in the host store and in a slot (scales included)
+    host_expert_calls: int = 0  # missed experts computed on the host instead of copied (not admitted)
+    host_compute_seconds: float = 0.0  # worker time spent on them, summed over the workers
+    host_wait_seconds: float = 0.0  # time the layer step waited for them after its own work
+    host_compute: str = "off"  # the mode in effect: off, auto, always (auto on CPU without rates: off)
+    host_kernel: str = ""  # the host kernel (offload.kernels.host_experts), "" when off
     store_source: str = (
         ""  # quantized experts: quantized while loading, or read from the compressed-store cache
     )
 
     @property
     def expert_uses(self) -> int:
-        return self.expert_hits + self.expert_misses
+        return self.expert_hits + self.expert_misses + self.host_expert_calls
 
     @property
     def hit_rate(self) -> float:

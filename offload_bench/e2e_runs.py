@@ -19,9 +19,16 @@ if TYPE_CHECKING:
     import transformers
 
 GB = 1e9
-PREFETCH = {"lru": "none", "history": "history", "lookahead": "lookahead", "int4": "none"}
+PREFETCH = {
+    "lru": "none",
+    "history": "history",
+    "lookahead": "lookahead",
+    "int4": "none",
+    "lru-host-off": "none",
+}
 # variant -> experts quantized while loading (issue 12: int4 is LRU with experts in int4, groups of 64)
 QUANTIZE = {"int4": "int4"}
+HOST_COMPUTE = {"lru-host-off": "off"}  # every other offloaded variant: the default, auto
 
 
 @dataclass
@@ -90,13 +97,15 @@ _COUNTERS = (
     "layer_calls",
     "waves",
     "evictions",
+    "host_expert_calls",
+    "host_compute_seconds",
 )
 
 
 def counters(after: Any, before: Any, peak: float, expert_bytes: int) -> dict[str, Any]:
     """One phase's counters (the difference of two OffloadStats) and what follows from them alone."""
     c: dict[str, Any] = {k: getattr(after, k) - getattr(before, k) for k in _COUNTERS}
-    uses = c["expert_hits"] + c["expert_misses"]
+    uses = c["expert_hits"] + c["expert_misses"] + c["host_expert_calls"]
     gbps = c["bytes_host_to_device"] / c["copy_seconds"] / GB if c["copy_seconds"] > 0 else None
     c.update(
         expert_uses=uses,
@@ -146,6 +155,7 @@ def run_offloaded(
         store_cache=False,  # a random model has no checkpoint to key a cached store by
         max_context=args.max_context,
         seed=args.seed,
+        host_compute=HOST_COMPUTE.get(variant, "auto"),
     )
     config = OffloadConfig.create(ctx["budget"], device=device, dtype=ctx["dtype"], **options)
     if device.type == "cuda":
@@ -170,6 +180,8 @@ def run_offloaded(
         policy=args.policy,
         prefetch=PREFETCH[variant],
         expert_format=layout.format_name,
+        host_compute=runtime.host_mode,
+        host_kernel="" if runtime.step.host is None else runtime.step.host.kernel_name,
         routing=routing_label(ctx["trace_path"]),
     )
     row.update(common(timed, ctx["prompt"], args.warmup_tokens, args.decode_tokens))

@@ -28,6 +28,12 @@ class AccessSequence:
     layers: list[int]  # [accesses]: the layer of each access
     experts: list[list[int]]  # [accesses][distinct]: ascending expert ids of each access
     tokens_per_step: list[int]  # [steps]
+    # [accesses][distinct]: tokens routed to each expert of each access; None: one each (a decode trace)
+    counts: list[list[int]] | None = None
+
+    def tokens_of(self, access: int) -> list[int]:
+        """Tokens routed to each expert of access ``access`` (the copy-or-compute rule weighs them)."""
+        return [1] * len(self.experts[access]) if self.counts is None else self.counts[access]
 
     @property
     def num_accesses(self) -> int:
@@ -55,18 +61,22 @@ class AccessSequence:
         L = trace.num_layers
         layers: list[int] = []
         experts: list[list[int]] = []
+        counts: list[list[int]] | None = None
         tokens = trace.tokens_per_step()
         if np.all(tokens == 1):  # decode: every access is one token's top-k, already distinct
             per_access = np.sort(trace.ids, axis=2).reshape(-1, trace.top_k).tolist()  # [steps * L, k]
             experts = per_access
             layers = list(range(L)) * trace.num_steps
         else:
+            counts = []
             for step in range(trace.num_steps):
                 ids = trace.step_ids(step)  # [tokens, L, k]
                 for layer in range(L):
-                    experts.append(np.unique(ids[:, layer]).tolist())
+                    unique, per_expert = np.unique(ids[:, layer], return_counts=True)
+                    experts.append(unique.tolist())
+                    counts.append(per_expert.tolist())
                     layers.append(layer)
-        return cls(L, trace.num_experts, trace.top_k, layers, experts, tokens.tolist())
+        return cls(L, trace.num_experts, trace.top_k, layers, experts, tokens.tolist(), counts)
 
 
 def future_uses(seq: AccessSequence) -> dict[int, list[int]]:

@@ -32,7 +32,12 @@ Timing model (optional, :class:`TimingModel`): one host-to-device link and one c
   stalls. Decode tokens/s = tokens / total time, stall fraction = stalls / total time.
 
 Without prefetch nothing is in flight when an access starts, so every access costs ``c + m_i x t``: demand
-paging without overlap, what the runtime does without a predictor. A multi-wave access is charged the same
+paging without overlap, what the runtime does without a predictor.
+
+Host compute (``host=``, a :class:`CopyOrCompute` rule): the rule picks, per access, misses to compute on the
+host instead of copying (they are not admitted; the policy sees the use). The host starts them at ``T_i``, on
+worker threads beside the link and the device, and they take ``H_i`` = the rule's host time: access ``i`` ends
+at ``max(S_i + c, T_i + H_i)``, and its stall is that end minus ``T_i + c``. ``host_computed`` counts them. A multi-wave access is charged the same
 way (all its copies, then ``c``). ``c`` is everything one layer access costs besides expert copies
 (attention, router, expert matmuls), per step: for a decode trace, per token.
 """
@@ -43,7 +48,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cache_policies.cache import ExpertCache, PolicyFactory, Scope
+from cache_policies.cache import ExpertCache, HostChoice, PolicyFactory, Scope
+from cache_policies.copy_or_compute import CopyOrCompute
 from cache_policies.predictors import PREFETCH_MODES, HistoryPredictor
 from cache_policies.prefetch import Prefetcher
 from cache_policies.registry import POLICIES, make_policy_factory
@@ -107,7 +113,8 @@ class CopyTimeline:
         """Whether the prefetch copy of ``key`` lands by the time the next access starts."""
         return self._landing[key] <= self.clock
 
-    def access(self, misses: int, used_prefetched: list[int]) -> None:
+    def access(self, misses: int, used_prefetched: list[int], host_s: float = 0.0) -> None:
+        """``host_s``: seconds of the access's experts computed on the host, beside the link and compute."""
         start = self._started = self.clock
         ready = start
         if misses:
@@ -115,8 +122,9 @@ class CopyTimeline:
             ready = self.link_free
         for key in used_prefetched:
             ready = max(ready, self._landing.pop(key))
-        self.stall_seconds += ready - start
-        self.clock = ready + self.compute_s
+        end = max(ready + self.compute_s, start + host_s)
+        self.stall_seconds += end - start - self.compute_s
+        self.clock = end
 
     def prefetch(self, keys: list[int]) -> None:
         """Copies issued at the start of the access just timed, behind its demand copies."""
@@ -150,15 +158,24 @@ class SimResult:
     prefetch_hits: int = 0  # of those, found resident by a demand access of their layer
     prefetch_wasted: int = 0  # of those, evicted before any demand access used them
     prefetch_late: int | None = None  # prefetch hits whose copy had not landed (timing model only)
+    host_computed: int = 0  # misses computed on the host instead of copied (not in ``misses``)
+    host: str = "off"  # the copy-or-compute mode
 
     @property
     def hit_rate(self) -> float:
         return self.hits / self.accesses if self.accesses else 0.0
 
     @property
+    def copied(self) -> int:
+        """Misses copied into a slot: the demand misses (host-computed ones are apart)."""
+        return self.misses
+
+    @property
     def label(self) -> str:
-        """The policy, with ``+history`` when a predictor prefetched for it."""
-        return self.policy if self.prefetch == "none" else f"{self.policy}+{self.prefetch}"
+        """The policy, with ``+history`` when a predictor prefetched for it, ``+host`` when misses could be
+        computed on the host."""
+        label = self.policy if self.prefetch == "none" else f"{self.policy}+{self.prefetch}"
+        return label if self.host == "off" else f"{label}+host"
 
     @property
     def demand_bytes(self) -> int | None:
@@ -220,6 +237,7 @@ def simulate(
     fast: bool = True,
     prefetch: str = "none",
     history_window: int = 8,
+    host: CopyOrCompute | None = None,
 ) -> SimResult:
     """Replay ``trace`` through ``policy`` with ``capacity`` slots per partition (see :class:`ExpertCache`).
 
@@ -228,7 +246,8 @@ def simulate(
     paging) or ``"history"`` (a :class:`HistoryPredictor` over the last ``history_window`` accesses of each
     layer, by the protocol in the module docstring); ``"lookahead"`` raises ValueError (runtime only).
     Belady with prefetch is Belady's eviction plus history prefetch, not a bound: the demand-paging bound is
-    Belady without prefetch, and a prefetching policy can beat it.
+    Belady without prefetch, and a prefetching policy can beat it. ``host``: the copy-or-compute rule (module
+    docstring); ``"auto"`` with a timing model needs rates whose link rate is the timing model's.
     """
     mode = check_prefetch(prefetch)
     seq = trace if isinstance(trace, AccessSequence) else AccessSequence.from_trace(trace)
@@ -241,7 +260,8 @@ def simulate(
     predictor = HistoryPredictor(seq.num_layers, history_window) if mode == "history" else None
     timeline = None
     prefetcher = None
-    if policy == "lru" and fast and not options and predictor is None:
+    hosting = host is not None and host.mode != "off"
+    if policy == "lru" and fast and not options and predictor is None and not hosting:
         misses_per_access, evictions, _ = replay_lru(seq, capacity, scope)
         misses = sum(misses_per_access)
         capacity = min(capacity, seq.num_experts * (1 if scope == "layer" else seq.num_layers))
@@ -250,15 +270,16 @@ def simulate(
         cache = ExpertCache(
             seq.num_layers, seq.num_experts, capacity, policy_factory_for(policy, seq, scope, options), scope
         )
-        if predictor is None:
+        if predictor is None and not hosting:
             access = cache.access
             for layer, experts in zip(seq.layers, seq.experts, strict=True):
                 access(layer, experts)
         else:
             if timing is not None and expert_bytes is not None:
                 timeline = CopyTimeline(timing, expert_bytes)
-            prefetcher = Prefetcher(cache, predictor, seq.top_k)
-            _replay_with_prefetch(seq, prefetcher, timeline)
+            if predictor is not None:
+                prefetcher = Prefetcher(cache, predictor, seq.top_k)
+            _replay(seq, cache, prefetcher, timeline, host if hosting else None)
         misses, evictions, capacity, slots = cache.misses, cache.evictions, cache.capacity, cache.slots
     accesses = seq.expert_accesses
     seconds = stall = None
@@ -278,6 +299,9 @@ def simulate(
             "prefetch_wasted": prefetcher.wasted,
             "prefetch_late": None if timeline is None else prefetcher.late,
         }
+    if hosting:
+        assert host is not None
+        counters.update(host_computed=cache.host_computed, host=host.mode)
     return SimResult(
         policy=policy,
         scope=scope,
@@ -287,7 +311,7 @@ def simulate(
         tokens=sum(seq.tokens_per_step),
         layer_accesses=seq.num_accesses,
         accesses=accesses,
-        hits=accesses - misses,
+        hits=accesses - misses - counters.get("host_computed", 0),
         misses=misses,
         evictions=evictions,
         expert_bytes=expert_bytes,
@@ -297,16 +321,33 @@ def simulate(
     )
 
 
-def _replay_with_prefetch(seq: AccessSequence, prefetcher: Prefetcher, timeline: CopyTimeline | None) -> None:
-    """The prefetch protocol (:mod:`cache_policies.prefetch`) over the trace, with the timing model beside it."""
-    cache, num_experts = prefetcher.cache, seq.num_experts
-    for layer, experts in zip(seq.layers, seq.experts, strict=True):
-        plan = cache.access(layer, experts)
+def _replay(
+    seq: AccessSequence,
+    cache: ExpertCache,
+    prefetcher: Prefetcher | None,
+    timeline: CopyTimeline | None,
+    host: CopyOrCompute | None,
+) -> None:
+    """The runtime's order per access (:mod:`cache_policies.prefetch`): access (with the copy-or-compute rule),
+    settle the prefetched experts it found, time it, prefetch for a coming layer; the timing model beside it."""
+    num_experts = seq.num_experts
+    for i, (layer, experts) in enumerate(zip(seq.layers, seq.experts, strict=True)):
+        choice: HostChoice | None = None
+        tokens: dict[int, int] = {}
+        if host is not None:
+            tokens = dict(zip(experts, seq.tokens_of(i), strict=True))
+            choice = lambda missing, hits: host.choose(missing, [tokens[e] for e in missing], hits)  # noqa: B023, E731
+        plan = cache.access(layer, experts, choice)
         base = layer * num_experts
         if timeline is not None:
-            landed = timeline.landed
-            prefetcher.settle(plan, lambda e: landed(base + e))  # noqa: B023 - called right here
-            timeline.access(plan.misses, [base + e for e in plan.prefetched])
-        issued = prefetcher.after_access(layer, experts, plan)
-        if timeline is not None and issued is not None:
-            timeline.prefetch([issued.layer * num_experts + e for e in issued.experts])
+            host_s = 0.0
+            if plan.host and host is not None:
+                host_s = sum(host.host_s(tokens[e]) for e in plan.host)
+            if prefetcher is not None:
+                landed = timeline.landed
+                prefetcher.settle(plan, lambda e: landed(base + e))  # noqa: B023 - called right here
+            timeline.access(plan.misses, [base + e for e in plan.prefetched], host_s)
+        if prefetcher is not None:
+            issued = prefetcher.after_access(layer, experts, plan)
+            if timeline is not None and issued is not None:
+                timeline.prefetch([issued.layer * num_experts + e for e in issued.experts])

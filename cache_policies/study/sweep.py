@@ -8,6 +8,8 @@ both scopes get the same device memory. Belady, the offline optimum, is always r
 reported as a share of its hit rate. Writes ``sweep.csv``, ``sweep.md`` and ``sweep.png`` into ``--out``.
 With ``--copy-gbps`` and ``--layer-compute-ms`` (and the expert size, from the trace or ``--expert-bytes``)
 the CSV also gets simulated tokens/s and stall fraction (the timing model of :mod:`cache_policies.study.simulator`).
+``--host-gbps`` adds a run of every policy with the copy-or-compute rule at that host rate (``lru+host``): the
+CSV gets the split (``host_computed``) and ``sweep.md`` a table of hits / copied / on host and tokens/s.
 ``--format int4`` (or int8, mxfp4, fp8) counts each expert in that format's bytes instead of the trace's 16-bit
 size, and names the trace ``<label>-int4`` in the outputs.
 
@@ -110,6 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute time of one layer access besides expert copies (timing model, see simulator.py)",
     )
     parser.add_argument(
+        "--host-gbps",
+        type=float,
+        metavar="GB/S",
+        help="host expert throughput (GB of expert weights read per second): with the timing model, every "
+        "policy also runs with the copy-or-compute rule (a miss computed on the host when that is faster)",
+    )
+    parser.add_argument(
         "--prefetch",
         default="none",
         metavar="MODES",
@@ -156,6 +165,11 @@ def run(args: argparse.Namespace, prog: str = "offload-bench sweep") -> int:
         if not args.lfru_half_life > 0 or not math.isfinite(args.lfru_half_life):
             raise UsageError(f"--lfru-half-life must be a positive number, got {args.lfru_half_life}")
         timing = parse_timing(args.copy_gbps, args.layer_compute_ms)
+        if args.host_gbps is not None:
+            if timing is None:
+                raise UsageError("--host-gbps needs the timing model: --copy-gbps and --layer-compute-ms")
+            if not (args.host_gbps > 0 and math.isfinite(args.host_gbps)):
+                raise UsageError(f"--host-gbps must be a positive number of GB/s, got {args.host_gbps}")
         if args.expert_bytes is not None and args.expert_bytes < 1:
             raise UsageError(f"--expert-bytes must be positive, got {args.expert_bytes}")
         traces = [in_format(t, args.format) for t in load_traces(args.trace, args.expert_bytes)]
@@ -190,6 +204,7 @@ def run(args: argparse.Namespace, prog: str = "offload-bench sweep") -> int:
         timing=timing,
         prefetch=prefetch,
         history_window=args.history_window,
+        host_gbps=args.host_gbps,
     )
     static_note = (
         f"static pins the most used experts of {Path(args.static_profile).name}"

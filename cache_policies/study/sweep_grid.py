@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from cache_policies.cache import Scope
+from cache_policies.copy_or_compute import CopyOrCompute, HostRates
 from cache_policies.study.access import AccessSequence
 from cache_policies.study.importers import load_trace
 from cache_policies.study.simulator import SimPrefetch, SimResult, TimingModel, simulate
@@ -76,19 +77,34 @@ def sweep(
     timing: TimingModel | None = None,
     prefetch: Sequence[SimPrefetch] = ("none",),
     history_window: int = 8,
+    host_gbps: float | None = None,
 ) -> list[SweepRow]:
     """Rows per trace, scope and fraction: every policy for each prefetch mode in turn, Belady once (without
-    prefetch, as the bound)."""
+    prefetch, as the bound). With ``host_gbps`` (and a timing model) every online policy runs a second time
+    with the copy-or-compute rule ``auto`` at that host rate and the timing model's link rate."""
     rows: list[SweepRow] = []
     for t in traces:
         for scope in scopes:
             for fraction in fractions:
                 slots = layer_slots(fraction, t.trace.num_experts)
                 capacity = slots if scope == "layer" else slots * t.trace.num_layers
-                results: dict[tuple[str, str], SimResult] = {}
-                runs = [(name, mode) for mode in prefetch for name in policies if name != "belady"]
-                runs.insert(policies.index("belady"), ("belady", "none"))  # where the user listed it
-                for name, mode in runs:
+                results: dict[tuple[str, str, str], SimResult] = {}
+                hosts = ["off"] if host_gbps is None else ["off", "auto"]
+                runs = [
+                    (name, mode, host)
+                    for host in hosts
+                    for mode in prefetch
+                    for name in policies
+                    if name != "belady"
+                ]
+                runs.insert(policies.index("belady"), ("belady", "none", "off"))  # where the user listed it
+                for name, mode, host in runs:
+                    rule = None
+                    if host != "off" and timing is not None and host_gbps is not None:
+                        assert t.trace.expert_bytes is not None
+                        rule = CopyOrCompute(
+                            "auto", t.trace.expert_bytes, HostRates.flat(timing.bandwidth_gbps, host_gbps)
+                        )
                     options: dict[str, object] = {}
                     if name == "random":
                         options["seed"] = seed
@@ -96,7 +112,7 @@ def sweep(
                         options["half_life"] = half_life
                     elif name == "static" and static_profile is not None:
                         options["profile"] = static_profile
-                    results[name, mode] = simulate(
+                    results[name, mode, host] = simulate(
                         t.seq,
                         name,
                         capacity,
@@ -106,7 +122,8 @@ def sweep(
                         expert_bytes=t.trace.expert_bytes,
                         prefetch=mode,
                         history_window=history_window,
+                        host=rule,
                     )
-                bound = results["belady", "none"]
+                bound = results["belady", "none", "off"]
                 rows.extend(SweepRow(t.label, fraction, result, bound) for result in results.values())
     return rows

@@ -33,6 +33,8 @@ CSV_COLUMNS = (
     "prefetch_hits",  # of those, found resident by a demand access
     "prefetch_wasted",  # of those, evicted before any demand access used them
     "prefetch_late",  # prefetch hits whose copy had not landed yet: timing model only, else empty
+    "host",  # off | auto: the copy-or-compute rule (with --host-gbps)
+    "host_computed",  # misses computed on the host instead of copied (not counted in misses)
 )
 
 
@@ -70,6 +72,8 @@ def write_csv(path: Path, rows: Sequence[SweepRow]) -> None:
                     r.prefetch_hits,
                     r.prefetch_wasted,
                     _blank(r.prefetch_late),
+                    r.host,
+                    r.host_computed,
                 ]
             )
 
@@ -137,7 +141,36 @@ def write_markdown(
         lines.append("")
         if prefetching:
             lines += _prefetch_table(mine)
+        if any(row.result.host != "off" for row in mine):
+            lines += _host_table(mine)
     path.write_text("\n".join(lines))
+
+
+def _host_table(rows: Sequence[SweepRow]) -> list[str]:
+    """Each policy with the copy-or-compute rule beside itself without: the split and simulated decode speed."""
+    lines = [
+        "Copy or compute (`+host`): each miss is copied or computed on the host, whichever the rule "
+        "(cache_policies/copy_or_compute.py) finds faster; hits / copied / on host are shares of expert uses.",
+        "",
+        "| scope | fraction | policy | hits | copied | on host | tok/s copy only | tok/s with host |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    by_key = {
+        (r.result.scope, r.fraction, r.result.policy, r.result.prefetch, r.result.host): r for r in rows
+    }
+    for (scope, fraction, policy, prefetch, host), row in by_key.items():
+        if host == "off":
+            continue
+        base = by_key.get((scope, fraction, policy, prefetch, "off"))
+        r = row.result
+        uses = r.accesses or 1
+        lines.append(
+            f"| {scope} | {fraction:g} | {r.label} | {r.hits / uses:.3f} | {r.misses / uses:.3f} | "
+            f"{r.host_computed / uses:.3f} | {_fmt(base.result.tokens_per_s if base else None, '.4g')} | "
+            f"{_fmt(r.tokens_per_s, '.4g')} |"
+        )
+    lines.append("")
+    return lines
 
 
 def _prefetch_table(rows: Sequence[SweepRow]) -> list[str]:

@@ -112,6 +112,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host-memory-limit", help="host RAM the model may take, e.g. 48GB (default: what is available)"
     )
+    p.add_argument(
+        "--host-compute",
+        choices=("auto", "off", "always"),
+        default="auto",
+        help="compute a missed expert on the CPU instead of copying it: auto (when the measured cost model "
+        "says it is faster; off on --device cpu), always, or off (default auto)",
+    )
+    p.add_argument(
+        "--host-threads", type=int, default=2, help="worker threads computing experts on the host (default 2)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
     p.add_argument(
@@ -142,6 +152,8 @@ def validate_model_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.max_context < 1:
         raise UsageError(f"--max-context must be at least 1, got {args.max_context}")
+    if args.host_threads < 1:
+        raise UsageError(f"--host-threads must be at least 1, got {args.host_threads}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be 0 or more, got {args.temperature}")
     for flag, path in (("--stats-json", args.stats_json), ("--record-trace", args.record_trace)):
@@ -187,6 +199,8 @@ def choose_model(args: argparse.Namespace) -> ModelChoice:
         dequantize=args.dequantize,
         store_cache=not args.no_store_cache,
         host_memory_limit=args.host_memory_limit,
+        host_compute=args.host_compute,
+        host_threads=args.host_threads,
     )
     demo = args.model is None
     if demo:

@@ -81,7 +81,16 @@ def _summary(result: dict[str, Any], stats: Any) -> str:
             f"prefill : {result['prompt_tokens']} tokens in {result['prefill_seconds']:.3f} s "
             f"({result['prefill_tokens_per_s']:.1f} tok/s)",
             f"decode  : {result['new_tokens']} tokens, {result['decode_tokens_per_s']:.2f} tok/s after the first",
-            f"experts : hit rate {stats.hit_rate:.1%} ({stats.expert_hits} hits, {stats.expert_misses} misses)",
+            f"experts : hit rate {stats.hit_rate:.1%} ({stats.expert_hits} hits, {stats.expert_misses} copied, "
+            f"{stats.host_expert_calls} computed on host)",
+            *(
+                [
+                    f"host    : {stats.host_compute}, kernel {stats.host_kernel}, "
+                    f"{stats.host_compute_seconds:.3f} s computing, {stats.host_wait_seconds:.3f} s waited for",
+                ]
+                if stats.host_compute != "off"
+                else []
+            ),
             f"copied  : {stats.bytes_host_to_device / 1e9:.3f} GB at {stats.copy_gb_per_s:.2f} GB/s achieved",
             f"slots   : {stats.slots} / {stats.total_experts} experts, {stats.expert_format}, "
             f"{format_size(stats.expert_bytes)} each (in host RAM and in a slot)",

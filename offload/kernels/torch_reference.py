@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from offload.kernels.activation import ExpertActivation
 from offload.kernels.routing import RoutedTokens
+from offload.memory.layout import ExpertLayout
 from offload.memory.slot_pool import SlotPool
 
 
@@ -38,11 +39,24 @@ def expert_pairs_torch(
         span = routed.spans.get(expert)
         if span is None:
             continue
-        fields = pool.slot_fields(slot)
-        gate_up, down = layout.weight(fields, "gate_up"), layout.weight(fields, "down")  # [G*I, H], [H, I]
         pairs = routed.pairs_by_expert[span[0] : span[1]]
-        x = routed.hidden[pairs // k]  # [n, H]
-        h = F.linear(x, gate_up, fields.get("gate_up_bias"))  # [n, G*I]
-        h = activation.fn(h)  # [n, I]
-        y = F.linear(h, down, fields.get("down_bias"))  # [n, H]
-        out[pairs] = (y * weights[pairs, None]).to(out.dtype)
+        out[pairs] = expert_rows(
+            routed.hidden[pairs // k], weights[pairs], pool.slot_fields(slot), layout, activation, out.dtype
+        )
+
+
+def expert_rows(
+    x: torch.Tensor,  # [n, H]: the expert's tokens, in token order
+    w: torch.Tensor,  # [n]: their routing weights
+    fields: dict[str, torch.Tensor],  # one expert's views (a slot's, or the host store's)
+    layout: ExpertLayout,
+    activation: ExpertActivation,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:  # [n, H] in out_dtype
+    """One expert's routing-weighted rows: the reference math, shared by the device path above and the host
+    path (:mod:`offload.kernels.host_experts`), so both give the same bits on one machine."""
+    gate_up, down = layout.weight(fields, "gate_up"), layout.weight(fields, "down")  # [G*I, H], [H, I]
+    h = F.linear(x, gate_up, fields.get("gate_up_bias"))  # [n, G*I]
+    h = activation.fn(h)  # [n, I]
+    y = F.linear(h, down, fields.get("down_bias"))  # [n, H]
+    return (y * w[:, None]).to(out_dtype)

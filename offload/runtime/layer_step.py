@@ -5,11 +5,14 @@
     route    the router's choices (transformers' code, before this step), then the routing override if one
              is set; a router predictor's ids for a coming layer (on the device); pairs grouped by expert, with
              the layer's one device-to-host read (RoutedTokens); the recorder
-    plan     ExpertCache.access: hits, misses, victims, slots and waves (pure Python); the prefetcher settles
-             the experts it prefetched for this layer (landed in time, or late)
-    serve    per wave: every miss is copied into its slot (the copy engine). After the first wave's demand
-             copies are issued, the prefetcher guesses a coming layer's experts and their copies queue behind
+    plan     ExpertCache.access: hits, misses, victims, slots and waves (pure Python), and with the
+             copy-or-compute rule (cache_policies.copy_or_compute) the misses to compute on the host, which
+             are not admitted; the prefetcher settles the experts it prefetched for this layer
+    serve    the host experts go to the host workers first (offload.runtime.host_compute); per wave: every
+             miss is copied into its slot (the copy engine). After the first wave's demand copies are
+             issued, the prefetcher guesses a coming layer's experts and their copies queue behind
     compute  per wave: wait for exactly the wave's slots, run the kernel over the slot pool, release the slots
+    join     the host experts' rows are written into the same per-pair buffer, each pair's row by one party
     combine  per-(token, k) rows summed over k in the promoted dtype, cast back, as transformers does
 
 The step owns the order of these stages and the per-call bookkeeping; it decides nothing itself (the cache
@@ -23,12 +26,13 @@ from collections.abc import Callable
 
 import torch
 
-from cache_policies import AccessPlan, ExpertCache, Prefetch, Prefetcher, Wave
+from cache_policies import AccessPlan, CopyOrCompute, ExpertCache, HostChoice, Prefetch, Prefetcher, Wave
 from offload.kernels import ExpertActivation, RoutedTokens
 from offload.kernels.selection import ExpertKernel
 from offload.memory.copy_engines import CopyEngine
 from offload.memory.host_store import HostExpertStore
 from offload.memory.slot_pool import SlotPool
+from offload.runtime.host_compute import HostCompute
 from offload.runtime.recorder import RoutingRecorder
 from offload.runtime.router_predictors import RouterPredictor
 
@@ -56,6 +60,9 @@ class LayerStep:
         self.recorder = recorder
         self.prefetcher: Prefetcher | None = None
         self.routing_override: RoutingOverride | None = None
+        # Copy or compute on the host: both set, or neither (host compute off).
+        self.rule: CopyOrCompute | None = None
+        self.host: HostCompute | None = None
         # Each layer's row of the device slot table, as views made once (making one costs host time).
         self._table_rows = list(pool.table.unbind(0))
         self.layer_calls = 0
@@ -85,11 +92,21 @@ class LayerStep:
         # A single wave holds every expert of the call: the kernel may look slots up in the device slot
         # table instead of a per-wave table copied from the host (offload.memory.slot_pool).
         slot_row = self._table_rows[layer] if len(plan.waves) == 1 else None
-        for i, wave in enumerate(plan.waves):
-            self.serve(layer, wave)
-            if i == 0 and self.prefetcher is not None:
-                self.serve_prefetch(self.guess(layer, routed, plan))
-            self.compute(routed, wave, activation, pairs_out, slot_row)
+        jobs = None
+        if plan.host:  # started first: the host works while the link copies and the device computes
+            assert self.host is not None
+            jobs = self.host.submit(layer, routed, plan.host, activation, out_dtype)
+        try:
+            for i, wave in enumerate(plan.waves):
+                self.serve(layer, wave)
+                if i == 0 and self.prefetcher is not None:
+                    self.serve_prefetch(self.guess(layer, routed, plan))
+                if wave.experts:  # every expert of the call may be on the host
+                    self.compute(routed, wave, activation, pairs_out, slot_row)
+        finally:
+            if jobs is not None:  # joined even when the device side failed: no worker outlives the call
+                assert self.host is not None
+                self.host.join(jobs, pairs_out)
         self.layer_calls += 1
         # The sum over k; for one token the same reduction (bitwise) without the view's dispatch.
         out = (
@@ -112,7 +129,7 @@ class LayerStep:
         return routed
 
     def plan(self, layer: int, routed: RoutedTokens) -> AccessPlan:
-        plan = self.cache.access(layer, routed.experts)
+        plan = self.cache.access(layer, routed.experts, self._host_choice(routed))
         if self.prefetcher is not None:
             self.prefetcher.settle(plan, lambda expert: self._landed(layer, expert))
         return plan
@@ -158,6 +175,13 @@ class LayerStep:
         self.kernel(routed, wave.experts, wave.slots, self.pool, activation, pairs_out, slot_row=slot_row)
         self.engine.release(wave.slots)
         self.waves += 1
+
+    def _host_choice(self, routed: RoutedTokens) -> HostChoice | None:
+        rule = self.rule
+        if rule is None:
+            return None
+        spans = routed.spans
+        return lambda missing, hits: rule.choose(missing, [spans[e][1] - spans[e][0] for e in missing], hits)
 
     def _landed(self, layer: int, expert: int) -> bool:
         slot = self.cache.slot_of(layer, expert)

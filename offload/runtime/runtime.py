@@ -12,15 +12,18 @@ import weakref
 
 import torch
 
-from cache_policies import HistoryPredictor, Predictor, Prefetcher
+from cache_policies import CopyOrCompute, HistoryPredictor, Predictor, Prefetcher
 from offload.config import OffloadConfig
 from offload.errors import OffloadError
 from offload.kernels import ExpertActivation, select_kernel
+from offload.kernels.host_experts import host_kernel
 from offload.memory.copy_engines import CopyEngine, make_copy_engine
 from offload.memory.host_store import HostExpertStore
 from offload.memory.slot_pool import SlotPool
 from offload.offload_stats import OffloadStats
+from offload.runtime import host_rates
 from offload.runtime.budget import BudgetPlan
+from offload.runtime.host_compute import HostCompute, torch_threads_per_worker
 from offload.runtime.layer_step import LayerStep, RoutingOverride
 from offload.runtime.model_survey import ModelSurvey
 from offload.runtime.policy import build_cache
@@ -62,10 +65,24 @@ class OffloadRuntime:
         if config.prefetch == "history":
             self.use_predictor(HistoryPredictor(survey.num_layers, config.history_window))
         self.activations: list[ExpertActivation | None] = [None] * survey.num_layers
+        # auto on a CPU device weighs nothing (there is no link) unless rates are given: off there.
+        self.host_mode = config.host_compute
+        if self.host_mode == "auto" and device.type != "cuda" and config.host_rates is None:
+            self.host_mode = "off"
+        self._host_ready = self.host_mode == "off"
+        if self.host_mode != "off":
+            self.step.host = HostCompute(
+                self.store,
+                host_kernel("reference"),
+                "reference",
+                config.host_threads,
+                torch_threads_per_worker(config.host_threads) if device.type == "cuda" else None,
+            )
         self.closed = False
         # Whether by close() or by the runtime being dropped with its model: copies in flight land before the
-        # slots and the pinned store they touch are released (invariant *slot-safety*).
-        self._release = weakref.finalize(self, _release, self.engine, self.pool, self.store)
+        # slots and the pinned store they touch are released (invariant *slot-safety*); host workers finish
+        # their reads of the store first too.
+        self._release = weakref.finalize(self, _release, self.engine, self.pool, self.store, self.step.host)
 
     def attach_layer(
         self, layer: int, weights: dict[str, torch.Tensor], activation: ExpertActivation
@@ -106,7 +123,29 @@ class OffloadRuntime:
         activation = self.activations[layer]
         if activation is None:
             raise RuntimeError(f"MoE layer {layer} was never attached to the runtime")
+        if not self._host_ready:
+            self._setup_host(activation)
         return self.step(layer, activation, hidden_states, top_k_index, top_k_weights)
+
+    def _setup_host(self, activation: ExpertActivation) -> None:
+        """The host kernel and the rule's rates: given, or measured once per machine (offload.runtime.host_rates)."""
+        host = self.step.host
+        assert host is not None
+        layout = self.survey.layout
+        given = self.config.host_rates
+        need = self.host_mode == "auto" and given is None
+        name, measured = host_rates.resolve(
+            layout, self.config.device, host.threads, host.torch_threads, activation, need
+        )
+        host.kernel, host.kernel_name = host_kernel(name), name
+        self.step.rule = CopyOrCompute(self.host_mode, layout.nbytes, given or measured)
+        self._host_ready = True
+
+    @property
+    def rates(self) -> object:
+        """The copy-or-compute rates in use (cache_policies.HostRates), None when off or not yet set up."""
+        rule = self.step.rule
+        return None if rule is None else rule.rates
 
     def close(self) -> None:
         """Release the copy thread or stream (after the copies in flight land), the slots and the pinned
@@ -125,6 +164,7 @@ class OffloadRuntime:
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) - self._memory_baseline
         prefetcher = self.step.prefetcher
+        host = self.step.host
         return OffloadStats(
             expert_hits=self.cache.hits,
             expert_misses=self.cache.misses,
@@ -145,11 +185,18 @@ class OffloadRuntime:
             stall_seconds=self.engine.stall_seconds,
             expert_format=self.survey.layout.format_name,
             expert_bytes=self.survey.layout.nbytes,
+            host_expert_calls=0 if host is None else host.calls,
+            host_compute_seconds=0.0 if host is None else host.seconds,
+            host_wait_seconds=0.0 if host is None else host.wait_seconds,
+            host_compute=self.host_mode,
+            host_kernel="" if host is None else host.kernel_name,
             store_source=self.store_source,
         )
 
 
-def _release(engine: CopyEngine, pool: SlotPool, store: HostExpertStore) -> None:
+def _release(engine: CopyEngine, pool: SlotPool, store: HostExpertStore, host: HostCompute | None) -> None:
+    if host is not None:
+        host.close()  # waits for host jobs in flight: they read the store
     engine.close()  # waits for every copy in flight
     pool.release()
     store.release()

@@ -12,7 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
-STAGES = ("machine", "tests", "budget", "kernels", "e2e")
+STAGES = ("machine", "tests", "budget", "kernels", "e2e", "host")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ def write_summary(path: Path, result: dict[str, Any]) -> None:
         ("budget", _budget),
         ("kernels", _kernels),
         ("e2e", _e2e),
+        ("host", _host),
     ):
         if name in stages:
             lines += ["", f"## {name}", "", *section(stages[name])]
@@ -142,4 +143,36 @@ def _e2e(s: dict[str, Any]) -> list[str]:
     for result in s.get("results", []):
         for name, shape in (result.get("shapes") or {}).items():
             out.append(f"- {name}: {shape.get('budget')}; {shape.get('routing')}")
+    return out
+
+
+def _host(s: dict[str, Any]) -> list[str]:
+    reads = ", ".join(f"{t} threads {_f(g)}" for t, g in (s.get("host_read_gbps") or {}).items())
+    out = [
+        f"host streaming read {_f(s.get('host_read_peak_gbps'))} GB/s ({reads})",
+        "",
+        "| shape | format | kernel | torch threads | tokens | ms | GB/s | % read |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    out += [
+        f"| {r['shape']} | {r['format']} | {r['kernel']} | {r['torch_threads']} | {r['tokens']} | {_f(r['ms'])} | "
+        f"{_f(r['gbps'])} | {_f(100 * r['share_of_read_peak'], '.0f')} |"
+        for r in s.get("rows", [])
+    ]
+    e2e = s.get("e2e")
+    if e2e:
+        out += [
+            "",
+            f"decode, `offload-bench e2e {e2e['command']}`:",
+            "",
+            "| variant | host compute | host kernel | decode tok/s | hits | copied | on host |",
+            "|---|---|---|---:|---:|---:|---:|",
+        ]
+        out += [
+            f"| {r['variant']} | {r['host_compute']} | {r['host_kernel'] or '-'} | {_f(r['decode_tok_per_s'])} | "
+            f"{_f(r['hits'], 'd')} | {_f(r['copied'], 'd')} | {_f(r['on_host'], 'd')} |"
+            for r in e2e["rows"]
+        ]
+    elif s.get("e2e_skipped"):
+        out.append(f"- decode comparison not run: {s['e2e_skipped']}")
     return out

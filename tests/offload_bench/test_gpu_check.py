@@ -27,6 +27,7 @@ STAGE_KEYS = {
     "budget": {"device", "shape", "max_context", "rows"},
     "kernels": {"device", "dtype", "peak_bytes_per_s", "rows", "skipped"},
     "e2e": {"device", "runs", "results"},
+    "host": {"device", "host_read_gbps", "host_read_peak_gbps", "rows", "e2e"},
 }
 RECORD_KEYS = {"status", "seconds", "cap_seconds", "targets", "log_tail"}
 
@@ -64,10 +65,16 @@ def test_smoke_runs_every_stage_and_writes_the_gpu_keys(smoke: tuple[dict[str, A
     assert {r["impl"] for r in stages["kernels"]["rows"]} == {"triton", "torch-loop", "grouped_mm"}
     assert all(r["within_tolerance"] for r in stages["kernels"]["rows"])
     rows = stages["e2e"]["results"][0]["rows"]
-    assert {r["variant"] for r in rows} == {"lru", "history", "lookahead", "accelerate"}
+    assert {r["variant"] for r in rows} == {"lru", "int4", "accelerate"}
+    host = stages["host"]
+    assert {(r["format"], r["tokens"]) for r in host["rows"]} == {("bf16", 1), ("int4", 1)}
+    assert all(r["gbps"] > 0 for r in host["rows"])
+    split = {r["variant"]: r for r in host["e2e"]["rows"]}
+    assert split["lru-host-off"]["host_compute"] == "off" and split["lru-host-off"]["on_host"] == 0
+    assert split["lru"]["host_compute"] == "off"  # auto on a CPU device without given rates
     # every figure beside its target; the smoke run judges none of them
     assert result["targets"] and all(t["status"] == "N/A" for t in result["targets"])
-    assert {t["stage"] for t in result["targets"]} >= {"budget", "kernels", "e2e"}
+    assert {t["stage"] for t in result["targets"]} >= {"budget", "kernels", "e2e", "host"}
     assert "| e2e | peak device memory <= budget" in summary
 
 

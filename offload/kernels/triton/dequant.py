@@ -136,7 +136,7 @@ def weight_tile(
             if FORMAT == FMT_INT4:
                 GROUPS: tl.constexpr = (K + GROUP - 1) // GROUP  # rows are padded to whole groups
             else:
-                GROUPS: tl.constexpr = K // GROUP
+                GROUPS: tl.constexpr = K // GROUP  # type: ignore[no-redef]
             ROW_BYTES: tl.constexpr = GROUPS * GROUP // 2
             half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             byte_mask = r_mask[:, None] & (half < ROW_BYTES)[None, :]

@@ -250,6 +250,9 @@ def test_missing_shard(cli_checkpoint: Path, tmp_path: Path, capsys: pytest.Capt
         (["--device", "tpu"], "--device"),
         (["--dtype", "int8"], "--dtype"),
         (["--stats-json", "/nonexistent-dir/stats.json"], "does not exist"),
+        (["--host-compute", "sometimes"], "--host-compute"),
+        (["--host-threads", "0"], "--host-threads must be at least 1"),
+        (["--host-threads", "two"], "--host-threads"),
     ],
 )
 def test_bad_options(

@@ -162,8 +162,8 @@ def test_cuda_copy_stream_prefetch_equals_all_resident(
     layer holds every slot and prefill runs in waves, so nothing would be prefetched)."""
     path = tiny_checkpoints["qwen3_moe"]
     ids = prompt("cuda")
-    resident = load(path, slot_counts(path)["all"], "cuda")
-    model = load(path, slot_counts(path)["quarter"], "cuda", prefetch=prefetch)
+    resident = load(path, slot_counts(path)["all"], "cuda", host_compute="off")  # bitwise: copy only
+    model = load(path, slot_counts(path)["quarter"], "cuda", prefetch=prefetch, host_compute="off")
     with torch.no_grad():
         assert torch.equal(model(ids).logits, resident(ids).logits)
     assert torch.equal(

@@ -1,0 +1,137 @@
+"""Host kernels: one expert's rows computed on the CPU, straight from the host store's bytes.
+
+A missed expert computed on the host is read from RAM once, in its stored format, and never copied to a slot.
+Which kernel runs is chosen per format by the host probe (:mod:`offload.runtime.host_rates`) on the machine
+itself; every one has the contract of :func:`offload.kernels.torch_reference.expert_rows`:
+
+=============  =======================================================================  ==================
+kernel         what it does                                                              formats
+=============  =======================================================================  ==================
+``reference``  the device's torch reference, unchanged: weights read back to the        every format
+               compute dtype (:meth:`ExpertLayout.weight`), ``F.linear`` in it. On a
+               CPU device the host kernel is always this one, so a pair gives the same
+               bits wherever it is computed (invariant *exact-results*). For float
+               experts it is torch's GEMV on the stored weights, the fastest route
+``dequant``    the same math with a cheaper read-back: scales and zero points are        int4, mxfp4, fp8,
+               broadcast over their groups (views) instead of expanded to full          int8
+               matrices (``repeat_interleave``), then ``F.linear`` in the compute dtype.
+               Same bits as the reference for int8, int4 and mxfp4 (one rounding of an
+               exact product either way); fp8 is scaled in fp32 as the oracle does
+``int8pack``   ``torch._weight_int8pack_mm`` on the stored codes and per-row scales:     int8
+               the int8 weights are never expanded
+=============  =======================================================================  ==================
+
+Measured and not used (``docs/host-compute.md`` has the figures): computing float experts through an fp32
+copy of the weights (slower than torch's bf16 GEMV even on AVX2); torch's ``_weight_int4pack_mm_for_cpu``,
+fast once the weights are in its blocked layout (``_convert_weight_to_int4pack_for_cpu``) but that conversion
+costs about 40 matmuls, so it would need a second, converted copy of every int4 expert in host RAM, which is
+the memory int4 was chosen to save; ``_dyn_quant_matmul_4bit`` needs KleidiAI's packing (ARM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from offload.kernels.activation import ExpertActivation
+from offload.kernels.torch_reference import expert_rows
+from offload.memory import formats
+from offload.memory.layout import ExpertLayout
+
+HostKernel = Callable[
+    [torch.Tensor, torch.Tensor, dict[str, torch.Tensor], ExpertLayout, ExpertActivation, torch.dtype],
+    torch.Tensor,
+]
+
+
+def dequantized(fields: dict[str, torch.Tensor], layout: ExpertLayout, name: str) -> torch.Tensor:
+    """Matrix ``name`` of one expert as ``[R, C]`` in the compute dtype, its scales broadcast over their groups.
+
+    The values of :func:`offload.memory.formats.dequantize` without materializing full-size scale matrices."""
+    fmt, dt = layout.format, layout.dtype
+    cols = layout.hidden_size if name == "gate_up" else layout.intermediate_size
+    data = fields[name]
+    rows = data.shape[0]
+    if fmt == "float":
+        return data
+    if (
+        fmt == "int8"
+    ):  # |q| <= 127 and the scale are exact in dt; their product is rounded once, as the oracle's
+        return data.to(dt) * fields[f"{name}_scale"].to(dt)[:, None]
+    if fmt == "int4":
+        g = layout.group_size
+        codes = formats.unpack_nibbles(data).view(rows, -1, g).to(dt)  # [R, Cp/g, g]
+        zero = fields[f"{name}_zero"].to(dt)[..., None]  # [R, Cp/g, 1]
+        scale = fields[f"{name}_scale"].to(dt)[..., None]
+        return ((codes - zero) * scale).view(rows, -1)[:, :cols]
+    if fmt == "mxfp4" and dt in (torch.bfloat16, torch.float32):  # powers of two exact in dt (not in fp16)
+        lut = torch.tensor(formats.FP4_VALUES, dtype=dt)
+        values = lut[formats.unpack_nibbles(data).int()].view(rows, -1, formats.MXFP4_BLOCK)  # [R, C/32, 32]
+        exponent = fields[f"{name}_scale"].to(torch.int32) - 127  # [R, C/32]
+        return (values * torch.exp2(exponent.float()).to(dt)[..., None]).view(rows, cols)
+    b = layout.group_size
+    if fmt == "fp8" and rows % b == 0 and cols % b == 0:
+        scale = fields[f"{name}_scale"]  # [R/b, C/b] fp32
+        w = data.float().view(rows // b, b, cols // b, b) * scale[:, None, :, None]
+        return w.view(rows, cols).to(dt)
+    return formats.dequantize(fields, name, fmt, cols, layout.group_size, dt)
+
+
+def _dequant_rows(
+    x: torch.Tensor,  # [n, H]
+    w: torch.Tensor,  # [n]
+    fields: dict[str, torch.Tensor],
+    layout: ExpertLayout,
+    activation: ExpertActivation,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:  # [n, H]
+    gate_up, down = dequantized(fields, layout, "gate_up"), dequantized(fields, layout, "down")
+    h = F.linear(x, gate_up, fields.get("gate_up_bias"))  # [n, G*I]
+    h = activation.fn(h)  # [n, I]
+    y = F.linear(h, down, fields.get("down_bias"))  # [n, H]
+    return (y * w[:, None]).to(out_dtype)
+
+
+def _int8pack_rows(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    fields: dict[str, torch.Tensor],
+    layout: ExpertLayout,
+    activation: ExpertActivation,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    def linear(inp: torch.Tensor, name: str) -> torch.Tensor:
+        scale = fields[f"{name}_scale"]
+        y = torch._weight_int8pack_mm(inp.to(scale.dtype).contiguous(), fields[name], scale)
+        b = fields.get(f"{name}_bias")
+        return y if b is None else y + b
+
+    h = activation.fn(linear(x, "gate_up"))  # [n, I]
+    y = linear(h, "down")  # [n, H]
+    return (y * w[:, None]).to(out_dtype)
+
+
+HOST_KERNELS: dict[str, HostKernel] = {
+    "reference": expert_rows,
+    "dequant": _dequant_rows,
+    "int8pack": _int8pack_rows,
+}
+
+
+def host_kernel_candidates(layout: ExpertLayout) -> tuple[str, ...]:
+    """The kernels that can compute this layout's experts on the host, the reference first."""
+    out = ["reference"]
+    if layout.format != "float":
+        out.append("dequant")
+    if layout.format == "int8":
+        out.append("int8pack")
+    return tuple(out)
+
+
+def host_kernel(name: str) -> HostKernel:
+    try:
+        return HOST_KERNELS[name]
+    except KeyError:
+        raise ValueError(f"unknown host kernel {name!r}; known: {', '.join(HOST_KERNELS)}") from None

@@ -1,0 +1,253 @@
+"""The measured inputs of the copy-or-compute rule, and which host kernel runs: probed once per machine and
+expert shape, kept in the user cache.
+
+- **link**: pinned host-to-device GB/s of expert-sized copies (a short probe: 64 MiB, best of 3);
+- **host**: per host kernel (:mod:`offload.kernels.host_experts`), seconds per expert at 1, 4 and 16 tokens on
+  synthetic experts of the model's layout, enough of them (up to 64 MiB) that RAM, not the cache, feeds the
+  kernel; the fastest at 1 token (decode) is the host kernel, its rates are the rule's;
+- **device**: seconds of one expert call on the device at 1 token.
+
+A CPU device has no link: ``auto`` there is ``off`` unless rates are given (``host_rates``), and the host kernel
+is the device's own reference kernel, so a pair gives the same bits wherever it runs.
+
+The cache is one JSON file, ``rates.json`` in the user cache folder (:mod:`offload.user_cache`), keyed by
+machine (host name, CPU, torch version, device name, threads) and by expert shape and format. It is written
+beside itself and renamed, and a file that does not parse is measured over.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cache_policies import HostRates
+from offload.kernels import ExpertActivation
+from offload.kernels.host_experts import host_kernel, host_kernel_candidates
+from offload.memory.layout import ExpertLayout
+from offload.runtime.host_compute import use_torch_threads
+from offload.user_cache import user_cache_dir
+
+PROBE_TOKENS = (1, 4, 16)
+_PROBE_BYTES = 64 << 20  # synthetic experts per host probe: more than a last-level cache holds
+
+
+def rates_path() -> Path:
+    """The rates cache file, in the user cache folder."""
+    return user_cache_dir("rates.json")
+
+
+def machine_key(device: torch.device, threads: int, torch_threads: int | None = None) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    each = "" if torch_threads is None else f" x {torch_threads} torch threads"
+    return f"{platform.node()}|{cpu}|torch {torch.__version__}|{name}|{threads} threads{each}"
+
+
+def layout_key(layout: ExpertLayout) -> str:
+    gate = "gate" if layout.has_gate else "nogate"
+    bias = "bias" if layout.has_bias else "nobias"
+    return (
+        f"{layout.format_name}|{layout.dtype}|H{layout.hidden_size}|I{layout.intermediate_size}|{gate}|{bias}"
+    )
+
+
+def resolve(
+    layout: ExpertLayout,
+    device: torch.device,
+    threads: int,
+    torch_threads: int | None,
+    activation: ExpertActivation,
+    need_rates: bool,
+) -> tuple[str, HostRates | None]:
+    """(host kernel, measured rates or None): from the cache where it has them, else probed and cached.
+    ``threads`` host workers, each on ``torch_threads`` intra-op threads (None: as the process)."""
+    if device.type != "cuda":
+        return "reference", None  # the device's own kernel; no link to weigh
+    candidates = host_kernel_candidates(layout)
+
+    def measure() -> dict[str, Any]:
+        kernel, host = probe_host(layout, activation, candidates, torch_threads=torch_threads)
+        entry: dict[str, Any] = {"kernel": kernel, "host_gbps": host}
+        if need_rates:
+            entry.update(link_gbps=probe_link(device), device_s=probe_device(layout, device))
+        return entry
+
+    needed = ("kernel", "host_gbps", "link_gbps", "device_s") if need_rates else ("kernel", "host_gbps")
+    # the candidates are in the key: a kernel added or dropped since the entry was written measures again
+    key = f"{machine_key(device, threads, torch_threads)}||{layout_key(layout)}||{','.join(candidates)}"
+    entry, source = cached(rates_path(), key, needed, measure)
+    return entry["kernel"], rates_of(entry, source) if need_rates else None
+
+
+def rates_of(entry: dict[str, Any], source: str) -> HostRates:
+    return HostRates(
+        float(entry["link_gbps"]),
+        tuple((int(t), float(g)) for t, g in entry["host_gbps"]),
+        float(entry["device_s"]),
+        source,
+    )
+
+
+def cached(
+    path: Path, key: str, needed: tuple[str, ...], measure: Callable[[], dict[str, Any]]
+) -> tuple[dict[str, Any], str]:
+    """``path``'s entry ``key`` when it has every ``needed`` field ("cached"), else ``measure()``'s, stored
+    there ("measured")."""
+    store = _read(path)
+    entry = store.get(key)
+    if isinstance(entry, dict) and all(name in entry for name in needed):
+        return entry, "cached"
+    entry = measure()
+    store[key] = entry
+    _write(path, store)
+    return entry, "measured"
+
+
+# -- probes ------------------------------------------------------------------------------------------------
+
+
+def synthetic_experts(layout: ExpertLayout, count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``count`` experts of ``layout`` in host memory, with weights in their format's normal range."""
+    generator = torch.Generator().manual_seed(seed)
+    buffers = torch.empty((count, layout.nbytes), dtype=torch.uint8)
+    views = layout.views(buffers)
+    for name, tensor in views.items():
+        if tensor.dtype == torch.uint8 or tensor.dtype == torch.int8:
+            tensor.view(torch.uint8).copy_(torch.randint(0, 256, tensor.shape, generator=generator))
+        elif tensor.is_floating_point() and tensor.element_size() >= 2:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
+        else:  # fp8 codes
+            tensor.copy_(torch.randn(tensor.shape, generator=generator).to(tensor.dtype))
+        if name.endswith("_scale") and layout.format == "mxfp4":
+            tensor.fill_(120)  # 2^-7
+        elif name.endswith(("_scale", "_zero")) and tensor.is_floating_point():
+            tensor.abs_().add_(0.01 if name.endswith("_scale") else 7.0)
+    return [layout.views(buffers[i]) for i in range(count)]
+
+
+def probe_host(
+    layout: ExpertLayout,
+    activation: ExpertActivation,
+    kernels: tuple[str, ...],
+    repeats: int = 3,
+    torch_threads: int | None = None,
+) -> tuple[str, list[tuple[int, float]]]:
+    """The fastest host kernel at 1 token and its (tokens, GB/s) points, on synthetic experts, each call on
+    ``torch_threads`` intra-op threads as a host worker runs it (None: the caller's)."""
+    count = max(2, min(32, _PROBE_BYTES // layout.nbytes))
+    experts = synthetic_experts(layout, count)
+    best: tuple[str, list[tuple[int, float]]] | None = None
+    for name in kernels:
+        points = [
+            (
+                n,
+                layout.nbytes
+                / host_seconds(name, layout, activation, experts, n, repeats, torch_threads)
+                / 1e9,
+            )
+            for n in PROBE_TOKENS
+        ]
+        if best is None or points[0][1] > best[1][0][1]:
+            best = (name, points)
+    assert best is not None
+    return best
+
+
+def host_seconds(
+    kernel_name: str,
+    layout: ExpertLayout,
+    activation: ExpertActivation,
+    experts: list[dict[str, torch.Tensor]],
+    tokens: int,
+    repeats: int = 3,
+    torch_threads: int | None = None,
+) -> float:
+    """Seconds per expert call of ``kernel_name`` at ``tokens`` tokens: a pass over ``experts``, best of
+    ``repeats`` (the first pass warms up); on a thread of ``torch_threads`` intra-op threads when given."""
+    if torch_threads is not None:
+        with ThreadPoolExecutor(1, initializer=use_torch_threads, initargs=(torch_threads,)) as worker:
+            return worker.submit(
+                host_seconds, kernel_name, layout, activation, experts, tokens, repeats
+            ).result()
+    kernel = host_kernel(kernel_name)
+    x = torch.randn(tokens, layout.hidden_size).to(layout.dtype)
+    w = torch.ones(tokens, dtype=layout.dtype)
+    best = math.inf
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            began = time.perf_counter()
+            for fields in experts:
+                kernel(x, w, fields, layout, activation, layout.dtype)
+            best = min(best, (time.perf_counter() - began) / len(experts))
+    return best
+
+
+def probe_link(device: torch.device) -> float:
+    """Pinned host-to-device GB/s of back-to-back 4 MiB copies, 64 MiB in all, best of 3."""
+    chunk, count = 4 << 20, 16
+    src = torch.empty((count, chunk), dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty((count, chunk), dtype=torch.uint8, device=device)
+    best = math.inf
+    for _ in range(3):
+        torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        for i in range(count):
+            dst[i].copy_(src[i], non_blocking=True)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - began)
+    return count * chunk / best / 1e9
+
+
+def probe_device(layout: ExpertLayout, device: torch.device) -> float:
+    """Seconds of one expert's two matmuls at 1 token on the device, in the compute dtype, best of 5."""
+    gate_up = torch.randn(layout.gate_up_rows, layout.hidden_size, device=device).to(layout.dtype)
+    down = torch.randn(layout.hidden_size, layout.intermediate_size, device=device).to(layout.dtype)
+    x = torch.randn(1, layout.hidden_size, device=device).to(layout.dtype)
+    best = math.inf
+    for _ in range(6):
+        torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        h = torch.nn.functional.linear(x, gate_up)[:, : layout.intermediate_size]
+        torch.nn.functional.linear(h, down)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+# -- the cache file ----------------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".rates.", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: measure again next time

@@ -1,0 +1,155 @@
+"""Host expert throughput against the machine's memory read bandwidth, and the decode split it buys on traces.
+
+For each expert shape and format, each host kernel (:mod:`offload.kernels.host_experts`) computes synthetic
+experts at 1, 4 and 16 tokens, on a thread running torch with a host worker's share of the intra-op threads
+and with all of them; GB/s is expert bytes read per second (the stored bytes, scales included). The peak is
+the best streaming read of a large fp32 tensor (``torch.sum``) at the same thread counts. Then the simulator, with
+a stated link rate and per-layer compute time, replays the shared traces at a scarce cache with the rule off
+and on (``auto`` at the measured 1-token host rate of the trace's expert shape): hits / copied / on host and
+simulated decode tokens/s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+EXPERT_SHAPES = {  # (hidden, intermediate) of one expert, gated: from the checkpoints' config.json
+    "OLMoE-1B-7B": (2048, 1024),
+    "Qwen3-30B-A3B": (2048, 768),
+    "Mixtral-8x7B": (4096, 14336),
+}
+SMOKE_SHAPES = {"tiny": (64, 96)}
+FORMATS = (
+    ("bf16", "float", 0),
+    ("int8", "int8", 0),
+    ("int4", "int4", 64),
+    ("mxfp4", "mxfp4", 32),
+    ("fp8", "fp8", 128),
+)
+TRACE_SHAPES = {"olmoe": "OLMoE-1B-7B"}  # trace file stem prefix -> the expert shape it routes
+
+
+def read_bandwidth(gib: float = 0.5, repeats: int = 5, torch_threads: int | None = None) -> float:
+    """Bytes/s of a streaming read: torch.sum over ``gib`` GiB of fp32, best of ``repeats``, on a thread of
+    ``torch_threads`` intra-op threads when given (as a host worker runs)."""
+    import torch
+
+    from offload.runtime.host_compute import use_torch_threads
+
+    if torch_threads is not None:
+        with ThreadPoolExecutor(1, initializer=use_torch_threads, initargs=(torch_threads,)) as worker:
+            return worker.submit(read_bandwidth, gib, repeats).result()
+    data = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+    best = math.inf
+    for _ in range(repeats):
+        began = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - began)
+    return data.numel() * 4 / best
+
+
+def thread_counts() -> list[int]:
+    """Intra-op torch threads to measure at: a host worker's share with the default 2 workers, and all."""
+    import torch
+
+    from offload.runtime.host_compute import torch_threads_per_worker
+
+    return sorted({torch_threads_per_worker(2), torch.get_num_threads()})
+
+
+def host_table(
+    shapes: dict[str, tuple[int, int]],
+    repeats: int,
+    torch_threads: list[int],
+    formats: tuple[str, ...] | None = None,
+    token_counts: tuple[int, ...] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per shape, format, host kernel, intra-op thread count and token count (``formats`` and
+    ``token_counts``: a subset of the labels and of the probe's token counts)."""
+    import torch
+    import torch.nn.functional as F
+
+    from offload.kernels import ExpertActivation
+    from offload.kernels.activation import GateTimesUp
+    from offload.kernels.host_experts import host_kernel_candidates
+    from offload.memory.layout import ExpertLayout
+    from offload.runtime import host_rates
+
+    silu = ExpertActivation("silu", True, GateTimesUp(F.silu))
+    rows = []
+    for shape, (hidden, inter) in shapes.items():
+        for label, fmt, group in FORMATS:
+            if formats is not None and label not in formats:
+                continue
+            layout = ExpertLayout(hidden, inter, True, False, torch.bfloat16, format=fmt, group_size=group)
+            count = max(2, min(16, (256 << 20) // layout.nbytes))  # more than a last-level cache holds
+            experts = host_rates.synthetic_experts(layout, count)
+            for kernel, threads, tokens in itertools.product(
+                host_kernel_candidates(layout), torch_threads, token_counts or host_rates.PROBE_TOKENS
+            ):
+                seconds = host_rates.host_seconds(kernel, layout, silu, experts, tokens, repeats, threads)
+                rows.append(
+                    dict(
+                        shape=shape,
+                        format=label,
+                        kernel=kernel,
+                        torch_threads=threads,
+                        tokens=tokens,
+                        expert_bytes=layout.nbytes,
+                        ms=seconds * 1e3,
+                        gbps=layout.nbytes / seconds / 1e9,
+                    )
+                )
+            del experts
+    return rows
+
+
+def decode_split(
+    traces: list[Path], host_rows: list[dict[str, Any]], link_gbps: float, layer_ms: float, fraction: float
+) -> list[dict[str, Any]]:
+    from cache_policies import CopyOrCompute, HostRates, TimingModel, load_trace, simulate
+    from cache_policies.study.sweep_grid import layer_slots
+
+    out = []
+    for path in traces:
+        shape = next((s for prefix, s in TRACE_SHAPES.items() if path.name.startswith(prefix)), None)
+        if shape is None:
+            continue
+        trace = load_trace(path)
+        for label in ("bf16", "int4"):
+            best = max(
+                (r for r in host_rows if r["shape"] == shape and r["format"] == label and r["tokens"] == 1),
+                key=lambda r: r["gbps"],
+                default=None,
+            )
+            if best is None:
+                continue
+            rates = HostRates.flat(link_gbps, best["gbps"])
+            timing = TimingModel(link_gbps, layer_ms / 1e3)
+            slots = layer_slots(fraction, trace.num_experts)
+            for mode in ("off", "auto"):
+                rule = CopyOrCompute(mode, best["expert_bytes"], rates)
+                r = simulate(
+                    trace, "lru", slots, "layer", timing=timing, expert_bytes=best["expert_bytes"], host=rule
+                )
+                out.append(
+                    dict(
+                        trace=path.name,
+                        shape=shape,
+                        format=label,
+                        host_kernel=best["kernel"],
+                        host_gbps=best["gbps"],
+                        host=mode,
+                        hits=r.hits,
+                        copied=r.misses,
+                        on_host=r.host_computed,
+                        accesses=r.accesses,
+                        tokens_per_s=r.tokens_per_s,
+                    )
+                )
+    return out
