@@ -32,14 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
         description="Run a Hugging Face MoE checkpoint whose experts do not fit in the VRAM budget. "
-        "With no --model, runs the embedded random-weight demo.",
+        "With no --model, runs the demo: the reference MoE trained on Python source (data/models/reference-moe).",
     )
     p.add_argument(
         "--model", help="checkpoint directory, or a hub id already in the local Hugging Face cache"
     )
     p.add_argument("--vram-budget", help="device memory the runtime may use, e.g. 12GB, 12GiB, 800MB, 1.5G")
     p.add_argument("--prompt", help="text to continue (default: a fixed demo sentence)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default 48)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 48; the demo, 96)")
     p.add_argument("--policy", default="lru", help="expert cache policy (default lru)")
     p.add_argument(
         "--prefetch",
@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="expert compute: auto (Triton on CUDA, torch on CPU), triton, or the torch reference",
     )
     p.add_argument(
-        "--max-context", type=int, default=4096, help="KV-cache tokens the budget reserves (default 4096)"
+        "--max-context",
+        type=int,
+        help="KV-cache tokens the budget reserves (default 4096; the demo, its model's 256 positions)",
     )
     p.add_argument(
         "--quantize",
@@ -81,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--host-memory-limit", help="host RAM the model may take, e.g. 48GB (default: what is available)"
     )
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        help="divide the logits of tokens already in the text by this (default 1, none; the demo, 1.3)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
     p.add_argument(
         "--list-architectures",
@@ -119,13 +126,14 @@ def _run(args: argparse.Namespace) -> int:
 
     import offload
     from offload.config import OffloadConfig
-    from offload.hf.demo import DEMO_CACHE_FRACTION, DEMO_PROMPT, demo_checkpoint
+    from offload.hf import demo as demo_model
     from offload.hf.generation import generate_timed, load_tokenizer
     from offload.hf.load import load_offloaded
     from offload.hf.skeleton import survey_checkpoint
     from offload.runtime.budget import budget_for_slots, plan_budget
 
     demo = args.model is None
+    _defaults(args, demo)
     options: dict[str, Any] = dict(
         device=args.device,
         dtype=args.dtype,
@@ -143,35 +151,46 @@ def _run(args: argparse.Namespace) -> int:
         host_memory_limit=args.host_memory_limit,
     )
     if demo:
-        print(
-            "Demo: a random-weight Mixtral-architecture model (8 MoE layers x 8 experts, top-2).",
-            file=sys.stderr,
-        )
-        print(
-            "The weights are random, so the generated text is noise; the offloading is real.", file=sys.stderr
-        )
-        model_path = str(demo_checkpoint())
+        model_path = str(demo_model.demo_checkpoint())
     else:
         model_path = args.model
     # A dense model or too small a budget fails here, before the tokenizer or any weight is read.
     settings = OffloadConfig.create(1, **options)  # every option but the budget, validated
     model_survey = survey_checkpoint(model_path, settings.dtype, settings)
     if args.vram_budget is None:  # the demo: a budget for about a quarter of its experts
-        slots = max(model_survey.top_k, round(DEMO_CACHE_FRACTION * model_survey.total_experts))
+        slots = max(model_survey.top_k, round(demo_model.DEMO_CACHE_FRACTION * model_survey.total_experts))
         args.vram_budget = str(budget_for_slots(model_survey, settings, slots))
     config = OffloadConfig.create(args.vram_budget, **options)
     plan_budget(model_survey, config)
     tokenizer = load_tokenizer(model_path)
-    inputs = tokenizer(args.prompt if args.prompt is not None else DEMO_PROMPT, return_tensors="pt")
+    inputs = tokenizer(
+        args.prompt if args.prompt is not None else demo_model.DEMO_PROMPT, return_tensors="pt"
+    )
     prompt_tokens = int(inputs["input_ids"].shape[1])
     if prompt_tokens + args.max_new_tokens > args.max_context:
         raise UsageError(
             f"prompt ({prompt_tokens} tokens) plus --max-new-tokens ({args.max_new_tokens}) exceeds "
             f"--max-context ({args.max_context})"
         )
+    if demo:  # said once the input is known to be good: an error stays one line
+        print(
+            f"Demo: {model_path}, a small Qwen3-MoE (6 MoE layers x 16 experts, top-4) trained on the Python "
+            "standard library; it writes Python-like text, greedily with a repetition penalty of "
+            f"{args.repetition_penalty:g}.",
+            file=sys.stderr,
+        )
     torch.manual_seed(args.seed)
     model = load_offloaded(model_path, config)
-    result = generate_timed(model, tokenizer, inputs.to(model.device), args.max_new_tokens, args.temperature)
+    if demo:  # the continuation reads as one piece of code with its prompt in front
+        print(args.prompt if args.prompt is not None else demo_model.DEMO_PROMPT, end="", flush=True)
+    result = generate_timed(
+        model,
+        tokenizer,
+        inputs.to(model.device),
+        args.max_new_tokens,
+        args.temperature,
+        args.repetition_penalty,
+    )
     stats = offload.stats(model)
     print(_summary(result, stats), file=sys.stderr)
     if args.record_trace is not None:
@@ -179,6 +198,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.stats_json is not None:
         _write_json(args.stats_json, {"model": model_path, "demo": demo, **result, **stats.as_dict()})
     return 0
+
+
+def _defaults(args: argparse.Namespace, demo: bool) -> None:
+    """Fill the options whose default depends on whether this is the demo."""
+    from offload.hf import demo as demo_model
+
+    if args.max_new_tokens is None:
+        args.max_new_tokens = demo_model.DEMO_NEW_TOKENS if demo else 48
+    if args.repetition_penalty is None:
+        args.repetition_penalty = demo_model.DEMO_REPETITION_PENALTY if demo else 1.0
+    if args.max_context is None:  # the demo model has 256 positions: reserving more KV cache would be waste
+        args.max_context = demo_model.demo_max_context(demo_model.demo_checkpoint()) if demo else 4096
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -191,12 +222,14 @@ def _validate(args: argparse.Namespace) -> None:
                 parse_size(size)
             except ValueError as exc:
                 raise UsageError(f"{flag}: {exc}") from None
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.max_context < 1:
+    if args.max_context is not None and args.max_context < 1:
         raise UsageError(f"--max-context must be at least 1, got {args.max_context}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be 0 or more, got {args.temperature}")
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        raise UsageError(f"--repetition-penalty must be positive, got {args.repetition_penalty}")
     for flag, path in (("--stats-json", args.stats_json), ("--record-trace", args.record_trace)):
         if path is not None:
             parent = path.expanduser().resolve().parent

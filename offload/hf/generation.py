@@ -46,12 +46,21 @@ class TimedStreamer:
 
 
 def generate_timed(
-    model: Any, tokenizer: Any, inputs: Any, max_new_tokens: int, temperature: float = 0.0
+    model: Any,
+    tokenizer: Any,
+    inputs: Any,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    repetition_penalty: float = 1.0,
 ) -> dict[str, Any]:
     """``model.generate`` streamed to stdout (greedy at temperature 0), with prefill and decode timed apart."""
     prompt_tokens = int(inputs["input_ids"].shape[1])
     streamer = TimedStreamer(tokenizer)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    sampling: dict[str, Any] = (
+        {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    )
+    if repetition_penalty != 1.0:
+        sampling["repetition_penalty"] = repetition_penalty
     start = time.perf_counter()
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
