@@ -43,10 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="lru", help="expert cache policy (default lru)")
     p.add_argument(
         "--prefetch",
-        choices=("none", "history", "lookahead"),
+        choices=("none", "history", "lookahead", "pre-attention"),
         default="none",
-        help="fetch the next layer's experts while this one computes: lookahead (its router on this layer's "
-        "input), history (its recently used experts), or none (default)",
+        help="fetch a layer's experts before it needs them: pre-attention (its own router on its input, "
+        "copied while its attention runs), lookahead (the next layer's router on this layer's MoE input), "
+        "history (the next layer's recently used experts), or none (default)",
     )
     p.add_argument(
         "--cache-scope", choices=("global", "layer"), default="global", help="one cache or one per layer"
