@@ -44,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefetch",
         choices=("none", "history", "lookahead", "pre-attention"),
-        default="none",
         help="fetch a layer's experts before it needs them: pre-attention (its own router on its input, "
         "copied while its attention runs), lookahead (the next layer's router on this layer's MoE input), "
-        "history (the next layer's recently used experts), or none (default)",
+        "history (the next layer's recently used experts), or none (default; the demo: pre-attention, which "
+        "measured best on its model, docs/prediction.md)",
     )
     p.add_argument(
         "--cache-scope", choices=("global", "layer"), default="global", help="one cache or one per layer"
@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"Demo: {model_path}, a small Qwen3-MoE (6 MoE layers x 16 experts, top-4) trained on the Python "
             "standard library; it writes Python-like text, greedily with a repetition penalty of "
-            f"{args.repetition_penalty:g}.",
+            f"{args.repetition_penalty:g}; --prefetch {args.prefetch}.",
             file=sys.stderr,
         )
     torch.manual_seed(args.seed)
@@ -207,6 +207,8 @@ def _defaults(args: argparse.Namespace, demo: bool) -> None:
 
     if args.max_new_tokens is None:
         args.max_new_tokens = demo_model.DEMO_NEW_TOKENS if demo else 48
+    if args.prefetch is None:
+        args.prefetch = demo_model.DEMO_PREFETCH if demo else "none"
     if args.repetition_penalty is None:
         args.repetition_penalty = demo_model.DEMO_REPETITION_PENALTY if demo else 1.0
     if args.max_context is None:  # the demo model has 256 positions: reserving more KV cache would be waste
@@ -262,7 +264,8 @@ def _summary(result: dict[str, Any], stats: Any) -> str:
             *(
                 [
                     f"prefetch: {stats.prefetch_issued} issued, {stats.prefetch_used} used in time, "
-                    f"{stats.prefetch_late} late, {stats.prefetch_wasted} wasted",
+                    f"{stats.prefetch_late} late, {stats.prefetch_wasted} wasted; guesses named "
+                    f"{stats.prefetch_recall or 0:.1%} of the experts used",
                 ]
                 if stats.prefetch_issued
                 else []
