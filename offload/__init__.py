@@ -24,6 +24,7 @@ _EXPORTS = {
     "OffloadConfig": "offload.config",
     "BudgetError": "offload.errors",
     "CheckpointError": "offload.errors",
+    "HostMemoryError": "offload.errors",
     "OffloadError": "offload.errors",
     "UnsupportedModelError": "offload.errors",
     "OffloadStats": "offload.offload_stats",
@@ -34,6 +35,7 @@ __all__ = [
     "BudgetError",
     "BudgetPlan",
     "CheckpointError",
+    "HostMemoryError",
     "OffloadConfig",
     "OffloadError",
     "OffloadStats",
@@ -51,7 +53,13 @@ __all__ = [
 if TYPE_CHECKING:
     from offload.api import close, from_pretrained, override_routing, routing_trace, stats, wrap
     from offload.config import OffloadConfig
-    from offload.errors import BudgetError, CheckpointError, OffloadError, UnsupportedModelError
+    from offload.errors import (
+        BudgetError,
+        CheckpointError,
+        HostMemoryError,
+        OffloadError,
+        UnsupportedModelError,
+    )
     from offload.offload_stats import OffloadStats
     from offload.runtime.budget import BudgetPlan
     from offload.units import format_size, parse_size

@@ -82,6 +82,7 @@ class OffloadConfig:
     quantize_group: int = 64  # int4: input columns per scale and zero point
     dequantize: bool = False  # MXFP4/FP8 checkpoints: expand the experts to the compute dtype
     host_memory_limit: int | None = None  # bytes of host RAM the model may take; None: what is available
+    store_cache: bool = True  # keep a quantized store on disk (offload.user_cache) and read it next time
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

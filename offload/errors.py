@@ -15,6 +15,14 @@ class BudgetError(OffloadError):
         self.minimum_bytes = minimum_bytes
 
 
+class HostMemoryError(OffloadError):
+    """The host store and the load's peak do not fit in the host RAM available (or allowed)."""
+
+    def __init__(self, message: str, needed_bytes: int) -> None:
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
+
+
 class CheckpointError(OffloadError):
     """The checkpoint is missing, truncated, corrupt, or not in safetensors format."""
 

@@ -29,6 +29,9 @@ class OffloadStats:
     stall_seconds: float = 0.0  # time compute waited for copies to land
     expert_format: str = ""  # how experts are stored: bf16, fp16, fp32, int8, int4, mxfp4, fp8
     expert_bytes: int = 0  # bytes of one expert, in the host store and in a slot (scales included)
+    store_source: str = (
+        ""  # quantized experts: quantized while loading, or read from the compressed-store cache
+    )
 
     @property
     def expert_uses(self) -> int:

@@ -15,9 +15,12 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from cache_policies.study.presets import PresetParser
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line (``prog: error: ...``) and exit code 2, like every error of the CLI."""
+
+class _Parser(PresetParser):
+    """Usage errors as one line (``prog: error: ...``) and exit code 2, like every error of the CLI; a
+    subcommand with ``--config`` (sweep) reads its TOML preset."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")

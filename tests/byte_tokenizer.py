@@ -1,10 +1,17 @@
 """A byte-level tokenizer for tiny test checkpoints: 256 byte tokens plus <s>, </s>, <pad>; any text
-round-trips, so the CLI can encode a prompt and stream text from a random tiny model."""
+round-trips, so the CLI can encode a prompt and stream text from a random tiny model; and a chat template
+for it, for the server's chat endpoint."""
 
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+# Each message between <s> and </s>, its role on the first line; the reply opens with "<s>assistant".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

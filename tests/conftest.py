@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,6 +72,20 @@ TINY_ARCHS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
         eos_token_id=2,
     ),
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tests write the user cache (compressed stores, machine probes) to a folder of their own, never the
+    user's; subprocesses inherit it."""
+    folder = tmp_path_factory.mktemp("user-cache")
+    previous = os.environ.get("MOE_OFFLOAD_CACHE")
+    os.environ["MOE_OFFLOAD_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("MOE_OFFLOAD_CACHE", None)
+    else:
+        os.environ["MOE_OFFLOAD_CACHE"] = previous
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -21,6 +21,7 @@ LAYERS = {
     "offload.units": "base",
     "offload.offload_stats": "base",
     "offload.config": "base",
+    "offload.user_cache": "base",
     "offload.memory": "memory",
     "offload.kernels": "compute",
     "offload.runtime": "scheduling",

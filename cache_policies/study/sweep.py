@@ -8,6 +8,8 @@ both scopes get the same device memory. Belady, the offline optimum, is always r
 reported as a share of its hit rate. Writes ``sweep.csv``, ``sweep.md`` and ``sweep.png`` into ``--out``.
 With ``--copy-gbps`` and ``--layer-compute-ms`` (and the expert size, from the trace or ``--expert-bytes``)
 the CSV also gets simulated tokens/s and stall fraction (the timing model of :mod:`cache_policies.study.simulator`).
+``--format int4`` (or int8, mxfp4, fp8) counts each expert in that format's bytes instead of the trace's 16-bit
+size, and names the trace ``<label>-int4`` in the outputs.
 
 ``--prefetch none,history`` runs every policy once per prefetch mode (``history``: the history predictor of
 ``--history-window`` accesses, by the runtime's protocol, see :mod:`cache_policies.study.simulator`); the tables
@@ -18,6 +20,10 @@ Everything is validated (traces read, policies and fractions checked) before any
 files are written to a temporary directory and moved into place at the end, so a failed sweep leaves
 ``--out`` as it was. Bad input: one line on stderr and exit code 2. The plot needs matplotlib (the ``plot``
 extra); without it the sweep writes the CSV and the tables and says so.
+
+``--config FILE`` reads a sweep grid from TOML whose keys are the long options (``trace = ["a.jsonl"]``,
+``policies = "lru,lfu,lfru"``, ``cache-fractions = "0.125,0.25"``): the grids in ``configs/sweeps/``. Options
+on the command line win.
 """
 
 from __future__ import annotations
@@ -26,15 +32,18 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
 from cache_policies.cache import Scope
 from cache_policies.registry import POLICIES
 from cache_policies.study.access import AccessSequence, expert_counts
+from cache_policies.study.expert_formats import BYTES_PER_WEIGHT, expert_bytes_in
 from cache_policies.study.importers import load_trace
+from cache_policies.study.presets import PresetParser, add_config_option
 from cache_policies.study.simulator import SimPrefetch, TimingModel, check_prefetch
-from cache_policies.study.sweep_grid import CapacityError, check_capacities, load_traces, sweep
+from cache_policies.study.sweep_grid import CapacityError, LoadedTrace, check_capacities, load_traces, sweep
 from cache_policies.study.sweep_report import write_outputs
 from cache_policies.study.trace import TraceError
 
@@ -46,7 +55,7 @@ class UsageError(ValueError):
     """Bad command-line input."""
 
 
-class OneLineParser(argparse.ArgumentParser):
+class OneLineParser(PresetParser):
     """argparse that reports a usage error as one line (``prog: error: ...``) and exits with code 2."""
 
     def error(self, message: str) -> NoReturn:
@@ -54,6 +63,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_option(parser)  # a sweep grid in TOML: configs/sweeps/
     parser.add_argument(
         "--trace", action="append", required=True, metavar="FILE", help="routing trace (repeatable)"
     )
@@ -79,6 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--expert-bytes", type=int, metavar="N", help="bytes of one expert (overrides the traces' own)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=tuple(BYTES_PER_WEIGHT),
+        default="bf16",
+        help="how experts are stored: bytes moved and simulated tokens/s count the expert in this format, "
+        "from the trace's 16-bit expert size (default bf16: as recorded)",
     )
     parser.add_argument(
         "--copy-gbps",
@@ -113,6 +130,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def in_format(t: LoadedTrace, fmt: str) -> LoadedTrace:
+    """The trace with its expert size in ``fmt`` (unchanged for bf16 or an unknown size)."""
+    if fmt == "bf16" or t.trace.expert_bytes is None:
+        return t
+    trace = replace(t.trace, expert_bytes=expert_bytes_in(fmt, t.trace.expert_bytes))
+    return replace(t, label=f"{t.label}-{fmt}", trace=trace)
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "offload-bench sweep") -> int:
     parser = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0] if __doc__ else None)
     add_arguments(parser)
@@ -133,7 +158,7 @@ def run(args: argparse.Namespace, prog: str = "offload-bench sweep") -> int:
         timing = parse_timing(args.copy_gbps, args.layer_compute_ms)
         if args.expert_bytes is not None and args.expert_bytes < 1:
             raise UsageError(f"--expert-bytes must be positive, got {args.expert_bytes}")
-        traces = load_traces(args.trace, args.expert_bytes)
+        traces = [in_format(t, args.format) for t in load_traces(args.trace, args.expert_bytes)]
         profile = None if args.static_profile is None else load_trace(args.static_profile)
         for t in traces:
             check_capacities(t, fractions)

@@ -1,1 +1,1 @@
-"""Command-line entry points: offload-run and offload-bench."""
+"""Command-line entry points: offload-run, offload-serve (and offload-bench, in offload_bench)."""

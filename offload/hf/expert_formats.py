@@ -48,9 +48,6 @@ _FP8_ROLE = {
 _MXFP4_KEY = re.compile(r"\.experts\.(gate_up_proj|down_proj)_(blocks|scales)$")
 
 
-NATIVE_FORMATS = ("mxfp4", "fp8")
-
-
 def with_format(
     model_survey: ModelSurvey, config: OffloadConfig, hf_config: PretrainedConfig | None
 ) -> ModelSurvey:

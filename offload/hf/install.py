@@ -21,6 +21,7 @@ from offload.hf.expert_formats import with_format
 from offload.hf.experts import OffloadedExperts
 from offload.hf.survey import expert_param_names, survey
 from offload.runtime.budget import plan_budget
+from offload.runtime.host_plan import check_host_memory
 from offload.runtime.router_predictors import LookaheadPredictor, PreAttentionPredictor
 from offload.runtime.runtime import OffloadRuntime
 
@@ -38,9 +39,13 @@ def new_runtime(
 ) -> OffloadRuntime:
     """Survey ``model`` (meta or loaded), check the budget, and allocate its runtime; no weight moves yet.
     The experts' storage format is part of the survey: slots are counted in it. ``reading``: the weights are
-    still to be read from the checkpoint (a quantized one's experts can then be kept in its format)."""
+    still to be read from the checkpoint (a quantized one's experts can then be kept in its format), so host
+    RAM is checked too before any is."""
     model_survey = with_format(survey(model, dtype), config, model.config if reading else None)
-    return OffloadRuntime(config, model_survey, plan_budget(model_survey, config), model_name=model_name)
+    budget = plan_budget(model_survey, config)
+    if reading:
+        check_host_memory(model_survey, config, budget.planned_bytes)
+    return OffloadRuntime(config, model_survey, budget, model_name=model_name)
 
 
 def take_over_experts(

@@ -35,11 +35,14 @@ from transformers.utils.loading_report import LoadStateDictInfo
 from offload.config import OffloadConfig
 from offload.errors import CheckpointError, UnsupportedModelError
 from offload.hf.checkpoint import Checkpoint, close_shards, open_shards, resolve
-from offload.hf.expert_formats import NATIVE_FORMATS, canonical_biases, is_native_key, pack_layer
+from offload.hf.expert_formats import canonical_biases, is_native_key, pack_layer
 from offload.hf.install import RUNTIME_ATTR, attach_runtime, new_runtime, take_over_experts
 from offload.hf.skeleton import build_skeleton
+from offload.memory.formats import NATIVE_FORMATS
 from offload.memory.host_memory import release_freed_host_memory
+from offload.memory.store_cache import StoreCache
 from offload.runtime.runtime import OffloadRuntime
+from offload.user_cache import user_cache_dir
 
 
 def load_offloaded(name_or_path: str, config: OffloadConfig, progress: bool = True) -> PreTrainedModel:
@@ -112,12 +115,18 @@ def _load_weights(
 
     layout = runtime.survey.layout
     native = layout.format if layout.format in NATIVE_FORMATS else None
-    with _quiet_transformers_progress():
+    cache = _store_cache(checkpoint, runtime)
+    with _quiet_transformers_progress(), _dropped_on_failure(cache):
         bar = tqdm(layer_names, desc="Loading experts", unit="layer", disable=not progress)
         for layer, name in enumerate(bar):
+            if cache is not None and cache.state == "read":  # every field of the layer: no expert key read
+                take_over_experts(model, runtime, layer, name, packed=layout.views(cache.read_layer(layer)))
+                continue
             # A checkpoint's own MXFP4/FP8 expert bytes are read as they are; transformers loads the rest.
-            kept = [k for k in by_layer[layer] if native is not None and is_native_key(k, native)]
-            others = [k for k in by_layer[layer] if k not in set(kept)]
+            kept: list[str] = []
+            others: list[str] = []
+            for key in by_layer[layer]:
+                (kept if native is not None and is_native_key(key, native) else others).append(key)
             info, _ = convert_and_load_state_dict_in_model(model, slices(others), chunk_config("cpu"))
             _raise_on_errors(info, checkpoint)
             packed = None
@@ -129,16 +138,53 @@ def _load_weights(
                     raise CheckpointError(f"checkpoint {checkpoint.directory}: {exc.args[0]}") from None
                 packed.update(canonical_biases(model.get_submodule(name), layout))
             take_over_experts(model, runtime, layer, name, packed=packed)
+            if cache is not None:
+                cache.write_layer(layer, runtime.store.layer_bytes(layer))
             release_freed_host_memory()
         load_config = chunk_config(runtime.config.device)
         info, _ = convert_and_load_state_dict_in_model(model, slices(rest), load_config)
         info = type(model)._finalize_model_loading(model, load_config, info)
+        if cache is not None:
+            cache.commit()
+            runtime.store_source = cache.describe()
     _raise_on_errors(info, checkpoint, check_missing=True)
     on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:
         raise CheckpointError(
             f"checkpoint {checkpoint.directory} left {len(on_meta)} tensors unloaded, e.g. {on_meta[0]}"
         )
+
+
+def _store_cache(checkpoint: Checkpoint, runtime: OffloadRuntime) -> StoreCache | None:
+    """The compressed-store cache of this load: only experts quantized while loading are worth caching
+    (float and native formats are read from the checkpoint as fast as from a cache)."""
+    config, model_survey = runtime.config, runtime.survey
+    if config.quantize is None or not config.store_cache:
+        return None
+    files = []
+    for path in checkpoint.files:
+        stat = path.stat()
+        files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    layout = model_survey.layout
+    identity = {
+        "files": files,
+        "format": layout.format,
+        "group": layout.group_size,
+        "dtype": str(layout.dtype),
+    }
+    root = user_cache_dir("stores")
+    return StoreCache.open(root, identity, layout, model_survey.num_layers, model_survey.num_experts)
+
+
+@contextmanager
+def _dropped_on_failure(cache: StoreCache | None):
+    """A load that fails leaves no half-written store behind."""
+    try:
+        yield
+    except BaseException:
+        if cache is not None:
+            cache.abort()
+        raise
 
 
 def _route_keys(

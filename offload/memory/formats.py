@@ -33,6 +33,7 @@ import torch
 
 FORMATS = ("float", "int8", "int4", "mxfp4", "fp8")
 QUANTIZE_FORMATS = ("int8", "int4")  # what full-precision experts can be quantized to while loading
+NATIVE_FORMATS = ("mxfp4", "fp8")  # kept as a quantized checkpoint stores them
 DEFAULT_INT4_GROUP = 64
 MXFP4_BLOCK = 32
 # FP4 e2m1 values by code (bit 3 is the sign), as the OCP microscaling spec and gpt-oss define them.

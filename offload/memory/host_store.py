@@ -73,12 +73,16 @@ class HostExpertStore:
             self.pin = False
         return flat.view(self.num_experts, -1)
 
-    def expert(self, layer: int, expert: int) -> torch.Tensor:
-        """uint8 ``[nbytes]``: the bytes one copy moves."""
+    def layer_bytes(self, layer: int) -> torch.Tensor:
+        """uint8 ``[experts, nbytes]``: one layer as stored (what the compressed-store cache writes)."""
         buffer = self._layers[layer]
         if buffer is None:
             raise RuntimeError(f"MoE layer {layer} has not been loaded into the host store")
-        return buffer[expert]
+        return buffer
+
+    def expert(self, layer: int, expert: int) -> torch.Tensor:
+        """uint8 ``[nbytes]``: the bytes one copy moves."""
+        return self.layer_bytes(layer)[expert]
 
     def views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         return self.layout.views(self.expert(layer, expert))

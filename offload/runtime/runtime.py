@@ -33,6 +33,9 @@ class OffloadRuntime:
     ) -> None:
         self.config = config
         self.model_name = model_name
+        self.store_source = (
+            ""  # how the loader filled the host store, for the summary (compressed-store cache)
+        )
         self.survey = survey
         self.budget = budget
         device = config.device
@@ -151,6 +154,7 @@ class OffloadRuntime:
             stall_seconds=self.engine.stall_seconds,
             expert_format=self.survey.layout.format_name,
             expert_bytes=self.survey.layout.nbytes,
+            store_source=self.store_source,
         )
 
 

@@ -168,6 +168,26 @@ def test_timing_columns(tmp_path: Path, traces: list[Path], capsys: pytest.Captu
         assert float(row["stall_fraction"]) == pytest.approx(copy_s / total_s, abs=1e-4)
 
 
+@pytest.mark.parametrize(("fmt", "per_weight"), [("int4", 0.5625), ("mxfp4", 0.53125), ("int8", 1.0)])
+def test_format_counts_compressed_expert_bytes(
+    fmt: str, per_weight: float, tmp_path: Path, traces: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--format: bytes moved and simulated time count the expert in that format, hits unchanged."""
+    argv = ["--trace", str(traces[0]), "--policies", "lru", "--scope", "layer", "--cache-fractions", "0.25"]
+    argv += ["--expert-bytes", "4000000", "--copy-gbps", "10", "--layer-compute-ms", "2"]
+    code, _, err = run([*argv, "--out", str(tmp_path / "bf16")], capsys)
+    assert code == 0, err
+    code, _, err = run([*argv, "--format", fmt, "--out", str(tmp_path / fmt)], capsys)
+    assert code == 0, err
+    full, packed = read_csv(tmp_path / "bf16" / "sweep.csv"), read_csv(tmp_path / fmt / "sweep.csv")
+    assert len(full) == len(packed)
+    for a, b in zip(full, packed, strict=True):
+        assert b["trace"] == f"{a['trace']}-{fmt}"
+        assert a["misses"] == b["misses"]
+        assert int(b["bytes_moved"]) == int(a["misses"]) * round(2_000_000 * per_weight)
+        assert float(b["tokens_per_s"]) >= float(a["tokens_per_s"])
+
+
 def test_prefetch_modes(tmp_path: Path, traces: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     argv = ["--trace", str(traces[0]), "--trace", str(traces[1]), "--policies", "lru,fifo,belady"]

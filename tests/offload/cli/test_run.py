@@ -16,20 +16,7 @@ from offload.config import OffloadConfig
 from offload.hf.demo import DEMO_NEW_TOKENS, DEMO_PROMPT
 from offload.hf.skeleton import survey_checkpoint
 from offload.runtime.budget import budget_for_slots
-from tests.byte_tokenizer import byte_tokenizer
-from tests.conftest import TINY_ARCHS, save_tiny
-
-
-@pytest.fixture(scope="module")
-def cli_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Mixtral with a byte tokenizer, so the CLI can encode a prompt and stream text."""
-    directory = tmp_path_factory.mktemp("cli") / "mixtral"
-    config = TINY_ARCHS["mixtral"]()
-    tokenizer = byte_tokenizer()
-    config.vocab_size = len(tokenizer)
-    save_tiny(config, directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+from tests.conftest import save_tiny
 
 
 def budget_for(path: Path, slots: int, max_context: int, dtype: str | None = None) -> str:

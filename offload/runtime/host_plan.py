@@ -1,0 +1,109 @@
+"""Host RAM, planned before a byte of a checkpoint is read (invariant *planned-memory*).
+
+A load needs, at its peak::
+
+    host store (every expert, in the store's format)
+    + one MoE layer in flight (its experts in full precision as transformers converts them, and the same
+      layer packed, before the full-precision copy is freed)
+    + on a CPU device, everything the device budget plans (resident weights, KV cache, workspace, slots)
+
+It is compared with what psutil says is available and with ``host_memory_limit`` when given. Non-expert
+weights bound for a GPU pass through host RAM one tensor at a time and are not counted; nor is the Python
+process itself (a few hundred MB): keep that much headroom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import psutil
+
+from offload.config import OffloadConfig
+from offload.errors import HostMemoryError
+from offload.memory.formats import NATIVE_FORMATS
+from offload.memory.layout import ExpertLayout
+from offload.runtime.model_survey import ModelSurvey
+from offload.units import format_size
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    store_bytes: int  # every expert, in the store's format
+    loading_bytes: int  # one MoE layer in flight while loading
+    device_bytes: int  # what the device budget plans, when the device is the CPU (else 0)
+    format_name: str
+
+    @property
+    def total_bytes(self) -> int:
+        return self.store_bytes + self.loading_bytes + self.device_bytes
+
+    def describe(self) -> str:
+        parts = [f"experts {format_size(self.store_bytes)} in {self.format_name}"]
+        parts.append(f"one layer being loaded {format_size(self.loading_bytes)}")
+        if self.device_bytes:
+            parts.append(f"the CPU device's budget {format_size(self.device_bytes)}")
+        return ", ".join(parts)
+
+
+def plan_host(model_survey: ModelSurvey, device_bytes: int) -> HostPlan:
+    """Host RAM of loading ``model_survey`` (its layout in the store's format); ``device_bytes``: the planned
+    device memory when that device is the CPU, else 0."""
+    layout = model_survey.layout
+    one_layer = model_survey.num_experts * layout.nbytes
+    if layout.format == "float":  # the converted layer, copied into the store and freed
+        in_flight = one_layer
+    elif layout.format in NATIVE_FORMATS:  # the checkpoint's bytes as read, and the same layer packed
+        in_flight = 2 * one_layer
+    else:  # quantized while loading: the layer converted to full precision, and packed beside it
+        in_flight = model_survey.num_experts * _full_precision(layout).nbytes + one_layer
+    return HostPlan(
+        store_bytes=model_survey.total_experts * layout.nbytes,
+        loading_bytes=in_flight,
+        device_bytes=device_bytes,
+        format_name=layout.format_name,
+    )
+
+
+def check_host_memory(
+    model_survey: ModelSurvey, config: OffloadConfig, device_bytes: int, available: int | None = None
+) -> HostPlan:
+    """The load's host plan, or a :class:`HostMemoryError` in one line: what is needed, what is available, and
+    the smallest format that would fit. ``available``: bytes free (default: psutil's ``available``)."""
+    plan = plan_host(model_survey, device_bytes if config.device.type == "cpu" else 0)
+    free = psutil.virtual_memory().available if available is None else available
+    limit = free if config.host_memory_limit is None else min(free, config.host_memory_limit)
+    if plan.total_bytes <= limit:
+        return plan
+    what = (
+        f"{format_size(limit)} available"
+        if config.host_memory_limit is None or config.host_memory_limit > free
+        else f"host_memory_limit is {format_size(limit)}"
+    )
+    message = f"host RAM: the model needs {format_size(plan.total_bytes)} ({plan.describe()}), {what}"
+    raise HostMemoryError(message + _what_would_fit(model_survey, config, plan, limit), plan.total_bytes)
+
+
+def _what_would_fit(model_survey: ModelSurvey, config: OffloadConfig, plan: HostPlan, limit: int) -> str:
+    layout = model_survey.layout
+    if layout.format in ("mxfp4", "fp8", "int4"):
+        return "; no smaller expert format exists: free RAM or use a machine with more"
+    if layout.format == "float" and config.dequantize:
+        return "; without dequantize (--dequantize) the checkpoint's own format is smaller"
+    options = [("int8", 0), ("int4", config.quantize_group)]
+    if layout.format == "int8":
+        options = options[1:]
+    needs = []
+    for name, group in options:
+        smaller = replace(model_survey, layout=replace(layout, format=name, group_size=group))
+        candidate = plan_host(smaller, plan.device_bytes)
+        needs.append((name, candidate.total_bytes))
+        if candidate.total_bytes <= limit:
+            break
+    name, need = needs[-1]
+    verdict = "it needs" if need <= limit else "it would still need"
+    return f"; with quantize='{name}' (--quantize {name}) {verdict} {format_size(need)}"
+
+
+def _full_precision(layout: ExpertLayout) -> ExpertLayout:
+    """The layout of the same expert in the compute dtype: how transformers hands a layer to the store."""
+    return layout if layout.format == "float" else replace(layout, format="float", group_size=0)
