@@ -53,7 +53,7 @@ class HistoryPredictor:
         return Guess(target, self.predict(target, count))
 
 
-PREFETCH_MODES = ("none", "history", "lookahead")
+PREFETCH_MODES = ("none", "history", "lookahead", "pre-attention")
 
 
 def next_layer(layer: int, num_layers: int, wrap: bool) -> int | None:

@@ -3,11 +3,14 @@ with the same prefetches (invariant *same-decisions*, docs/architecture.md).
 
 For every layer access, in order::
 
+    prefetch = prefetcher.before_layer(layer, hint)   only a predictor that guesses a layer before it runs
+        guess = predictor.guess(layer, top_k, hint)         (pre-attention: the layer's own router, before
+        cache.prefetch(guess.layer, guess.experts, ...)      its attention), and its copies overlap that attention
     plan = cache.access(layer, experts)             the caller: demand hits and misses
     prefetcher.settle(plan, landed)                 the prefetched experts this access found: in time or late
     ...                                             the caller issues the access's demand copies
     prefetch = prefetcher.after_access(layer, experts, plan, hint)
-        predictor.observe(layer, experts)
+        predictor.observe(layer, experts); the guess made for this access is scored (``score``)
         only after a single-wave access (a multi-wave prefill access reuses the slots in its later waves):
         guess = predictor.guess(layer, top_k, hint)         which experts of which layer, or nothing
         cache.prefetch(guess.layer, guess.experts, running_layer=layer, running=experts)
@@ -21,7 +24,8 @@ Counters: ``issued`` experts copied in by prefetches (never counted as demand mi
 were found resident by a demand access with their copy landed, ``late`` were found while their copy was
 still in flight, and ``wasted`` were evicted before any access used them. ``landed`` tells, for an expert of
 the planned layer, whether its copy has landed: the copy engine's answer in the runtime, the timing model's
-in the simulator; without one (a simulation with no timing model) nothing counts as late.
+in the simulator; without one (a simulation with no timing model) nothing counts as late. ``score``
+(:class:`cache_policies.guess_score.GuessScore`) has each layer's recall and precision of the guesses.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cache_policies.cache import AccessPlan, ExpertCache, Prefetch
+from cache_policies.guess_score import GuessScore
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +52,9 @@ class Predictor(Protocol):
 
     def guess(self, layer: int, count: int, hint: Any) -> Guess | None:
         """Up to about ``count`` experts a coming layer will use, guessed while ``layer`` runs; ``hint`` is what
-        the caller has (the runtime: the hidden state entering ``layer``'s experts)."""
+        the caller has (the runtime: the host copy of the ids a router predictor computed). Called after each
+        access, and before each layer runs when the caller has a hint then (pre-attention); a predictor
+        answers None where it has nothing to say."""
 
 
 class Prefetcher:
@@ -58,6 +65,7 @@ class Prefetcher:
         self.predictor = predictor
         self.top_k = top_k
         self.late = 0
+        self.score = GuessScore(cache.num_layers)
 
     def settle(self, plan: AccessPlan, landed: Callable[[int], bool] | None) -> None:
         """Count the prefetched experts ``plan`` found resident whose copy had not landed yet."""
@@ -69,12 +77,26 @@ class Prefetcher:
     ) -> Prefetch | None:
         """Observe the access, then guess and reserve slots for the guess; None when nothing is to copy."""
         self.predictor.observe(layer, experts)
+        self.score.access(layer, experts)
         if len(plan.waves) != 1:
             return None
         guess = self.predictor.guess(layer, self.top_k, hint)
         if guess is None:
             return None
+        if guess.experts:  # an empty guess abstains (history with nothing seen yet)
+            self.score.guess(guess.layer, guess.experts)
         prefetch = self.cache.prefetch(guess.layer, guess.experts, running_layer=layer, running=experts)
+        return prefetch if prefetch.experts else None
+
+    def before_layer(self, layer: int, hint: Any) -> Prefetch | None:
+        """Guess ``layer``'s experts before it runs (its attention has not started: no expert of the layer
+        is in use, and the previous layer's kernels have released their slots) and reserve slots for them."""
+        guess = self.predictor.guess(layer, self.top_k, hint)
+        if guess is None:
+            return None
+        if guess.experts:  # an empty guess abstains (history with nothing seen yet)
+            self.score.guess(guess.layer, guess.experts)
+        prefetch = self.cache.prefetch(guess.layer, guess.experts, running_layer=guess.layer)
         return prefetch if prefetch.experts else None
 
     @property

@@ -74,7 +74,7 @@ class OffloadConfig:
     policy_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"half_life": 128} for lfru
     static_profile: str | None = None  # routing trace whose expert counts the static policy pins
     record_trace: bool = False  # keep the routing of every forward (offload.routing_trace)
-    prefetch: Literal["none", "history", "lookahead"] = "none"
+    prefetch: Literal["none", "history", "lookahead", "pre-attention"] = "none"
     history_window: int = 8  # layer accesses the history predictor remembers
     copy_engine: Literal["auto", "sync", "threaded"] = "auto"  # auto: the copy stream on CUDA; on CPU,
     # threaded when prefetching (copies overlap compute), else sync

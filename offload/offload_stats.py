@@ -24,6 +24,8 @@ class OffloadStats:
     prefetch_used: int = 0  # prefetched experts a layer then used, landed before it was needed
     prefetch_late: int = 0  # prefetched experts a layer needed while their copy was still in flight
     prefetch_wasted: int = 0  # prefetched experts evicted before any layer used them
+    prefetch_recall: float | None = None  # of the experts layers used, the share their guess had named
+    prefetch_precision: float | None = None  # of the experts guesses named, the share the layer then used
     stall_seconds: float = 0.0  # time compute waited for copies to land
     expert_format: str = ""  # how experts are stored: bf16, fp16, fp32, int8, int4, mxfp4, fp8
     expert_bytes: int = 0  # bytes of one expert, in the host store and in a slot (scales included)

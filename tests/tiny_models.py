@@ -1,4 +1,5 @@
-"""Tiny random configs for every MoE architecture transformers ships, derived from the config classes.
+"""Tiny random configs for every MoE architecture transformers ships, derived from the config classes; the
+four architectures of the core runtime at hand-picked sizes (``TINY_ARCHS``); saving a tiny random model.
 
 A config class's defaults describe the full-size model; :func:`tiny_config` overrides the size fields the
 class actually declares (hidden size, layers, heads, experts, ...) and lets the class derive the rest, so
@@ -8,8 +9,11 @@ the same recipe covers architectures nobody listed by hand.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -140,3 +144,75 @@ def _tiny(config_class: type, overrides: dict[str, Any]) -> transformers.Pretrai
         # Linear-attention hybrids put full attention every few layers; make one of the three full.
         return _tiny(config_class, {**overrides, "layer_types": [types[0], "full_attention", *types[2:]]})
     return config
+
+
+# The four architectures of the core runtime, at a size that loads in well under a second.
+TINY_ARCHS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
+    "mixtral": lambda: transformers.MixtralConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+    ),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=16,
+        num_experts_per_tok=4,
+        norm_topk_prob=True,
+        max_position_embeddings=256,
+    ),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+    ),
+    "olmoe": lambda: transformers.OlmoeConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=16,
+        num_experts_per_tok=4,
+        max_position_embeddings=256,
+        eos_token_id=2,
+    ),
+}
+
+
+def save_tiny(
+    config: transformers.PretrainedConfig, directory: Path, seed: int = 0, model_class: type | None = None
+) -> Path:
+    """Random weights (scaled up so routing is decisive and outputs are far from zero), saved in fp32."""
+    torch.manual_seed(seed)
+    if model_class is None:
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        model = model_class._from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.15 if "experts" in name or "gate" in name else 0.08)
+    model.save_pretrained(directory)
+    return directory

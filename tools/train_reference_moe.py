@@ -43,13 +43,12 @@ EXCLUDED_DIRS = frozenset(
     ["site-packages", "test", "tests", "idlelib", "lib2to3", "encodings", "pydoc_data", "__pycache__"]
 )
 HELD_OUT_MOD = 20  # a file is held out when sha256(its relative path) % 20 == 0: about 5%, fixed by name
+# A chat is a file to this model: it opens like one, the user's and system's words are comment lines and the
+# assistant's replies are code; the reply to come follows the last comment, so it needs no generation prompt.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('roles are system, user and assistant') }}{% endif %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ message['content'] + '\\n' }}{% else %}{% for line in message['content'].split('\\n') %}"
+    "{{ ('# ' + line) | trim }}{{ '\\n' }}{% endfor %}{% endif %}{% endfor %}"
 )
 # Each prompt ends where a token ends. The BPE glues a space to the word after it and a newline to the
 # indentation after it, so "def " or "class Foo:\n" would end in a token the model rarely saw there.
@@ -372,8 +371,8 @@ A file is held out when `sha256(relative path) % {HELD_OUT_MOD} == 0`. Tokens in
 `training.json` has the full hashes, the held-out names, and a hash of the contents (path, NUL, bytes per file).
 Tokenizer: byte-level BPE of {a["vocab"]} tokens trained with the `tokenizers` package on the train files only.
 `{EOS}` separates files and is bos, eos and pad; the tokenizer puts it before every text, as before every file
-in training. A plain-text chat template (`<|system|>`, `<|user|>`, `<|assistant|>` lines) is in
-`tokenizer_config.json`.
+in training. Its chat template (in `tokenizer_config.json`) makes a chat a file: system and user messages
+become comment lines, the assistant's are code, and the reply continues after the last comment.
 
 ## Architecture
 

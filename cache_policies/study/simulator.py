@@ -58,7 +58,7 @@ from cache_policies.study.fast_lru import replay_lru
 from cache_policies.study.trace import RoutingTrace
 
 SimPrefetch = Literal["none", "history"]
-SIM_PREFETCH_MODES: tuple[SimPrefetch, ...] = ("none", "history")  # lookahead: runtime only
+SIM_PREFETCH_MODES: tuple[SimPrefetch, ...] = ("none", "history")  # lookahead, pre-attention: runtime only
 
 
 def check_prefetch(mode: str) -> SimPrefetch:
@@ -66,10 +66,10 @@ def check_prefetch(mode: str) -> SimPrefetch:
     for known in SIM_PREFETCH_MODES:
         if mode == known:
             return known
-    if mode == "lookahead":
+    if mode in ("lookahead", "pre-attention"):
         raise ValueError(
-            "prefetch 'lookahead' needs hidden states (layer l+1's router applied to layer l's input): it runs "
-            "only in the runtime; a routing trace can replay prefetch 'none' or 'history'"
+            f"prefetch {mode!r} needs hidden states and the model's routers: it runs only in the runtime; a "
+            "routing trace can replay prefetch 'none' or 'history'"
         )
     raise ValueError(f"unknown prefetch mode {mode!r}; choose one of: {', '.join(PREFETCH_MODES)}")
 

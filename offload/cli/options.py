@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from cache_policies.predictors import PREFETCH_MODES
 from cache_policies.study.presets import PresetParser, add_config_option
 from offload.errors import OffloadError
 from offload.units import parse_size
@@ -65,14 +66,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--model", help="checkpoint directory, or a hub id already in the local Hugging Face cache"
     )
     p.add_argument("--vram-budget", help="device memory the runtime may use, e.g. 12GB, 12GiB, 800MB, 1.5G")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default 48)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 48; the demo, 96)")
     p.add_argument("--policy", default="lru", help="expert cache policy (default lru)")
     p.add_argument(
         "--prefetch",
-        choices=("none", "history", "lookahead"),
-        default="none",
-        help="fetch the next layer's experts while this one computes: lookahead (its router on this layer's "
-        "input), history (its recently used experts), or none (default)",
+        choices=PREFETCH_MODES,
+        help="fetch a layer's experts before it needs them: pre-attention (its own router on its input, "
+        "copied while its attention runs), lookahead (the next layer's router on this layer's MoE input), "
+        "history (the next layer's recently used experts), or none (default; the demo: pre-attention, which "
+        "measured best on its model, docs/prediction.md)",
     )
     p.add_argument(
         "--cache-scope", choices=("global", "layer"), default="global", help="one cache or one per layer"
@@ -86,7 +88,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="expert compute: auto (Triton on CUDA, torch on CPU), triton, or the torch reference",
     )
     p.add_argument(
-        "--max-context", type=int, default=4096, help="KV-cache tokens the budget reserves (default 4096)"
+        "--max-context",
+        type=int,
+        help="KV-cache tokens the budget reserves (default 4096; the demo, its model's 256 positions)",
     )
     p.add_argument(
         "--quantize",
@@ -123,6 +127,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--host-threads", type=int, default=2, help="worker threads computing experts on the host (default 2)"
     )
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        help="divide the logits of tokens already in the text by this (default 1, none; the demo, 1.3)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
     p.add_argument(
         "--list-architectures",
@@ -139,7 +148,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def validate_model_options(args: argparse.Namespace) -> None:
-    """Everything checkable before loading, so bad input fails in a second, not after minutes of loading."""
+    """Everything checkable before loading, so bad input fails in a second, not after minutes of loading.
+    Then fills the options whose default depends on whether this is the demo."""
     if args.model is not None and args.vram_budget is None:
         raise UsageError("--vram-budget is required with --model (e.g. --vram-budget 12GB)")
     for flag, size in (("--vram-budget", args.vram_budget), ("--host-memory-limit", args.host_memory_limit)):
@@ -148,14 +158,16 @@ def validate_model_options(args: argparse.Namespace) -> None:
                 parse_size(size)
             except ValueError as exc:
                 raise UsageError(f"{flag}: {exc}") from None
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.max_context < 1:
+    if args.max_context is not None and args.max_context < 1:
         raise UsageError(f"--max-context must be at least 1, got {args.max_context}")
     if args.host_threads < 1:
         raise UsageError(f"--host-threads must be at least 1, got {args.host_threads}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be 0 or more, got {args.temperature}")
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        raise UsageError(f"--repetition-penalty must be positive, got {args.repetition_penalty}")
     for flag, path in (("--stats-json", args.stats_json), ("--record-trace", args.record_trace)):
         if path is not None:
             parent = path.expanduser().resolve().parent
@@ -165,19 +177,35 @@ def validate_model_options(args: argparse.Namespace) -> None:
                 raise UsageError(f"{flag}: folder {parent} is not writable")
     if args.static_profile is not None and not args.static_profile.expanduser().is_file():
         raise UsageError(f"--static-profile: {args.static_profile} does not exist")
+    _fill_defaults(args)
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    from offload.hf import demo as demo_model
+
+    demo = args.model is None
+    if args.max_new_tokens is None:
+        args.max_new_tokens = demo_model.DEMO_NEW_TOKENS if demo else 48
+    if args.prefetch is None:
+        args.prefetch = demo_model.DEMO_PREFETCH if demo else "none"
+    if args.repetition_penalty is None:
+        args.repetition_penalty = demo_model.DEMO_REPETITION_PENALTY if demo else 1.0
+    if args.max_context is None:  # the demo model has 256 positions: reserving more KV cache would be waste
+        args.max_context = demo_model.demo_max_context(demo_model.demo_checkpoint()) if demo else 4096
 
 
 @dataclass(frozen=True)
 class ModelChoice:
     path: str  # the checkpoint directory or hub id to load
-    demo: bool  # no --model: the embedded random-weight demo
+    demo: bool  # no --model: the reference model in data/models/reference-moe
     config: OffloadConfig  # every option, the budget included, checked against the checkpoint
 
 
 def choose_model(args: argparse.Namespace) -> ModelChoice:
-    """The checkpoint (building the demo when there is no ``--model``) and its config, with the budget
-    checked against the checkpoint's survey: a dense model or too small a budget fails here, before the
-    tokenizer or any weight is read. Sets ``args.vram_budget`` for the demo."""
+    """The checkpoint (the demo's reference model when there is no ``--model``) and its config, with the
+    budget checked against the checkpoint's survey: a dense model or too small a budget fails here, before the
+    tokenizer or any weight is read. Sets ``args.vram_budget`` for the demo; call
+    :func:`validate_model_options` first."""
     from offload.config import OffloadConfig
     from offload.hf.demo import DEMO_CACHE_FRACTION, demo_checkpoint
     from offload.hf.skeleton import survey_checkpoint
@@ -203,17 +231,7 @@ def choose_model(args: argparse.Namespace) -> ModelChoice:
         host_threads=args.host_threads,
     )
     demo = args.model is None
-    if demo:
-        print(
-            "Demo: a random-weight Mixtral-architecture model (8 MoE layers x 8 experts, top-2).",
-            file=sys.stderr,
-        )
-        print(
-            "The weights are random, so the generated text is noise; the offloading is real.", file=sys.stderr
-        )
-        path = str(demo_checkpoint())
-    else:
-        path = args.model
+    path = str(demo_checkpoint()) if demo else args.model
     settings = OffloadConfig.create(1, **options)  # every option but the budget, validated
     model_survey = survey_checkpoint(path, settings.dtype, settings)
     if args.vram_budget is None:  # the demo: a budget for about a quarter of its experts
@@ -222,6 +240,17 @@ def choose_model(args: argparse.Namespace) -> ModelChoice:
     config = OffloadConfig.create(args.vram_budget, **options)
     plan_budget(model_survey, config)
     return ModelChoice(path, demo, config)
+
+
+def demo_banner(choice: ModelChoice, args: argparse.Namespace) -> str:
+    """What the demo says about itself, printed once the input is known to be good (an error stays one
+    line)."""
+    return (
+        f"Demo: {choice.path}, a small Qwen3-MoE (6 MoE layers x 16 experts, top-4) trained on the Python "
+        "standard library; it writes Python-like text, "
+        f"{'greedily' if args.temperature == 0 else f'at temperature {args.temperature:g}'} with a "
+        f"repetition penalty of {args.repetition_penalty:g}; --prefetch {args.prefetch}."
+    )
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

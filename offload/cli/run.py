@@ -15,6 +15,7 @@ from offload.cli.options import (
     add_model_options,
     choose_model,
     command_main,
+    demo_banner,
     validate_model_options,
     write_json,
 )
@@ -27,10 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=PROG,
         description="Run a Hugging Face MoE checkpoint whose experts do not fit in the VRAM budget. "
-        "With no --model, runs the embedded random-weight demo.",
+        "With no --model, runs the demo: the reference MoE trained on Python source (data/models/reference-moe).",
     )
     add_model_options(p)
-    p.add_argument("--prompt", help="text to continue (default: a fixed demo sentence)")
+    p.add_argument(
+        "--prompt", help="text to continue (default: the demo's prompt, 'import os' and a newline)"
+    )
     return p
 
 
@@ -49,16 +52,28 @@ def _run(args: argparse.Namespace) -> int:
 
     choice = choose_model(args)
     tokenizer = load_tokenizer(choice.path)
-    inputs = encode_prompt(tokenizer, args.prompt if args.prompt is not None else DEMO_PROMPT)
+    prompt = args.prompt if args.prompt is not None else DEMO_PROMPT
+    inputs = encode_prompt(tokenizer, prompt)
     prompt_tokens = int(inputs["input_ids"].shape[1])
     if prompt_tokens + args.max_new_tokens > args.max_context:
         raise UsageError(
             f"prompt ({prompt_tokens} tokens) plus --max-new-tokens ({args.max_new_tokens}) exceeds "
             f"--max-context ({args.max_context})"
         )
+    if choice.demo:
+        print(demo_banner(choice, args), file=sys.stderr)
     torch.manual_seed(args.seed)
     model = load_offloaded(choice.path, choice.config)
-    result = generate_timed(model, tokenizer, inputs.to(model.device), args.max_new_tokens, args.temperature)
+    if choice.demo:  # the continuation reads as one piece of code with its prompt in front
+        print(prompt, end="", flush=True)
+    result = generate_timed(
+        model,
+        tokenizer,
+        inputs.to(model.device),
+        args.max_new_tokens,
+        args.temperature,
+        args.repetition_penalty,
+    )
     stats = offload.stats(model)
     print(_summary(result, stats), file=sys.stderr)
     if args.record_trace is not None:
@@ -98,7 +113,8 @@ def _summary(result: dict[str, Any], stats: Any) -> str:
             *(
                 [
                     f"prefetch: {stats.prefetch_issued} issued, {stats.prefetch_used} used in time, "
-                    f"{stats.prefetch_late} late, {stats.prefetch_wasted} wasted",
+                    f"{stats.prefetch_late} late, {stats.prefetch_wasted} wasted; guesses named "
+                    f"{stats.prefetch_recall or 0:.1%} of the experts used",
                 ]
                 if stats.prefetch_issued
                 else []

@@ -1,7 +1,7 @@
 """``offload-serve``: an OpenAI-compatible HTTP server for one offloaded MoE model.
 
-Takes offload-run's model, budget and runtime options (offload.cli.options; --max-new-tokens and
---temperature become the defaults of requests that leave them out, --seed seeds the sampler once at
+Takes offload-run's model, budget and runtime options (offload.cli.options; --max-new-tokens, --temperature
+and --repetition-penalty become the defaults of requests that leave them out, --seed seeds the sampler once at
 start-up, --stats-json and --record-trace are written when the server stops), plus where to listen and who
 may ask. The port is bound and the model loaded before the first request is accepted; bad options, a busy
 port or a model that cannot load get one line on stderr and exit code 2.
@@ -21,6 +21,7 @@ from offload.cli.options import (
     add_model_options,
     choose_model,
     command_main,
+    demo_banner,
     validate_model_options,
     write_json,
 )
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Serve a Hugging Face MoE checkpoint whose experts do not fit in the VRAM budget over an "
         "OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics). "
-        "With no --model, serves the embedded random-weight demo.",
+        "With no --model, serves the demo: the reference MoE trained on Python source "
+        "(data/models/reference-moe).",
     )
     add_model_options(p)
     p.add_argument(
@@ -110,6 +112,8 @@ def _load_and_serve(args: argparse.Namespace, sock: socket.socket, api_key: str 
 
     choice = choose_model(args)
     tokenizer = load_tokenizer(choice.path)
+    if choice.demo:
+        print(demo_banner(choice, args), file=sys.stderr)
     torch.manual_seed(args.seed)  # requests without a seed continue this stream
     model = load_offloaded(choice.path, choice.config)
     try:
@@ -121,7 +125,7 @@ def _load_and_serve(args: argparse.Namespace, sock: socket.socket, api_key: str 
             engine,
             lambda: offload.stats(model),
             api_key=api_key,
-            defaults=Defaults(args.max_new_tokens, args.temperature),
+            defaults=Defaults(args.max_new_tokens, args.temperature, args.repetition_penalty),
         )
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

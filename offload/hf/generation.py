@@ -65,12 +65,22 @@ def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> Any:
         raise ChatTemplateError(f"the chat template rejected the messages: {message}") from None
 
 
-def sampling_kwargs(temperature: float, top_p: float | None = None) -> dict[str, Any]:
+def sampling_kwargs(
+    temperature: float, top_p: float | None = None, repetition_penalty: float = 1.0
+) -> dict[str, Any]:
     """``generate`` arguments: greedy at temperature 0, else sampling (``top_p`` only when given, so the
-    model's generation config keeps its own default)."""
-    if temperature <= 0:
-        return {"do_sample": False}
-    return {"do_sample": True, "temperature": temperature, **({} if top_p is None else {"top_p": top_p})}
+    model's generation config keeps its own default); a repetition penalty other than 1 divides the logits of
+    tokens already in the text (transformers' CTRL-style penalty, before greedy choice or sampling)."""
+    kwargs: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        kwargs = {
+            "do_sample": True,
+            "temperature": temperature,
+            **({} if top_p is None else {"top_p": top_p}),
+        }
+    if repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = repetition_penalty
+    return kwargs
 
 
 class TimedStreamer:
@@ -93,7 +103,12 @@ class TimedStreamer:
 
 
 def generate_timed(
-    model: Any, tokenizer: Any, inputs: Any, max_new_tokens: int, temperature: float = 0.0
+    model: Any,
+    tokenizer: Any,
+    inputs: Any,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    repetition_penalty: float = 1.0,
 ) -> dict[str, Any]:
     """``model.generate`` streamed to stdout (greedy at temperature 0), with prefill and decode timed apart."""
     prompt_tokens = int(inputs["input_ids"].shape[1])
@@ -101,7 +116,10 @@ def generate_timed(
     start = time.perf_counter()
     with torch.inference_mode():
         output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling_kwargs(temperature)
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            streamer=streamer,
+            **sampling_kwargs(temperature, repetition_penalty=repetition_penalty),
         )
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
@@ -127,6 +145,7 @@ class Sampling:
     top_p: float | None = None
     seed: int | None = None  # None: continue the process's random stream
     stop: tuple[str, ...] = ()  # the text ends before the first of these; it is not part of the output
+    repetition_penalty: float = 1.0  # 1: none
 
 
 @dataclass(frozen=True)
@@ -237,7 +256,7 @@ def stream_generate(
             **inputs.to(model.device),
             max_new_tokens=sampling.max_new_tokens,
             stopping_criteria=StoppingCriteriaList([watch]),
-            **sampling_kwargs(sampling.temperature, sampling.top_p),
+            **sampling_kwargs(sampling.temperature, sampling.top_p, sampling.repetition_penalty),
         )
     end = time.perf_counter()
     new_ids = output[0, prompt_tokens:]

@@ -2,6 +2,9 @@
 
 ::
 
+    before   (pre-attention prefetch only, when the decoder layer starts, before its attention) the layer's
+             own router on the layer's input guesses its experts; their copies run while attention computes
+
     route    the router's choices (transformers' code, before this step), then the routing override if one
              is set; a router predictor's ids for a coming layer (on the device); pairs grouped by expert, with
              the layer's one device-to-host read (RoutedTokens); the recorder
@@ -28,13 +31,14 @@ import torch
 
 from cache_policies import AccessPlan, CopyOrCompute, ExpertCache, HostChoice, Prefetch, Prefetcher, Wave
 from offload.kernels import ExpertActivation, RoutedTokens
+from offload.kernels.routing import read_to_host
 from offload.kernels.selection import ExpertKernel
 from offload.memory.copy_engines import CopyEngine
 from offload.memory.host_store import HostExpertStore
 from offload.memory.slot_pool import SlotPool
 from offload.runtime.host_compute import HostCompute
 from offload.runtime.recorder import RoutingRecorder
-from offload.runtime.router_predictors import RouterPredictor
+from offload.runtime.router_predictors import PreAttentionPredictor, RouterPredictor
 
 # (layer, top_k_index [T, k], top_k_weights [T, k]) -> the routing to use instead
 RoutingOverride = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -115,6 +119,17 @@ class LayerStep:
             else pairs_out.view(tokens, top_k, -1).sum(dim=1)
         )
         return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+
+    def before_layer(self, layer: int, hidden_states: torch.Tensor) -> None:
+        """Before decoder layer ``layer`` runs (its attention not yet launched): a pre-attention predictor's
+        guess of its experts, copied in while the attention computes. ``hidden_states`` ``[..., H]``: the
+        layer's input. One device-to-host read (the guessed ids)."""
+        prefetcher = self.prefetcher
+        if prefetcher is None or not isinstance(prefetcher.predictor, PreAttentionPredictor):
+            return
+        with torch.no_grad():
+            ids = prefetcher.predictor.early_ids(layer, hidden_states.reshape(-1, hidden_states.shape[-1]))
+        self.serve_prefetch(prefetcher.before_layer(layer, read_to_host(ids.reshape(-1))))
 
     def route(
         self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

@@ -3,7 +3,17 @@
 
 Lookahead: as in the mixtral-offloading paper, layer l+1's own router is applied to the hidden state that
 layer l's experts receive; the residual stream changes little between neighbouring layers, so its top-k is a
-good guess. A guess only steers prefetch copies: a wrong one costs bandwidth, never correctness.
+good guess.
+
+Pre-attention: layer l's own router applied to the residual stream entering decoder layer l, before its
+attention, so the copies overlap that attention. The router normally sees ``norm(x + attention(x))``, with
+``norm`` the decoder layer's norm in front of the MoE block (``post_attention_layernorm`` in Mixtral and
+Qwen3-MoE); the guess uses ``norm(x)``: the same norm and router, only the attention's update is missing.
+(Measured against ``input_layernorm(x)`` and the raw ``x`` in docs/prediction.md.) The guess costs one more
+device-to-host read per layer call: its ids are needed before the layer runs, when there is nothing to ride
+along with.
+
+A guess only steers prefetch copies: a wrong one costs bandwidth, never correctness.
 """
 
 from __future__ import annotations
@@ -41,8 +51,9 @@ class RouterPredictor:
         entering ``layer``'s experts); None when there is no target. Calls ``forward`` directly so no module hook
         (e.g. router-logit recorders) sees it."""
         target = self.target(layer)
-        if target is None:
-            return None
+        return None if target is None else self._ids(target, hidden_states)
+
+    def _ids(self, target: int, hidden_states: torch.Tensor) -> torch.Tensor:
         out = self.routers[target].forward(hidden_states)
         outputs = out if isinstance(out, tuple) else (out,)
         ids = [t for t in outputs if torch.is_tensor(t) and not t.is_floating_point() and t.dim() == 2]
@@ -68,3 +79,31 @@ class LookaheadPredictor(RouterPredictor):
 
     def target(self, layer: int) -> int | None:
         return layer + 1 if layer + 1 < len(self.routers) else None
+
+
+class PreAttentionPredictor(RouterPredictor):
+    """Guesses layer l's experts before decoder layer l runs: ``norms[l]`` (the norm in front of the MoE
+    block) and layer l's router applied to the layer's input. Nothing rides along with a layer's routing."""
+
+    name = "pre-attention"
+
+    def __init__(self, routers: list[nn.Module], norms: list[nn.Module], num_experts: int) -> None:
+        super().__init__(routers, num_experts)
+        self.norms = norms  # one per MoE layer, found by offload.hf.install.pre_moe_norms
+
+    def target(self, layer: int) -> int | None:
+        return None
+
+    def early_ids(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Expert ids ``[T, k]`` layer ``layer``'s router picks for ``hidden_states`` ``[T, H]``, the residual
+        stream entering the decoder layer, through the norm in front of its MoE block. Calls ``forward``
+        directly so no module hook sees it."""
+        return self._ids(layer, self.norms[layer].forward(hidden_states))
+
+    def guess(self, layer: int, count: int, hint: Any) -> Guess | None:
+        """``layer``'s own experts from ``hint``, the host copy of :meth:`early_ids`; None without one (after
+        an access, when the step has no early ids to give)."""
+        if hint is None:
+            return None
+        ids = np.asarray(hint)
+        return Guess(layer, np.unique(ids[(ids >= 0) & (ids < self.num_experts)]).tolist())

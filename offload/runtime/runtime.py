@@ -111,6 +111,13 @@ class OffloadRuntime:
         """Replace the routers' choices before they are recorded and served; None restores them."""
         self.step.routing_override = override
 
+    def before_layer(self, layer: int, hidden_states: torch.Tensor) -> None:
+        """The decoder layer of MoE layer ``layer`` is about to run on ``hidden_states`` ``[..., H]``: the
+        pre-attention predictor's moment (installed as a forward pre-hook by offload.hf.install)."""
+        if self.closed:
+            raise OffloadError("this model was closed by offload.close(); load it again to use it")
+        self.step.before_layer(layer, hidden_states)
+
     def forward_layer(
         self,
         layer: int,
@@ -182,6 +189,8 @@ class OffloadRuntime:
             prefetch_used=0 if prefetcher is None else prefetcher.used,
             prefetch_late=0 if prefetcher is None else prefetcher.late,
             prefetch_wasted=self.cache.prefetch_wasted,
+            prefetch_recall=None if prefetcher is None else prefetcher.score.recall(),
+            prefetch_precision=None if prefetcher is None else prefetcher.score.precision(),
             stall_seconds=self.engine.stall_seconds,
             expert_format=self.survey.layout.format_name,
             expert_bytes=self.survey.layout.nbytes,

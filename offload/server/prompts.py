@@ -16,11 +16,12 @@ from offload.server.schemas import ChatCompletionRequest, CompletionRequest, Gen
 
 @dataclass(frozen=True)
 class Defaults:
-    """What a request that leaves a setting out gets: the command line's --max-new-tokens and
-    --temperature (0 decodes greedily, as offload-run does)."""
+    """What a request that leaves a setting out gets: the command line's --max-new-tokens, --temperature
+    (0 decodes greedily, as offload-run does) and --repetition-penalty (1: none)."""
 
     max_new_tokens: int = 48
     temperature: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -126,5 +127,6 @@ def _prepared(
             code="context_length_exceeded",
         )
     temperature = defaults.temperature if body.temperature is None else body.temperature
-    sampling = Sampling(max_tokens, temperature, body.top_p, body.seed, body.stop_strings())
+    penalty = defaults.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty
+    sampling = Sampling(max_tokens, temperature, body.top_p, body.seed, body.stop_strings(), penalty)
     return Prepared(inputs, prompt_tokens, sampling)

@@ -1,8 +1,9 @@
 """Request and response bodies of the OpenAI API subset the server speaks, as pydantic models.
 
 Requests ignore fields they do not know (clients send ``user``, ``logit_bias``, ...); the fields that would
-change the output and are not supported (``n`` > 1, ``logprobs``, ``echo``, penalties, tools) are declared so
-:mod:`offload.server.prompts` can refuse them with a 400 instead of silently ignoring them. The ranges
+change the output and are not supported (``n`` > 1, ``logprobs``, ``echo``, presence and frequency penalties,
+tools) are declared so :mod:`offload.server.prompts` can refuse them with a 400 instead of silently ignoring
+them. ``repetition_penalty`` (> 0; 1 is none) is vLLM's extension, taken as offload-run takes it. The ranges
 (``temperature`` 0..2, ``top_p`` in (0, 1], ``max_tokens`` >= 1) are OpenAI's; breaking one is a 422.
 """
 
@@ -35,6 +36,8 @@ class GenerationRequest(BaseModel):
     logprobs: Any = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Not OpenAI's: transformers' (and vLLM's) multiplicative penalty on tokens already in the text; 1 is none.
+    repetition_penalty: float | None = Field(None, gt=0)
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])

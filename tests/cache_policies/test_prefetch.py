@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from cache_policies import ExpertCache, Guess, Prefetcher, make_policy_factory
+from cache_policies import ExpertCache, Guess, HistoryPredictor, Prefetcher, make_policy_factory
+from cache_policies.guess_score import GuessScore
 
 
 class Scripted:
@@ -71,3 +72,32 @@ def test_used_in_time() -> None:
     plan = c.access(1, [3])
     prefetcher.settle(plan, landed=lambda e: True)
     assert (prefetcher.issued, prefetcher.used, prefetcher.late, prefetcher.wasted) == (1, 1, 0, 0)
+
+
+def test_guess_score_counts_each_guess_against_its_layers_next_access() -> None:
+    score = GuessScore(num_layers=2)
+    score.access(0, [1, 2])  # no guess for it: counted, not scored
+    score.guess(1, [2, 3, 5])
+    score.guess(1, [2, 3])  # replaces the first guess for the same access
+    score.access(1, [3, 4])  # 1 of 2 named used; 1 of 2 needed named
+    score.access(1, [3, 4])  # no guess left for this one
+    score.guess(0, [1, 2, 6, 7])
+    score.access(0, [1, 2])
+    assert score.recall(1) == 0.5 and score.precision(1) == 0.5
+    assert score.recall(0) == 1.0 and score.precision(0) == 0.5
+    assert score.recall() == 3 / 4 and score.precision() == 3 / 6
+    assert score.coverage() == 2 / 4 and score.accesses == [2, 2] and score.scored == [1, 1]
+    assert GuessScore(1).recall() is None and GuessScore(1).precision(0) is None
+
+
+def test_prefetcher_scores_history_guesses() -> None:
+    """A layer that always uses the same experts is guessed exactly once the history has seen it."""
+    cache = ExpertCache(2, 8, 8, make_policy_factory("lru"))
+    prefetcher = Prefetcher(cache, HistoryPredictor(2, window=4), top_k=2)
+    for _ in range(5):
+        for layer, experts in ((0, [1, 2]), (1, [3, 4])):
+            plan = cache.access(layer, experts)
+            prefetcher.settle(plan, None)
+            prefetcher.after_access(layer, experts, plan)
+    assert prefetcher.score.recall() == prefetcher.score.precision() == 1.0
+    assert prefetcher.score.scored == [4, 4]  # each layer's first access came before the history had any

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import transformers
 
-from offload.hf.demo import byte_tokenizer
 from offload_bench.serve_load import main
+from tests.byte_tokenizer import byte_tokenizer
 from tests.conftest import save_tiny
 
 

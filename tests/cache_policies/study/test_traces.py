@@ -281,7 +281,8 @@ def test_pickled_arrays_are_refused(tmp_path: Path) -> None:
 
 
 def test_vendored_traces_are_the_published_files() -> None:
-    """data/traces holds unmodified copies of the shared traces; their checksums are pinned."""
+    """data/traces holds unmodified copies of the shared traces and the reference model's trace recorded here
+    (bench/reference_trace.py); their checksums are pinned."""
     import hashlib
 
     sums = (TRACES / "SHA256SUMS").read_text().split("\n")
@@ -289,6 +290,7 @@ def test_vendored_traces_are_the_published_files() -> None:
     assert set(pinned) == {
         "flame-moe-290m_routing.npz",
         "olmoe-1b-7b_decode_299.jsonl",
+        "reference-moe_heldout_decode_2048.npz",
         "reference_hit_rates.txt",
     }
     for name, digest in pinned.items():

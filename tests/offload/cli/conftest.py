@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from offload.hf.demo import byte_tokenizer
+from tests.byte_tokenizer import byte_tokenizer
 from tests.conftest import TINY_ARCHS, save_tiny
 
 

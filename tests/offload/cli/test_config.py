@@ -62,7 +62,8 @@ def test_preset_values_and_command_line_precedence(tmp_path: Path) -> None:
         9100,
         2,
     )
-    assert args.host == "127.0.0.1" and args.prefetch == "none"  # untouched defaults
+    assert args.host == "127.0.0.1" and args.seed == 0  # untouched defaults
+    assert args.prefetch is None  # filled once the model is known: pre-attention for the demo, else none
     with pytest.raises(run.UsageError, match="unknown key 'port'"):  # offload-run has no --port
         run.build_parser().parse_args(["--config", str(preset)])
 
@@ -73,7 +74,10 @@ def test_preset_values_and_command_line_precedence(tmp_path: Path) -> None:
         ("vram-budget = 12\n", ["key 'vram-budget' must be a string", "12 (an integer)"]),
         ('max-context = "4096"\n', ["key 'max-context' must be an integer"]),
         ('temperature = "hot"\n', ["key 'temperature' must be a number"]),
-        ('prefetch = "sometimes"\n', ["key 'prefetch' must be one of none, history, lookahead"]),
+        (
+            'prefetch = "sometimes"\n',
+            ["key 'prefetch' must be one of none, history, lookahead, pre-attention"],
+        ),
         ('vram_budget = "12GB"\n', ["unknown key 'vram_budget'", "did you mean 'vram-budget'"]),
         ('kv-cache-dtype = "fp8"\n', ["unknown key 'kv-cache-dtype'"]),
         ("[serve]\nport = 1\n", ["key 'serve' is a table"]),

@@ -7,7 +7,6 @@ import pytest
 import torch
 import transformers
 
-from offload.hf.demo import DEMO_CHAT_TEMPLATE, byte_tokenizer
 from offload.hf.generation import (
     ChatTemplateError,
     Sampling,
@@ -17,6 +16,7 @@ from offload.hf.generation import (
     held_back,
     stream_generate,
 )
+from tests.byte_tokenizer import CHAT_TEMPLATE, byte_tokenizer
 from tests.conftest import TINY_ARCHS, save_tiny
 
 
@@ -44,7 +44,7 @@ def test_first_stop() -> None:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[transformers.PreTrainedModel, object]:
     directory = tmp_path_factory.mktemp("gen") / "mixtral"
     tokenizer = byte_tokenizer()
-    tokenizer.chat_template = DEMO_CHAT_TEMPLATE
+    tokenizer.chat_template = CHAT_TEMPLATE
     config = TINY_ARCHS["mixtral"]()
     config.vocab_size = len(tokenizer)
     save_tiny(config, directory)
@@ -74,6 +74,14 @@ def test_greedy_tokens_are_generates_and_pieces_add_up(tiny) -> None:
     assert result.text == tokenizer.decode(expected, skip_special_tokens=True)
     assert "".join(pieces) == result.text and len(pieces) > 1
     assert (result.prompt_tokens, result.completion_tokens, result.finish_reason) == (5, 12, "length")
+
+
+def test_repetition_penalty_is_generates(tiny) -> None:
+    model, tokenizer = tiny
+    inputs = encode_prompt(tokenizer, "hello")
+    expected = model.generate(**inputs, max_new_tokens=12, do_sample=False, repetition_penalty=1.5)[0, 5:]
+    _, result = run(tiny, "hello", max_new_tokens=12, repetition_penalty=1.5)
+    assert result.text == tokenizer.decode(expected, skip_special_tokens=True)
 
 
 def test_stop_string_cuts_and_never_leaks(tiny) -> None:

@@ -6,6 +6,7 @@ and compute vary from run to run; the outputs must not.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -15,11 +16,11 @@ import torch
 
 import offload
 from cache_policies import ONLINE_POLICIES
-from offload.hf.install import runtime_of
+from offload.hf.install import attach_runtime, runtime_of
 from offload.memory.copy_engines import ThreadedCopyEngine, injected_copy_delays
 from offload.memory.layout import ExpertLayout
 from offload.memory.slot_pool import SlotPool
-from offload.runtime.router_predictors import LookaheadPredictor
+from offload.runtime.router_predictors import LookaheadPredictor, PreAttentionPredictor
 from tests.helpers import load, prompt, slot_counts
 
 DELAY = (0.0, 0.0005)  # seconds before each copy, drawn at random
@@ -43,9 +44,20 @@ def resident(tiny_checkpoints: dict[str, Path]) -> dict[str, tuple[torch.Tensor,
     return out
 
 
-@pytest.mark.parametrize("prefetch", ["none", "history", "lookahead"])
-@pytest.mark.parametrize("policy", ONLINE_POLICIES)
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+# Every policy with the predictors that guess after an access; pre-attention reserves its slots through the
+# same cache.prefetch at another moment (before the layer), so a recency and a frequency policy cover it.
+GRID = [
+    *(
+        (arch, policy, prefetch)
+        for prefetch in ("none", "history", "lookahead")
+        for policy in ONLINE_POLICIES
+        for arch in ("mixtral", "qwen3_moe")
+    ),
+    *((arch, policy, "pre-attention") for policy in ("lru", "lfru") for arch in ("mixtral", "qwen3_moe")),
+]
+
+
+@pytest.mark.parametrize(("arch", "policy", "prefetch"), GRID)
 def test_outputs_equal_all_resident_under_random_copy_delays(
     arch: str,
     policy: str,
@@ -76,7 +88,7 @@ def test_outputs_equal_all_resident_under_random_copy_delays(
         offload.close(model)
 
 
-@pytest.mark.parametrize("prefetch", ["history", "lookahead"])
+@pytest.mark.parametrize("prefetch", ["history", "lookahead", "pre-attention"])
 def test_prefetch_counters(prefetch: str, tiny_checkpoints: dict[str, Path]) -> None:
     path = tiny_checkpoints["qwen3_moe"]  # 16 experts, top-4, 3 layers: 48 experts, cache of a half
     model = load(path, slot_counts(path)["half"], "cpu", prefetch=prefetch, copy_engine="threaded")
@@ -87,6 +99,8 @@ def test_prefetch_counters(prefetch: str, tiny_checkpoints: dict[str, Path]) -> 
     copies = stats.expert_misses + stats.prefetch_issued  # demand misses only, plus prefetches
     assert stats.bytes_host_to_device == copies * runtime_of(model).survey.layout.nbytes
     assert stats.expert_hits + stats.expert_misses == stats.expert_uses  # prefetch adds no expert use
+    assert stats.prefetch_recall is not None and 0 < stats.prefetch_recall <= 1
+    assert stats.prefetch_precision is not None and 0 < stats.prefetch_precision <= 1
 
 
 def test_lookahead_predicts_the_next_layer_from_its_router(tiny_checkpoints: dict[str, Path]) -> None:
@@ -106,6 +120,51 @@ def test_lookahead_predicts_the_next_layer_from_its_router(tiny_checkpoints: dic
     )
     assert predictor.router_ids(runtime.survey.num_layers - 1, hidden) is None
     assert predictor.guess(runtime.survey.num_layers - 1, 2, hidden) is None
+
+
+def test_pre_attention_predicts_a_layer_from_its_input(tiny_checkpoints: dict[str, Path]) -> None:
+    """The prediction for layer l is layer l's own router applied to the post-attention norm of the residual
+    stream entering decoder layer l, made before the layer runs."""
+    path = tiny_checkpoints["qwen3_moe"]
+    model = load(path, slot_counts(path)["all"], "cpu", prefetch="pre-attention")
+    runtime = runtime_of(model)
+    predictor = runtime.predictor
+    assert isinstance(predictor, PreAttentionPredictor)
+    hidden = torch.randn(5, 32)
+    layer = model.model.layers[1]
+    _, _, expected = layer.mlp.gate(layer.post_attention_layernorm(hidden))
+    assert torch.equal(predictor.early_ids(1, hidden), expected)
+    guess = predictor.guess(1, 4, expected.flatten().numpy())
+    assert (
+        guess is not None and guess.layer == 1 and guess.experts == sorted(set(expected.flatten().tolist()))
+    )
+    assert (
+        predictor.router_ids(1, hidden) is None and predictor.guess(1, 4, None) is None
+    )  # nothing rides along
+    # In a model's forward it guesses every layer once per call, before the layer's access, from its input.
+    seen: list[tuple[int, torch.Tensor]] = []
+    for i, decoder_layer in enumerate(model.model.layers):
+        decoder_layer.register_forward_pre_hook(
+            lambda m, a, kw, i=i: seen.append((i, a[0] if a else kw["hidden_states"])), with_kwargs=True
+        )
+    with torch.no_grad():
+        model(prompt("cpu"))
+    score = runtime.step.prefetcher.score
+    assert [i for i, _ in seen] == list(range(3)) and score.scored == [1, 1, 1]
+    for i, hidden_in in seen:
+        ids = predictor.early_ids(i, hidden_in.reshape(-1, 32))
+        assert score.guessed[i] == len(set(ids.flatten().tolist()))
+
+
+def test_pre_attention_needs_the_norm_before_the_moe_block(tiny_checkpoints: dict[str, Path]) -> None:
+    path = tiny_checkpoints["qwen3_moe"]
+    model = load(path, slot_counts(path)["all"], "cpu")
+    runtime = runtime_of(model)
+    for decoder_layer in model.model.layers:
+        del decoder_layer.post_attention_layernorm
+    with pytest.raises(offload.OffloadError, match="norm in front of each MoE block"):
+        runtime.config = dataclasses.replace(runtime.config, prefetch="pre-attention")
+        attach_runtime(model, runtime)
 
 
 def test_lookahead_leaves_router_logits_output_alone(tiny_checkpoints: dict[str, Path]) -> None:
@@ -153,7 +212,7 @@ def test_bad_prefetch_options(tiny_checkpoints: dict[str, Path]) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prefetch", ["none", "history", "lookahead"])
+@pytest.mark.parametrize("prefetch", ["none", "history", "lookahead", "pre-attention"])
 def test_cuda_copy_stream_prefetch_equals_all_resident(
     prefetch: str, tiny_checkpoints: dict[str, Path]
 ) -> None:

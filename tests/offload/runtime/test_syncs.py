@@ -1,5 +1,6 @@
 """Host syncs per MoE layer call: exactly one device-to-host read in every prefetch mode (the routing, with a
-router predictor's ids riding along), one more when recording a trace. Counted on the CPU by the host reads
+router predictor's ids riding along) but pre-attention, which reads its guess before the layer runs (two), one
+more when recording a trace. Counted on the CPU by the host reads
 the code path makes, and on a GPU by torch's own sync debug mode."""
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ def decode_steps(model: torch.nn.Module, device: str, steps: int = 3) -> None:
 
 
 def reads_per_layer_call(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, steps: int = 3) -> float:
-    """Host reads of tensors (``.cpu()``, ``.tolist()``, ``.item()``, ...) made inside MoE layer calls, per
-    call, over ``steps`` decode steps (the prefill is not counted)."""
+    """Host reads of tensors (``.cpu()``, ``.tolist()``, ``.item()``, ...) made inside MoE layer calls and the
+    runtime's work before each decoder layer, per layer call, over ``steps`` decode steps (the prefill is not
+    counted)."""
     runtime = runtime_of(model)
     decode_steps(model, "cpu", steps=1)  # warm: the cache holds the prompt's experts
     state = {"inside": False, "reads": 0, "calls": 0}
@@ -43,32 +45,38 @@ def reads_per_layer_call(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
 
         return wrapper
 
-    original_forward = runtime.forward_layer
+    def inside(original, counts_call: bool):
+        def call(*args, **kwargs):
+            state["inside"], state["calls"] = True, state["calls"] + counts_call
+            try:
+                return original(*args, **kwargs)
+            finally:
+                state["inside"] = False
 
-    def forward(*args, **kwargs):
-        state["inside"], state["calls"] = True, state["calls"] + 1
-        try:
-            return original_forward(*args, **kwargs)
-        finally:
-            state["inside"] = False
+        return call
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         ids = model(prompt("cpu"), past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         for name in READS:
             monkeypatch.setattr(torch.Tensor, name, counting(name))
-        monkeypatch.setattr(runtime, "forward_layer", forward)
+        monkeypatch.setattr(runtime, "forward_layer", inside(runtime.forward_layer, True))
+        monkeypatch.setattr(runtime, "before_layer", inside(runtime.before_layer, False))
         for _ in range(steps):
             ids = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
     monkeypatch.undo()
     return state["reads"] / state["calls"]
 
 
-@pytest.mark.parametrize("prefetch", ["none", "history", "lookahead"])
-def test_one_host_read_per_layer_call(prefetch: str, tiny_checkpoints: dict[str, Path], monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("prefetch", "reads"), [("none", 1), ("history", 1), ("lookahead", 1), ("pre-attention", 2)]
+)
+def test_host_reads_per_layer_call(
+    prefetch: str, reads: int, tiny_checkpoints: dict[str, Path], monkeypatch
+) -> None:
     path = tiny_checkpoints["qwen3_moe"]
     model = load(path, slot_counts(path)["quarter"], "cpu", prefetch=prefetch)
-    assert reads_per_layer_call(model, monkeypatch) == 1.0
+    assert reads_per_layer_call(model, monkeypatch) == reads
 
 
 def test_recording_adds_one_read(tiny_checkpoints: dict[str, Path], monkeypatch) -> None:
@@ -78,7 +86,7 @@ def test_recording_adds_one_read(tiny_checkpoints: dict[str, Path], monkeypatch)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prefetch", ["none", "history", "lookahead"])
+@pytest.mark.parametrize("prefetch", ["none", "history", "lookahead", "pre-attention"])
 def test_gpu_one_sync_per_layer_call(prefetch: str, tiny_checkpoints: dict[str, Path]) -> None:
     """torch.cuda.set_sync_debug_mode warns on every synchronizing CUDA op: inside MoE layer calls, one per
     call (the routing's device-to-host read), whatever the prefetch mode. Copy only: a call that computes

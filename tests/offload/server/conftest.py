@@ -1,4 +1,4 @@
-"""Real offload-serve processes on free loopback ports, serving a tiny Mixtral with the demo's byte tokenizer,
+"""Real offload-serve processes on free loopback ports, serving a tiny Mixtral with a byte tokenizer,
 and OpenAI clients pointed at them. Each server is stopped when its module's tests end, or when one fails."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import torch
 import transformers
 
 from offload.config import OffloadConfig
-from offload.hf.demo import DEMO_CHAT_TEMPLATE, byte_tokenizer
 from offload.hf.skeleton import survey_checkpoint
 from offload.runtime.budget import budget_for_slots
 from offload_bench.serve_process import ServerProcess
+from tests.byte_tokenizer import CHAT_TEMPLATE, byte_tokenizer
 from tests.conftest import TINY_ARCHS, save_tiny
 
 API_KEY = "test-key"
@@ -26,12 +26,12 @@ MAX_CONTEXT = 512
 
 @pytest.fixture(scope="session")
 def chat_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 layers x 8 experts, top-2, the byte tokenizer with the demo's chat template. As in the demo, only
-    printable ASCII can win the logits: the replies are readable (stop strings can be picked from them) and
-    never end early at </s>, so a reply is exactly max_tokens long unless a stop string cuts it."""
+    """3 layers x 8 experts, top-2, the byte tokenizer with its chat template. Only printable ASCII can win
+    the logits: the replies are readable (stop strings can be picked from them) and never end early at </s>,
+    so a reply is exactly max_tokens long unless a stop string cuts it."""
     directory = tmp_path_factory.mktemp("serve") / "mixtral-chat"
     tokenizer = byte_tokenizer()
-    tokenizer.chat_template = DEMO_CHAT_TEMPLATE
+    tokenizer.chat_template = CHAT_TEMPLATE
     config = TINY_ARCHS["mixtral"]()
     config.vocab_size = len(tokenizer)
     config.max_position_embeddings = MAX_CONTEXT
