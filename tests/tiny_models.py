@@ -70,6 +70,8 @@ ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
     "diffusion_gemma": {"vision_config": {"model_type": "gemma4_vision"}},
     "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse", "sparse"]},
     "glm5_next_text": {
+        "linear_num_heads": 4,  # its linear-attention layers, at tiny sizes (see granitemoehybrid below)
+        "linear_head_dim": 16,
         "num_key_value_heads": 4,
         "qk_rope_head_dim": 0,
         "qk_nope_head_dim": 16,
@@ -95,7 +97,24 @@ ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
     },
     "zaya": {"num_experts_per_tok": 1},
+    # State-space and linear-attention layers at tiny sizes: their defaults (128 heads, a 256-wide state,
+    # chunks of 256) make the reference PyTorch scans of the hybrids take minutes on a CPU.
+    "granitemoehybrid": {"mamba_n_heads": 8, "mamba_d_state": 16, "mamba_chunk_size": 16},
+    "nemotron_h": {"mamba_num_heads": 8, "mamba_head_dim": 16, "ssm_state_size": 16, "chunk_size": 16},
+    "kimi_linear": {"linear_num_heads": 4, "linear_head_dim": 16},
     "qwen3_omni_moe_thinker": {"vision_start_token_id": 125},
+    # vision mergers sized to the tiny text model (their defaults project to 1536-4096 wide models)
+    "glm5_next_vision": {"out_hidden_size": 64, "projection_intermediate_size": 64},
+    "glm4v_moe_vision": {"out_hidden_size": 64},
+    # its audio tower defaults to 32 layers of width 1280 (2.5 GB in fp32); the text model never calls it here
+    "qwen3_omni_moe_audio_encoder": {
+        "encoder_layers": 1,
+        "d_model": 32,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 64,
+        "output_dim": 64,
+        "downsample_hidden_size": 32,
+    },
     # DeepSeek sparse attention: the indexer mask assumes as many KV heads as query heads.
     "axk2": {"index_n_heads": 4, "index_head_dim": 16, "index_topk": 64, "num_key_value_heads": 4},
     "deepseek_v32": {"index_n_heads": 4, "index_head_dim": 16, "index_topk": 64, "num_key_value_heads": 4},

@@ -57,18 +57,23 @@ class RoutedTokens:
         num_experts: int,
         along: torch.Tensor | None = None,  # integer tensor on the same device, read to the host too
     ) -> RoutedTokens:
-        flat = top_k_index.reshape(-1)
-        n = flat.numel()
+        n = top_k_index.numel()
         if along is None:
-            ids = read_to_host(flat)  # the layer's one device-to-host read
+            ids = read_to_host(top_k_index).reshape(-1)  # the layer's one device-to-host read
             extra = None
         else:
+            flat = top_k_index.reshape(-1)
             both = read_to_host(torch.cat((flat, along.reshape(-1).to(flat.dtype))))
             ids, extra = both[:n], both[n:]
         if n <= _SMALL:
             id_list = ids.tolist()
             order = sorted(range(n), key=id_list.__getitem__)  # stable: token order inside one expert
-            spans = _spans(id_list[i] for i in order)
+            if n and id_list[order[0]] < 0:
+                raise ValueError(f"expert ids must be non-negative, got {id_list[order[0]]}")
+            if n == top_k_index.shape[-1] and len(set(id_list)) == n:
+                spans = {id_list[i]: (p, p + 1) for p, i in enumerate(order)}  # one token, distinct experts
+            else:
+                spans = _spans(id_list[i] for i in order)
         else:
             order_np = np.argsort(ids, kind="stable")
             counts = np.bincount(ids, minlength=num_experts)  # a negative id raises ValueError, as it should
@@ -81,10 +86,10 @@ class RoutedTokens:
                     strict=True,
                 )
             )
-        if flat.device.type == "cpu":  # the order is on the host already
+        if top_k_index.device.type == "cpu":  # the order is on the host already
             pairs_by_expert = torch.from_numpy(np.array(order) if n <= _SMALL else order_np)
         else:  # sorted on the device, asynchronously: no host-to-device copy on the compute stream
-            pairs_by_expert = torch.argsort(flat, stable=True)
+            pairs_by_expert = torch.argsort(top_k_index.reshape(-1), stable=True)
         # Ids >= E are padding some models route to a non-expert: they have no pairs to compute. They sort last.
         complete = True
         while spans and next(reversed(spans)) >= num_experts:
@@ -105,7 +110,7 @@ class RoutedTokens:
 
 
 def _spans(sorted_ids: object) -> dict[int, tuple[int, int]]:
-    """``[start, end)`` of each id in an ascending sequence of ids."""
+    """``[start, end)`` of each id in an ascending sequence of non-negative ids."""
     spans: dict[int, tuple[int, int]] = {}
     position = 0
     current, start = -1, 0
@@ -113,8 +118,6 @@ def _spans(sorted_ids: object) -> dict[int, tuple[int, int]]:
         if expert != current:
             if position:
                 spans[current] = (start, position)
-            elif expert < 0:
-                raise ValueError(f"expert ids must be non-negative, got {expert}")
             current, start = expert, position
         position += 1
     if position:

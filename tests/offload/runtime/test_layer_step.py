@@ -106,3 +106,25 @@ def test_waves_guess_once_after_the_first_waves_copies() -> None:
     assert [entry[0] for entry in log] == ["load", "acquire", "release", "load", "acquire", "release"]
     assert step.waves == 2 and step.layer_calls == 1  # a multi-wave access is never followed by a guess
     assert torch.equal(out, reference(store, 0, hidden, index, weights))  # waves never change results
+
+
+def test_one_token_grouping_equals_the_general_path() -> None:
+    """The decode shortcut (one token, distinct experts) groups pairs exactly as the general path does, and
+    the cases it does not take (a repeated expert, a padding id, a negative id) still go the general way."""
+    import pytest
+
+    hidden, weights = torch.zeros(1, 4), torch.full((1, 4), 0.25)
+    one = RoutedTokens.build(hidden, torch.tensor([[7, 2, 9, 4]]), weights, 16)
+    assert one.spans == {2: (0, 1), 4: (1, 2), 7: (2, 3), 9: (3, 4)} and one.experts == [2, 4, 7, 9]
+    assert one.pairs_by_expert.tolist() == [1, 3, 0, 2] and one.complete
+    repeated = RoutedTokens.build(hidden, torch.tensor([[3, 1, 3, 0]]), weights, 16)  # an override may
+    assert repeated.spans == {0: (0, 1), 1: (1, 2), 3: (2, 4)} and repeated.pairs_by_expert.tolist() == [
+        3,
+        1,
+        0,
+        2,
+    ]
+    padded = RoutedTokens.build(hidden, torch.tensor([[5, 16, 1, 17]]), weights, 16)  # ids >= E: padding
+    assert padded.spans == {1: (0, 1), 5: (1, 2)} and not padded.complete
+    with pytest.raises(ValueError, match="non-negative"):
+        RoutedTokens.build(hidden, torch.tensor([[5, -1, 1, 2]]), weights, 16)
