@@ -10,7 +10,6 @@ which router input a pre-attention guess should use (offload_bench/pre_attention
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -92,13 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "pre_attention_inputs": {"windows": args.study_windows, **study},
     }
-    out = json.dumps(payload, indent=2) + "\n"
-    if str(args.out) == "-":
-        sys.stdout.write(out)
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(out)
-        print(f"wrote {args.out}")
+    from offload_bench.results import write_json
+
+    write_json(payload, args.out)
     return 0
 
 

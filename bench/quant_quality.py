@@ -92,13 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             "results": tiny,
         },
     }
-    out = json.dumps(payload, indent=2) + "\n"
-    if str(args.out) == "-":
-        sys.stdout.write(out)
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(out)
-        print(f"wrote {args.out}")
+    from offload_bench.results import write_json
+
+    write_json(payload, args.out)
     return 0
 
 
