@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offload.kernels import RoutedTokens, expert_pairs_torch, select_kernel
+from offload.kernels import expert_pairs_torch, select_kernel
 from offload.memory import formats
 from offload.memory.layout import ExpertLayout
 from offload.memory.slot_pool import SlotPool
@@ -24,7 +24,7 @@ from tests.offload.kernels.test_kernels import (
     PATHS,
     TOL,
     Case,
-    make_activation,
+    routed_case,
     triton_kernel,
     waves_of,
 )
@@ -84,17 +84,7 @@ def make_compressed_case(
         for name in ("gate_up_bias", "down_bias"):
             if has_bias:
                 views[name][e].copy_((torch.randn(views[name].shape[1:], generator=g) / 2).to(dtype))
-    pool = SlotPool(layout, slots or num_experts + 3, DEVICE)
-    pool.data.fill_(0xFF)  # garbage in slots nobody loaded (NaN scales): reading the wrong slot shows
-    logits = torch.randn(tokens, num_experts, generator=g)
-    if only_experts is not None:
-        mask = torch.full((num_experts,), float("-inf"))
-        mask[only_experts] = 0
-        logits = logits + mask
-    weights, index = logits.softmax(-1).topk(top_k, dim=-1)
-    x = torch.randn(tokens, hidden, generator=g).to(dtype)
-    routed = RoutedTokens.build(x.to(DEVICE), index.to(DEVICE), weights.to(dtype).to(DEVICE), num_experts)
-    return Case(layout, store.to(DEVICE), pool, routed, make_activation(kind, has_gate))
+    return routed_case(layout, store, g, tokens, top_k, slots, kind, only_experts)  # garbage: NaN scales
 
 
 def dequantized(case: Case) -> Case:

@@ -137,6 +137,22 @@ def make_case(
     for view in layout.views(store).values():
         fan_in = view.shape[-1] if view.dim() == 3 else 4  # outputs of order 1
         view.copy_((torch.randn(view.shape, generator=g) / fan_in**0.5).to(dtype))
+    return routed_case(layout, store, g, tokens, top_k, slots, kind, only_experts)
+
+
+def routed_case(
+    layout: ExpertLayout,
+    store: torch.Tensor,  # [E, nbytes] on the host, filled
+    g: torch.Generator,
+    tokens: int,
+    top_k: int,
+    slots: int | None,
+    kind: str,
+    only_experts: list[int] | None,
+) -> Case:
+    """The rest of a case once its experts are in ``store``: a pool with garbage in every slot, a random
+    routing (to ``only_experts`` when given) and the tokens, drawn from ``g``."""
+    num_experts = store.shape[0]
     pool = SlotPool(layout, slots or num_experts + 3, DEVICE)
     pool.data.fill_(0xFF)  # garbage (NaN) in slots nobody loaded: reading the wrong slot shows
     logits = torch.randn(tokens, num_experts, generator=g)
@@ -145,9 +161,10 @@ def make_case(
         mask[only_experts] = 0
         logits = logits + mask
     weights, index = logits.softmax(-1).topk(top_k, dim=-1)
-    x = torch.randn(tokens, hidden, generator=g).to(dtype)
-    routed = RoutedTokens.build(x.to(DEVICE), index.to(DEVICE), weights.to(dtype).to(DEVICE), num_experts)
-    return Case(layout, store.to(DEVICE), pool, routed, make_activation(kind, has_gate))
+    x = torch.randn(tokens, layout.hidden_size, generator=g).to(layout.dtype)
+    w = weights.to(layout.dtype)
+    routed = RoutedTokens.build(x.to(DEVICE), index.to(DEVICE), w.to(DEVICE), num_experts)
+    return Case(layout, store.to(DEVICE), pool, routed, make_activation(kind, layout.has_gate))
 
 
 def waves_of(case: Case, size: int, seed: int) -> list[list[tuple[int, int]]]:
