@@ -54,7 +54,7 @@ def runtime_for(experts: int) -> OffloadRuntime:
     layout = ExpertLayout(HIDDEN, INTERMEDIATE, True, False, torch.float32)
     survey = ModelSurvey("bench", ("layers.0.mlp.experts",), experts, TOP_K, layout, 0, 0, 0)
     plan = BudgetPlan(2**40, 0, 0, 0, 0, layout.nbytes, experts, TOP_K, experts)
-    runtime = OffloadRuntime(OffloadConfig.create(2**40, device="cpu"), survey, plan)
+    runtime = OffloadRuntime(OffloadConfig.create(2**40, device="cpu", prefetch="none"), survey, plan)
     weights = {
         "gate_up_proj": torch.zeros(experts, 2 * INTERMEDIATE, HIDDEN),
         "down_proj": torch.zeros(experts, HIDDEN, INTERMEDIATE),

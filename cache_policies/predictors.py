@@ -54,6 +54,8 @@ class HistoryPredictor:
 
 
 PREFETCH_MODES = ("none", "history", "lookahead", "pre-attention")
+# What the runtime takes: "auto" picks one of the modes per model (offload.hf.prefetch).
+PREFETCH_CHOICES = ("auto", *PREFETCH_MODES)
 
 
 def next_layer(layer: int, num_layers: int, wrap: bool) -> int | None:

@@ -7,9 +7,12 @@ from typing import Any, Literal
 
 import torch
 
-from cache_policies import HOST_MODES, ONLINE_POLICIES, POLICIES, PREFETCH_MODES, HostRates
+from cache_policies import HOST_MODES, ONLINE_POLICIES, POLICIES, HostRates
+from cache_policies.predictors import PREFETCH_CHOICES
 from offload.errors import OffloadError
 from offload.units import parse_size
+
+PrefetchChoice = Literal["auto", "none", "history", "lookahead", "pre-attention"]
 
 _DTYPES = {
     "bf16": torch.bfloat16,
@@ -74,7 +77,8 @@ class OffloadConfig:
     policy_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"half_life": 128} for lfru
     static_profile: str | None = None  # routing trace whose expert counts the static policy pins
     record_trace: bool = False  # keep the routing of every forward (offload.routing_trace)
-    prefetch: Literal["none", "history", "lookahead", "pre-attention"] = "none"
+    prefetch: PrefetchChoice = "auto"  # auto: pre-attention
+    # where the model allows, else lookahead, else none; none when every expert fits (offload.hf.prefetch)
     history_window: int = 8  # layer accesses the history predictor remembers
     copy_engine: Literal["auto", "sync", "threaded"] = "auto"  # auto: the copy stream on CUDA; on CPU,
     # threaded when prefetching (copies overlap compute), else sync
@@ -103,8 +107,10 @@ class OffloadConfig:
             raise OffloadError(f"cache_scope must be 'global' or 'layer', got {self.cache_scope!r}")
         if self.max_context < 1:
             raise OffloadError(f"max_context must be at least 1 token, got {self.max_context}")
-        if self.prefetch not in PREFETCH_MODES:
-            raise OffloadError(f"prefetch must be one of {', '.join(PREFETCH_MODES)}, got {self.prefetch!r}")
+        if self.prefetch not in PREFETCH_CHOICES:
+            raise OffloadError(
+                f"prefetch must be one of {', '.join(PREFETCH_CHOICES)}, got {self.prefetch!r}"
+            )
         if self.history_window < 1:
             raise OffloadError(f"history_window must be at least 1, got {self.history_window}")
         if self.copy_engine not in ("auto", "sync", "threaded"):

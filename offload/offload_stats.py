@@ -20,6 +20,7 @@ class OffloadStats:
     layer_calls: int  # MoE layer forward calls
     waves: int  # slot-pool waves run (more than layer_calls when a layer needs more experts than slots)
     evictions: int
+    prefetch: str = "none"  # the predictor in effect (prefetch="auto" resolved for this model and budget)
     prefetch_issued: int = 0  # predicted experts copied in ahead of their layer
     prefetch_used: int = 0  # prefetched experts a layer then used, landed before it was needed
     prefetch_late: int = 0  # prefetched experts a layer needed while their copy was still in flight

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from cache_policies.predictors import PREFETCH_MODES
+from cache_policies.predictors import PREFETCH_CHOICES
 from cache_policies.study.presets import PresetParser, add_config_option
 from offload.errors import OffloadError
 from offload.units import parse_size
@@ -70,11 +70,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="lru", help="expert cache policy (default lru)")
     p.add_argument(
         "--prefetch",
-        choices=PREFETCH_MODES,
+        choices=PREFETCH_CHOICES,
+        default="auto",
         help="fetch a layer's experts before it needs them: pre-attention (its own router on its input, "
         "copied while its attention runs), lookahead (the next layer's router on this layer's MoE input), "
-        "history (the next layer's recently used experts), or none (default; the demo: pre-attention, which "
-        "measured best on its model, docs/prediction.md)",
+        "history (the next layer's recently used experts), none, or auto (default: pre-attention where the "
+        "model allows, else lookahead, else none; none when every expert fits; docs/prediction.md)",
     )
     p.add_argument(
         "--cache-scope", choices=("global", "layer"), default="global", help="one cache or one per layer"
@@ -186,8 +187,6 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     demo = args.model is None
     if args.max_new_tokens is None:
         args.max_new_tokens = demo_model.DEMO_NEW_TOKENS if demo else 48
-    if args.prefetch is None:
-        args.prefetch = demo_model.DEMO_PREFETCH if demo else "none"
     if args.repetition_penalty is None:
         args.repetition_penalty = demo_model.DEMO_REPETITION_PENALTY if demo else 1.0
     if args.max_context is None:  # the demo model has 256 positions: reserving more KV cache would be waste
@@ -249,7 +248,7 @@ def demo_banner(choice: ModelChoice, args: argparse.Namespace) -> str:
         f"Demo: {choice.path}, a small Qwen3-MoE (6 MoE layers x 16 experts, top-4) trained on the Python "
         "standard library; it writes Python-like text, "
         f"{'greedily' if args.temperature == 0 else f'at temperature {args.temperature:g}'} with a "
-        f"repetition penalty of {args.repetition_penalty:g}; --prefetch {args.prefetch}."
+        f"repetition penalty of {args.repetition_penalty:g}."
     )
 
 

@@ -110,14 +110,13 @@ def _summary(result: dict[str, Any], stats: Any) -> str:
             f"slots   : {stats.slots} / {stats.total_experts} experts, {stats.expert_format}, "
             f"{format_size(stats.expert_bytes)} each (in host RAM and in a slot)",
             *([f"store   : {stats.store_source}"] if stats.store_source else []),
-            *(
-                [
-                    f"prefetch: {stats.prefetch_issued} issued, {stats.prefetch_used} used in time, "
-                    f"{stats.prefetch_late} late, {stats.prefetch_wasted} wasted; guesses named "
-                    f"{stats.prefetch_recall or 0:.1%} of the experts used",
-                ]
-                if stats.prefetch_issued
-                else []
+            f"prefetch: {stats.prefetch}"
+            + (
+                f", {stats.prefetch_issued} issued, {stats.prefetch_used} used in time, "
+                f"{stats.prefetch_late} late, {stats.prefetch_wasted} wasted; guesses named "
+                f"{stats.prefetch_recall or 0:.1%} of the experts used"
+                if stats.prefetch != "none"
+                else ""
             ),
             f"stalled : {stats.stall_seconds:.3f} s waiting for copies",
             f"memory  : {peak} (planned {format_size(stats.planned_bytes)})",

@@ -20,9 +20,6 @@ DEMO_NEW_TOKENS = 96
 # Greedy decoding of a model this small falls into loops; a repetition penalty of 1.3 breaks most of them
 # (transformers' CTRL-style penalty: the logits of tokens already in the text are divided by it).
 DEMO_REPETITION_PENALTY = 1.3
-# On this model's held-out text pre-attention prefetch left the fewest demand misses at every budget measured
-# (docs/prediction.md); history saved few and moved the most bytes.
-DEMO_PREFETCH = "pre-attention"
 
 
 def demo_checkpoint(directory: Path = DEMO_DIR) -> Path:

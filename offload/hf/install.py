@@ -8,30 +8,24 @@ swaps one experts module for :class:`OffloadedExperts` once its weights are in t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from offload.config import OffloadConfig
-from offload.errors import CheckpointError, OffloadError, UnsupportedModelError
+from offload.errors import CheckpointError, OffloadError
 from offload.hf.activation import activation_of
 from offload.hf.expert_formats import with_format
 from offload.hf.experts import OffloadedExperts
+from offload.hf.prefetch import install_predictor, resolve_prefetch
 from offload.hf.survey import expert_param_names, survey
 from offload.runtime.budget import plan_budget
 from offload.runtime.host_plan import check_host_memory
-from offload.runtime.router_predictors import LookaheadPredictor, PreAttentionPredictor
 from offload.runtime.runtime import OffloadRuntime
 
 RUNTIME_ATTR = "_offload_runtime"
-# Where transformers' MoE blocks keep their router, next to the experts module.
-ROUTER_NAMES = ("gate", "router")
-# The decoder layer's norm in front of its MoE block: Gemma-style layers name it pre_feedforward_layernorm (their
-# post_attention_layernorm normalizes the attention's output before the residual add); most others
-# post_attention_layernorm.
-PRE_MOE_NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm", "ffn_norm")
 
 
 def new_runtime(
@@ -45,6 +39,8 @@ def new_runtime(
     budget = plan_budget(model_survey, config)
     if reading:
         check_host_memory(model_survey, config, budget.planned_bytes)
+    # One mode, known before the runtime is built (its copy engine overlaps copies with compute or not)
+    config = dataclasses.replace(config, prefetch=resolve_prefetch(model, model_survey, budget, config))
     return OffloadRuntime(config, model_survey, budget, model_name=model_name)
 
 
@@ -80,40 +76,8 @@ def attach_runtime(model: nn.Module, runtime: OffloadRuntime) -> None:
     """The last step of every builder: the router predictors (they need the model's routers; pre-attention
     also its norms and a hook on each decoder layer) and the handle that offload.stats and friends find the
     runtime by."""
-    names, num_experts = runtime.survey.layer_names, runtime.survey.num_experts
-    if runtime.config.prefetch == "lookahead":
-        runtime.use_predictor(LookaheadPredictor(moe_routers(model, names), num_experts))
-    elif runtime.config.prefetch == "pre-attention":
-        decoder_layers = [model.get_submodule(_decoder_layer_name(name)) for name in names]
-        norms = [_pre_moe_norm(layer, name) for layer, name in zip(decoder_layers, names, strict=True)]
-        runtime.use_predictor(PreAttentionPredictor(moe_routers(model, names), norms, num_experts))
-        for index, decoder_layer in enumerate(decoder_layers):
-            decoder_layer.register_forward_pre_hook(_before_layer_hook(runtime, index), with_kwargs=True)
+    install_predictor(model, runtime)
     setattr(model, RUNTIME_ATTR, runtime)
-
-
-def _decoder_layer_name(experts_name: str) -> str:
-    """``model.layers.3.mlp.experts`` -> ``model.layers.3``: the decoder layer around the MoE block."""
-    return experts_name.rpartition(".")[0].rpartition(".")[0]
-
-
-def _pre_moe_norm(decoder_layer: nn.Module, experts_name: str) -> nn.Module:
-    for name in PRE_MOE_NORM_NAMES:
-        norm = getattr(decoder_layer, name, None)
-        if isinstance(norm, nn.Module):
-            return norm
-    raise UnsupportedModelError(
-        f"pre-attention prefetch needs the norm in front of each MoE block; {type(decoder_layer).__name__} "
-        f"(around {experts_name}) has none named {', '.join(PRE_MOE_NORM_NAMES)}: use prefetch='lookahead'"
-    )
-
-
-def _before_layer_hook(runtime: OffloadRuntime, layer: int) -> Callable[[nn.Module, tuple, dict], None]:
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, H]: the residual stream entering
-        runtime.before_layer(layer, hidden)
-
-    return hook
 
 
 def runtime_of(model: nn.Module) -> OffloadRuntime:
@@ -123,20 +87,3 @@ def runtime_of(model: nn.Module) -> OffloadRuntime:
             "this model is not offloaded: build it with offload.from_pretrained or offload.wrap"
         )
     return runtime
-
-
-def moe_routers(model: nn.Module, layer_names: tuple[str, ...]) -> list[nn.Module]:
-    """The router beside each experts module (``block.gate`` or ``block.router``), in layer order."""
-    routers = []
-    for name in layer_names:
-        block = model.get_submodule(name.rpartition(".")[0])
-        router = next(
-            (getattr(block, n) for n in ROUTER_NAMES if isinstance(getattr(block, n, None), nn.Module)), None
-        )
-        if router is None:
-            raise UnsupportedModelError(
-                f"lookahead prefetch needs each MoE block's router; {type(block).__name__} has none named "
-                f"{' or '.join(ROUTER_NAMES)}: use prefetch='history'"
-            )
-        routers.append(router)
-    return routers

@@ -36,7 +36,7 @@ class RouterPredictor:
     name = "router"
 
     def __init__(self, routers: list[nn.Module], num_experts: int) -> None:
-        self.routers = routers  # one per MoE layer, found by offload.hf.install.moe_routers
+        self.routers = routers  # one per MoE layer, found by offload.hf.prefetch.moe_routers
         self.num_experts = num_experts
 
     def observe(self, layer: int, experts: Any) -> None:
@@ -89,7 +89,7 @@ class PreAttentionPredictor(RouterPredictor):
 
     def __init__(self, routers: list[nn.Module], norms: list[nn.Module], num_experts: int) -> None:
         super().__init__(routers, num_experts)
-        self.norms = norms  # one per MoE layer, found by offload.hf.install.pre_moe_norms
+        self.norms = norms  # one per MoE layer, found by offload.hf.prefetch.pre_moe_norm
 
     def target(self, layer: int) -> int | None:
         return None

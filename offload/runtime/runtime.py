@@ -34,6 +34,10 @@ class OffloadRuntime:
     def __init__(
         self, config: OffloadConfig, survey: ModelSurvey, budget: BudgetPlan, model_name: str = ""
     ) -> None:
+        if config.prefetch == "auto":
+            raise ValueError(
+                "prefetch='auto' is resolved per model by offload.hf.prefetch.resolve_prefetch first"
+            )
         self.config = config
         self.model_name = model_name
         self.store_source = (
@@ -185,6 +189,7 @@ class OffloadRuntime:
             layer_calls=self.step.layer_calls,
             waves=self.step.waves,
             evictions=self.cache.evictions,
+            prefetch=self.config.prefetch,
             prefetch_issued=self.cache.prefetch_issued,
             prefetch_used=0 if prefetcher is None else prefetcher.used,
             prefetch_late=0 if prefetcher is None else prefetcher.late,

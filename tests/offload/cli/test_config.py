@@ -63,7 +63,7 @@ def test_preset_values_and_command_line_precedence(tmp_path: Path) -> None:
         2,
     )
     assert args.host == "127.0.0.1" and args.seed == 0  # untouched defaults
-    assert args.prefetch is None  # filled once the model is known: pre-attention for the demo, else none
+    assert args.prefetch == "auto"  # resolved once the model is known (offload.hf.prefetch)
     with pytest.raises(run.UsageError, match="unknown key 'port'"):  # offload-run has no --port
         run.build_parser().parse_args(["--config", str(preset)])
 
@@ -76,7 +76,7 @@ def test_preset_values_and_command_line_precedence(tmp_path: Path) -> None:
         ('temperature = "hot"\n', ["key 'temperature' must be a number"]),
         (
             'prefetch = "sometimes"\n',
-            ["key 'prefetch' must be one of none, history, lookahead, pre-attention"],
+            ["key 'prefetch' must be one of auto, none, history, lookahead, pre-attention"],
         ),
         ('vram_budget = "12GB"\n', ["unknown key 'vram_budget'", "did you mean 'vram-budget'"]),
         ('kv-cache-dtype = "fp8"\n', ["unknown key 'kv-cache-dtype'"]),

@@ -31,6 +31,11 @@ MODEL_CLASSES = {
 ATOL = RTOL = 1e-5  # fp32 on CPU
 # Sparse-attention indexers that call nonzero(), which cannot run on the meta device.
 KV_FORMULA_ONLY = {"glm5_next", "qwen4_exp", "qwen4_exp_text"}
+# What prefetch="auto" falls back to where pre-attention cannot run: lookahead for decoder layers without a
+# norm in front of the MoE block; none for routers that need more than a hidden state (a bias, the input ids,
+# a 3-d input) or return only logits (jamba's plain Linear). Every other type gets pre-attention.
+AUTO_LOOKAHEAD = {"cohere2_moe", "gemma4", "gemma4_text", "nemotron_h", "qwen4_exp", "qwen4_exp_text"}
+AUTO_NONE = {"afmoe", "deepseek_v4", "hy_v3", "jamba", "lfm2_moe", "minimax_m2", "zaya"}
 
 
 def test_list_matches_a_scan_of_transformers_sources() -> None:
@@ -67,11 +72,11 @@ def build(model_type: str, root: Path) -> Path:
     return path
 
 
-def offloaded(path: Path, slots: int) -> torch.nn.Module:
+def offloaded(path: Path, slots: int, **options) -> torch.nn.Module:
     config = OffloadConfig.create(1, device="cpu", dtype="fp32", max_context=64)
     budget = budget_for_slots(survey_checkpoint(str(path), torch.float32), config, slots)
     return offload.from_pretrained(
-        path, vram_budget=budget, device="cpu", dtype="fp32", max_context=64, progress=False
+        path, vram_budget=budget, device="cpu", dtype="fp32", max_context=64, progress=False, **options
     )
 
 
@@ -96,8 +101,30 @@ def test_offloaded_generation_equals_transformers(model_type: str, checkpoints: 
         assert torch.equal(tokens, expected), f"{model_type} with {slots} slots: greedy tokens differ"
         stats = offload.stats(model)
         assert stats.slots == slots and stats.expert_misses > 0
+        assert stats.prefetch == (auto_prefetch(model_type) if slots < survey.total_experts else "none")
         results.append(logits)
     assert torch.equal(results[0], results[1]), "budget changed the logits"
+
+
+def auto_prefetch(model_type: str) -> str:
+    return (
+        "lookahead"
+        if model_type in AUTO_LOOKAHEAD
+        else "none"
+        if model_type in AUTO_NONE
+        else "pre-attention"
+    )
+
+
+@pytest.mark.parametrize(("model_type", "prefetch"), [("afmoe", "lookahead"), ("jamba", "pre-attention")])
+def test_a_router_predictor_the_model_cannot_serve_fails_before_loading(
+    model_type: str, prefetch: str, checkpoints: Path
+) -> None:
+    """afmoe's router needs its expert bias passed in; jamba's returns only logits: one line, no weight read."""
+    path = build(model_type, checkpoints)
+    with pytest.raises(offload.UnsupportedModelError, match="use prefetch='history'") as err:
+        offloaded(path, 4, prefetch=prefetch)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("model_type", sorted(LIMITATIONS))

@@ -112,7 +112,9 @@ def test_auto_on_cpu_is_off_without_rates(tiny_checkpoints: dict[str, Path]) -> 
 
 def test_runtime_and_simulator_split_the_same(tiny_checkpoints: dict[str, Path]) -> None:
     path = tiny_checkpoints["qwen3_moe"]
-    model = load(path, 9, "cpu", host_compute="auto", host_rates=EVEN, record_trace=True, policy="lfu")
+    model = load(
+        path, 9, "cpu", host_compute="auto", host_rates=EVEN, record_trace=True, policy="lfu", prefetch="none"
+    )
     run(model)
     stats = offload.stats(model)
     runtime = runtime_of(model)

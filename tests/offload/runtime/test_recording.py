@@ -47,7 +47,7 @@ def test_simulator_replays_the_runtime_exactly(
 ) -> None:
     """Record a run, replay its trace in the simulator with the same policy and capacity: same hits, misses."""
     path = tiny_checkpoints["qwen3_moe"]  # 16 experts, top-4: room for policies to differ
-    options: dict = {"cache_scope": scope, "seed": 7}
+    options: dict = {"cache_scope": scope, "seed": 7, "prefetch": "none"}  # demand paging, as simulated
     sim_options: dict = {"seed": 7} if policy == "random" else {}
     if policy == "static":  # profile on another run (all experts resident), as a user would
         profile = offload.routing_trace(run_recorded(path, 48)).save(tmp_path / "profile.npz")

@@ -81,7 +81,7 @@ def test_host_reads_per_layer_call(
 
 def test_recording_adds_one_read(tiny_checkpoints: dict[str, Path], monkeypatch) -> None:
     path = tiny_checkpoints["qwen3_moe"]
-    model = load(path, slot_counts(path)["quarter"], "cpu", record_trace=True)
+    model = load(path, slot_counts(path)["quarter"], "cpu", record_trace=True, prefetch="none")
     assert reads_per_layer_call(model, monkeypatch) == 2.0  # the routing weights of the trace
 
 
