@@ -14,14 +14,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# Up to this many pairs (a decode step) plain Python over the ids is faster than numpy's calls.
-_SMALL = 16
+# Up to this many pairs (a decode step, or a few tokens) plain Python over the ids is faster than numpy's calls.
+_SMALL = 64
 
 
 def read_to_host(tensor: torch.Tensor) -> np.ndarray:
     """The one way the layer step reads device data on the host: a blocking device-to-host copy (a sync on
     CUDA). Kept in one place so tests can count the reads a code path makes."""
     return tensor.cpu().numpy()
+
+
+def read_list_to_host(tensor: torch.Tensor) -> list[int]:
+    """:func:`read_to_host` for a few integers, flattened to a list: ``tolist`` is one read, as ``cpu()`` is,
+    and costs a third of ``cpu().numpy().tolist()`` in host time."""
+    rows = tensor.tolist()
+    if tensor.dim() == 1:
+        return rows
+    return rows[0] if len(rows) == 1 else [i for row in rows for i in row]
 
 
 @dataclass(slots=True)  # not frozen: built once per layer call, and a frozen init costs 2 us of host time
@@ -36,9 +45,9 @@ class RoutedTokens:
     spans: dict[int, tuple[int, int]]  # expert -> [start, end) of its pairs in pairs_by_expert
     experts: list[int]  # experts with at least one pair, ascending
     num_experts: int  # E: ids >= E are padding
-    ids: np.ndarray  # [T*k] host copy of the expert ids (what the recorder stores)
+    ids: np.ndarray | list[int]  # [T*k] host copy of the expert ids (what the recorder stores); a list when few
     complete: bool  # every pair has an expert (no padding ids): the kernels write every row of the output
-    along: np.ndarray | None = None  # host copy of the tensor that rode along with the ids, flattened
+    along: np.ndarray | list[int] | None = None  # host copy of the tensor that rode along with the ids, flat
 
     @property
     def top_k(self) -> int:
@@ -58,15 +67,16 @@ class RoutedTokens:
         along: torch.Tensor | None = None,  # integer tensor on the same device, read to the host too
     ) -> RoutedTokens:
         n = top_k_index.numel()
-        if along is None:
-            ids = read_to_host(top_k_index).reshape(-1)  # the layer's one device-to-host read
-            extra = None
-        else:
-            flat = top_k_index.reshape(-1)
-            both = read_to_host(torch.cat((flat, along.reshape(-1).to(flat.dtype))))
-            ids, extra = both[:n], both[n:]
+        ids: np.ndarray | list[int]
+        extra: np.ndarray | list[int] | None = None
         if n <= _SMALL:
-            id_list = ids.tolist()
+            if along is None:
+                id_list = read_list_to_host(top_k_index)  # the layer's one device-to-host read
+            else:
+                flat = top_k_index.reshape(-1)
+                both = read_list_to_host(torch.cat((flat, along.reshape(-1).to(flat.dtype))))
+                id_list, extra = both[:n], both[n:]
+            ids = id_list
             order = sorted(range(n), key=id_list.__getitem__)  # stable: token order inside one expert
             if n and id_list[order[0]] < 0:
                 raise ValueError(f"expert ids must be non-negative, got {id_list[order[0]]}")
@@ -75,8 +85,15 @@ class RoutedTokens:
             else:
                 spans = _spans(id_list[i] for i in order)
         else:
-            order_np = np.argsort(ids, kind="stable")
-            counts = np.bincount(ids, minlength=num_experts)  # a negative id raises ValueError, as it should
+            if along is None:
+                ids_np = read_to_host(top_k_index).reshape(-1)  # the layer's one device-to-host read
+            else:
+                flat = top_k_index.reshape(-1)
+                both_np = read_to_host(torch.cat((flat, along.reshape(-1).to(flat.dtype))))
+                ids_np, extra = both_np[:n], both_np[n:]
+            ids = ids_np
+            order_np = np.argsort(ids_np, kind="stable")
+            counts = np.bincount(ids_np, minlength=num_experts)  # a negative id raises ValueError, as it should
             present = np.flatnonzero(counts)
             ends = np.cumsum(counts[present])
             spans = dict(
@@ -86,7 +103,7 @@ class RoutedTokens:
                     strict=True,
                 )
             )
-        if top_k_index.device.type == "cpu":  # the order is on the host already
+        if top_k_index.is_cpu:  # the order is on the host already
             pairs_by_expert = torch.from_numpy(np.array(order) if n <= _SMALL else order_np)
         else:  # sorted on the device, asynchronously: no host-to-device copy on the compute stream
             pairs_by_expert = torch.argsort(top_k_index.reshape(-1), stable=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from cache_policies import AccessPlan, CopyOrCompute, ExpertCache, HostChoice, Prefetch, Prefetcher, Wave
@@ -40,6 +41,9 @@ from offload.runtime.host_compute import HostCompute
 from offload.runtime.recorder import RoutingRecorder
 from offload.runtime.router_predictors import PreAttentionPredictor, RouterPredictor
 
+# Per-pair output buffers up to this many rows (a decode step's top-k, or a few tokens') are reused by the next
+# call of the same shape instead of allocated (LayerStep._pairs_buffer).
+_REUSED_ROWS = 64
 # (layer, top_k_index [T, k], top_k_weights [T, k]) -> the routing to use instead
 RoutingOverride = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -69,6 +73,7 @@ class LayerStep:
         self.host: HostCompute | None = None
         # Each layer's row of the device slot table, as views made once (making one costs host time).
         self._table_rows = list(pool.table.unbind(0))
+        self._pair_buffers: dict[tuple, torch.Tensor] = {}  # decode steps' per-pair outputs, by shape
         self.layer_calls = 0
         self.waves = 0
 
@@ -88,11 +93,7 @@ class LayerStep:
         tokens, top_k = routed.top_k_index.shape
         # Same accumulation as transformers: weighted pairs in the promoted dtype, summed over k, cast back.
         out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
-        # Every row is written by exactly one wave unless some pair has a padding id: zeros only then.
-        alloc = torch.empty if routed.complete else torch.zeros
-        pairs_out = alloc(
-            (tokens * top_k, hidden_states.shape[-1]), dtype=out_dtype, device=hidden_states.device
-        )
+        pairs_out = self._pairs_buffer(tokens * top_k, hidden_states, out_dtype, routed.complete)
         # A single wave holds every expert of the call: the kernel may look slots up in the device slot
         # table instead of a per-wave table copied from the host (offload.memory.slot_pool).
         slot_row = self._table_rows[layer] if len(plan.waves) == 1 else None
@@ -140,7 +141,7 @@ class LayerStep:
         along = predictor.router_ids(layer, hidden) if isinstance(predictor, RouterPredictor) else None
         routed = RoutedTokens.build(hidden, top_k_index, top_k_weights, self.num_experts, along=along)
         if self.recorder is not None:
-            self.recorder.record(layer, routed.ids.reshape(top_k_index.shape), top_k_weights)
+            self.recorder.record(layer, np.asarray(routed.ids).reshape(top_k_index.shape), top_k_weights)
         return routed
 
     def plan(self, layer: int, routed: RoutedTokens) -> AccessPlan:
@@ -190,6 +191,26 @@ class LayerStep:
         self.kernel(routed, wave.experts, wave.slots, self.pool, activation, pairs_out, slot_row=slot_row)
         self.engine.release(wave.slots)
         self.waves += 1
+
+    def _pairs_buffer(
+        self, rows: int, hidden_states: torch.Tensor, dtype: torch.dtype, complete: bool
+    ) -> torch.Tensor:
+        """The per-pair output ``[rows, H]``. Every row is written by exactly one wave unless some pair has a
+        padding id: zeros only then. A decode step's (at most ``_REUSED_ROWS`` rows) is kept for the next call
+        of its shape: making one costs about 5 us of host time, a tenth of a layer call's. Reuse is safe: a
+        call's last reader of it (the sum over k) is ordered before the next call's first writer, on one
+        stream or thread, and no call returns it."""
+        shape = (rows, hidden_states.shape[-1])
+        if rows > _REUSED_ROWS:
+            alloc = torch.empty if complete else torch.zeros
+            return alloc(shape, dtype=dtype, device=hidden_states.device)
+        key = (shape, dtype, hidden_states.device)
+        buffer = self._pair_buffers.get(key)
+        if buffer is None:
+            buffer = self._pair_buffers[key] = torch.empty(shape, dtype=dtype, device=hidden_states.device)
+        if not complete:
+            buffer.zero_()
+        return buffer
 
     def _host_choice(self, routed: RoutedTokens) -> HostChoice | None:
         rule = self.rule

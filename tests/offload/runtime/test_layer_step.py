@@ -128,3 +128,40 @@ def test_one_token_grouping_equals_the_general_path() -> None:
     assert padded.spans == {1: (0, 1), 5: (1, 2)} and not padded.complete
     with pytest.raises(ValueError, match="non-negative"):
         RoutedTokens.build(hidden, torch.tensor([[5, -1, 1, 2]]), weights, 16)
+
+
+def test_python_and_numpy_grouping_agree(monkeypatch) -> None:
+    """Up to 64 pairs the ids are grouped in plain Python, above in numpy: the same spans, order and ids."""
+    import offload.kernels.routing as routing
+
+    g = torch.Generator().manual_seed(1)
+    for tokens in (1, 3, 8, 9):
+        index = torch.randint(0, 20, (tokens, 8), generator=g)  # repeats across tokens, padding ids 16-19
+        hidden, weights = torch.zeros(tokens, 4), torch.rand(tokens, 8, generator=g)
+        built = {}
+        for small in (0, 64):
+            monkeypatch.setattr(routing, "_SMALL", small)
+            built[small] = RoutedTokens.build(hidden, index, weights, 16)
+        python, numpy_ = built[64], built[0]
+        assert python.spans == numpy_.spans and python.experts == numpy_.experts
+        assert python.complete == numpy_.complete
+        assert torch.equal(python.pairs_by_expert, numpy_.pairs_by_expert)
+        assert list(python.ids) == numpy_.ids.tolist() == index.flatten().tolist()
+
+
+def test_reused_pair_buffer_leaks_nothing_between_calls() -> None:
+    """A decode step's per-pair buffer is reused by the next call: an earlier output is not changed by later
+    calls, and a call with a padding id (rows no expert writes) still sums zeros for them."""
+    step, _, store = build(slots=EXPERTS)
+    step.prefetcher = None
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(1, H, generator=g)
+    weights = torch.tensor([[0.6, 0.4]])
+    first = step(0, ACTIVATION, hidden, torch.tensor([[1, 3]]), weights)
+    kept = first.clone()
+    padded = torch.tensor([[4, EXPERTS]])  # id E: padding, its row is written by no wave
+    out = step(0, ACTIVATION, hidden, padded, weights)
+    assert torch.equal(first, kept)
+    assert torch.equal(out, reference(store, 0, hidden, padded, weights))
+    again = step(0, ACTIVATION, hidden, torch.tensor([[1, 3]]), weights)
+    assert torch.equal(again, kept) and torch.equal(first, kept)
