@@ -9,6 +9,7 @@ host builds ``spans`` (expert -> its range of pair positions) in O(T*k): never a
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,13 +78,12 @@ class RoutedTokens:
                 both = read_list_to_host(torch.cat((flat, along.reshape(-1).to(flat.dtype))))
                 id_list, extra = both[:n], both[n:]
             ids = id_list
-            order = sorted(range(n), key=id_list.__getitem__)  # stable: token order inside one expert
-            if n and id_list[order[0]] < 0:
-                raise ValueError(f"expert ids must be non-negative, got {id_list[order[0]]}")
-            if n == top_k_index.shape[-1] and len(set(id_list)) == n:
-                spans = {id_list[i]: (p, p + 1) for p, i in enumerate(order)}  # one token, distinct experts
+            if n == top_k_index.shape[-1] and len(set(id_list)) == n:  # one token, distinct experts
+                spans = {expert: (p, p + 1) for p, expert in enumerate(sorted(id_list))}
             else:
-                spans = _spans(id_list[i] for i in order)
+                spans = _spans(Counter(id_list))
+            if spans and next(iter(spans)) < 0:
+                raise ValueError(f"expert ids must be non-negative, got {next(iter(spans))}")
         else:
             if along is None:
                 ids_np = read_to_host(top_k_index).reshape(-1)  # the layer's one device-to-host read
@@ -92,7 +92,6 @@ class RoutedTokens:
                 both_np = read_to_host(torch.cat((flat, along.reshape(-1).to(flat.dtype))))
                 ids_np, extra = both_np[:n], both_np[n:]
             ids = ids_np
-            order_np = np.argsort(ids_np, kind="stable")
             counts = np.bincount(ids_np, minlength=num_experts)  # a negative id raises ValueError, as it should
             present = np.flatnonzero(counts)
             ends = np.cumsum(counts[present])
@@ -103,8 +102,13 @@ class RoutedTokens:
                     strict=True,
                 )
             )
-        if top_k_index.is_cpu:  # the order is on the host already
-            pairs_by_expert = torch.from_numpy(np.array(order) if n <= _SMALL else order_np)
+        if top_k_index.is_cpu:  # sorted on the host, stable: token order inside one expert
+            order = (
+                np.array(sorted(range(n), key=ids.__getitem__), dtype=np.int64)
+                if isinstance(ids, list)
+                else np.argsort(ids, kind="stable")
+            )
+            pairs_by_expert = torch.from_numpy(order)
         else:  # sorted on the device, asynchronously: no host-to-device copy on the compute stream
             pairs_by_expert = torch.argsort(top_k_index.reshape(-1), stable=True)
         # Ids >= E are padding some models route to a non-expert: they have no pairs to compute. They sort last.
@@ -126,17 +130,12 @@ class RoutedTokens:
         )
 
 
-def _spans(sorted_ids: object) -> dict[int, tuple[int, int]]:
-    """``[start, end)`` of each id in an ascending sequence of non-negative ids."""
+def _spans(counts: Counter[int]) -> dict[int, tuple[int, int]]:
+    """``[start, end)`` of each id's pairs in id order, from how many pairs each id has."""
     spans: dict[int, tuple[int, int]] = {}
-    position = 0
-    current, start = -1, 0
-    for expert in sorted_ids:  # type: ignore[attr-defined]
-        if expert != current:
-            if position:
-                spans[current] = (start, position)
-            current, start = expert, position
-        position += 1
-    if position:
-        spans[current] = (start, position)
+    start = 0
+    for expert in sorted(counts):
+        end = start + counts[expert]
+        spans[expert] = (start, end)
+        start = end
     return spans
