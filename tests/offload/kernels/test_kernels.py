@@ -326,11 +326,11 @@ def test_custom_activation_falls_back_to_torch() -> None:
 
 @pytest.mark.parametrize(("path", "split"), [("decode", None), ("decode", 2), ("prefill", None)])
 def test_bitwise_independent_of_waves_and_slots(path: str, split: int | None) -> None:
-    case = make_case(tokens=8, num_experts=9, top_k=3, slots=12, has_bias=True, seed=3)
+    case = make_case(tokens=5, num_experts=9, top_k=3, slots=12, has_bias=True, seed=3)
     kernel = triton_kernel(path=path, block_m=16, split_k=split, decode_block_k=16 if split else None)
     whole = case.run(kernel, case.one_wave())
     assert torch.equal(whole, case.run(kernel, case.one_wave()))  # run to run
-    for size, seed in [(1, 0), (3, 1), (5, 2)]:
+    for size, seed in [(1, 0), (4, 1)]:
         waves = waves_of(case, size, seed)
         assert torch.equal(case.run(kernel, waves), whole), f"waves of {size}"
 
@@ -445,7 +445,7 @@ def test_generate_triton_equals_torch(tiny_mixtral: Path) -> None:
     same logits whether every expert is resident or only two slots exist (prefill runs in several waves)."""
     import offload
 
-    prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    prompt = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     runs = {}
     for kernel, budget in [("torch", "100MB"), ("triton", "100MB"), ("triton", "min")]:
         if budget == "min":
@@ -455,7 +455,7 @@ def test_generate_triton_equals_torch(tiny_mixtral: Path) -> None:
             budget = err.value.minimum_bytes
         model = offload.from_pretrained(tiny_mixtral, vram_budget=budget, device=DEVICE, dtype="fp32",
                                         kernel=kernel, workspace_bytes=0, max_context=64, progress=False)  # fmt: skip
-        out = model.generate(prompt, max_new_tokens=8, do_sample=False, output_logits=True,
+        out = model.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)  # fmt: skip
         runs[kernel, str(budget)] = (out, offload.stats(model))
     (ref, _), (fast, _), (tight, tight_stats) = runs.values()
