@@ -11,7 +11,8 @@ For each model shape, one model at a time (random weights, built straight into t
 saved), at one VRAM budget, all in one run and side by side:
 
 - ``lru``: demand paging, LRU cache (``prefetch="none"``): every miss stalls compute;
-- ``history`` and ``lookahead``: the same cache with each predictor prefetching on the copy stream;
+- ``lookahead`` and ``pre-attention`` (what ``prefetch="auto"`` picks for these shapes): the same cache with
+  each predictor prefetching on the copy stream (``history``, which measured no help, on request);
 - ``accelerate``: the peer baseline, what transformers' ``device_map="auto"`` with ``max_memory={gpu:
   budget, "cpu": ...}`` does, on a plain model of the same config with random weights (accelerate's hooks
   copy every offloaded weight to the GPU at every forward).
@@ -58,9 +59,10 @@ if TYPE_CHECKING:  # torch is imported when a run starts: `offload-bench --help`
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 OLMOE_TRACE = ROOT / "data" / "traces" / "olmoe-1b-7b_decode_299.jsonl"
-VARIANTS = ("lru", "history", "lookahead", "int4", "accelerate")  # the default set
-# lru with host compute off (copy only): the other offloaded variants run the default, host_compute="auto"
-EXTRA_VARIANTS = ("lru-host-off",)
+VARIANTS = ("lru", "lookahead", "pre-attention", "int4", "accelerate")  # the default set
+# history prefetch; lru with host compute off (copy only): the other offloaded variants run the default,
+# host_compute="auto"
+EXTRA_VARIANTS = ("history", "lru-host-off")
 SETTINGS = (
     "policy",
     "prompt_tokens",
@@ -165,8 +167,8 @@ def _header(
     return dict(
         what=f"{SMOKE_LABEL}: proves the script runs end to end; no number here is a performance figure"
         if args.smoke
-        else "decode of random-weight offloaded MoE models of real shapes: demand LRU, history and lookahead "
-        "prefetch, and accelerate's device_map='auto' offload at the same GPU memory cap, side by side",
+        else "decode of random-weight offloaded MoE models of real shapes: demand LRU, lookahead and "
+        "pre-attention prefetch, and accelerate's device_map='auto' offload at the same GPU memory cap, side by side",
         smoke=args.smoke,
         complete=False,
         command=" ".join([prog, *argv]),

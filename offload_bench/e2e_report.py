@@ -30,7 +30,7 @@ def targets(rows: list[dict[str, Any]], shapes: list[str]) -> list[dict[str, Any
         mine = {r["variant"]: r for r in rows if r["shape"] == shape and r.get("status") == "ran"}
         peer = next((r for r in rows if r["shape"] == shape and r["variant"] == "accelerate"), None)
         add = lambda *values, shape=shape: out.append(dict(zip(fields, (shape, *values), strict=True)))  # noqa: E731
-        for variant in ("lru", "history", "lookahead", "int4"):
+        for variant in ("lru", "history", "lookahead", "pre-attention", "int4"):
             r = mine.get(variant)
             if r is None:
                 continue

@@ -23,6 +23,7 @@ PREFETCH = {
     "lru": "none",
     "history": "history",
     "lookahead": "lookahead",
+    "pre-attention": "pre-attention",
     "int4": "none",
     "lru-host-off": "none",
 }
@@ -213,10 +214,10 @@ def run_offloaded(
     )
     if ctx["trace"] is None:
         row["notes"].append("random routing: hit rates and prefetch accuracy are not representative")
-    elif variant == "lookahead":
+    elif variant in ("lookahead", "pre-attention"):
         row["notes"].append(
-            "lookahead guesses with the model's random routers while the trace forces the choices: the guesses "
-            "are unrelated to the experts used, so this row measures prefetch overhead, not lookahead accuracy"
+            f"{variant} guesses with the model's random routers while the trace forces the choices: the guesses "
+            f"are unrelated to the experts used, so this row measures prefetch overhead, not {variant} accuracy"
         )
     alive = weakref.ref(runtime)
     offload.close(model)

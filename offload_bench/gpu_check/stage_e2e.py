@@ -2,7 +2,8 @@
 cut to 12 of its 48 layers and Mixtral-8x7B cut to 4 of its 32, so that building and timing fit the stage's
 cap. A cut model gets the budget that holds the same fraction of its experts as 12 GB holds of the full
 model's (``--scale-budget``), so the hit rate and the copies per layer are the full model's. Each shape runs
-LRU, history and lookahead prefetch, and accelerate's offload at the same cap, with the copy floor per token
+LRU, lookahead and pre-attention prefetch (pre-attention: what the default prefetch="auto" picks for both), and
+accelerate's offload at the same cap, with the copy floor per token
 beside each; Qwen3 also runs LRU with int4 experts (quantizing Mixtral's 4 layers would not fit the cap). Random weights route with their own random routers: hit rates are not those of trained models."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from offload_bench.gpu_check.part import Part
 # shape -> layers it is cut to on the GPU
 SHAPES = {"qwen3-30b-a3b": 12, "mixtral-8x7b": 4}
 # shape -> the variants it runs (default: all of offload_bench.e2e.VARIANTS)
-ONLY = {"mixtral-8x7b": ["lru", "history", "lookahead", "accelerate"]}
+ONLY = {"mixtral-8x7b": ["lru", "lookahead", "pre-attention", "accelerate"]}
 COMMON = [
     "--vram-budget", "12GB", "--scale-budget", "--routing-trace", "none", "--prompt-tokens", "64",
     "--warmup-tokens", "3", "--decode-tokens", "16", "--accelerate-decode-tokens", "3",

@@ -22,7 +22,7 @@ from tests.helpers import ROOT
 BENCH = ROOT / "bench" / "e2e.py"
 # smoke shape: whether its routing is forced from the shared OLMoE trace
 SHAPES = {"mixtral-tiny": False, "qwen3-tiny": False, "olmoe-tiny": True}
-OURS = ("lru", "history", "lookahead", "int4")
+OURS = ("lru", "lookahead", "pre-attention", "int4")
 
 
 def close(a: float, b: float) -> bool:
