@@ -38,6 +38,7 @@ from offload.memory.layout import ExpertLayout  # noqa: E402
 from offload.runtime.budget import BudgetPlan  # noqa: E402
 from offload.runtime.model_survey import ModelSurvey  # noqa: E402
 from offload.runtime.runtime import OffloadRuntime  # noqa: E402
+from offload_bench.results import write_json  # noqa: E402
 
 EXPERTS = (64, 128, 256)
 TOKENS = (1, 8)
@@ -157,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         target_us=TARGET_US,
         rows=rows,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(result, args.out)
     return 0
 
 

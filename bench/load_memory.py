@@ -32,6 +32,8 @@ from typing import Any
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 RESULTS = Path(__file__).resolve().parent / "results" / "load_memory.json"
 
+from offload_bench.results import write_json  # noqa: E402  (light: json and pathlib only)
+
 
 def rss_anon() -> int:
     with open("/proc/self/status") as fh:
@@ -186,12 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             if run["store_source"]:
                 line += f" ({run['store_source']})"
         print(line)
-    text = json.dumps(report, indent=2) + "\n"
-    if args.json == "-":
-        sys.stdout.write(text)
-    else:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
+    write_json(report, args.json)
     return 0
 
 
