@@ -46,7 +46,7 @@ class RoutedTokens:
     spans: dict[int, tuple[int, int]]  # expert -> [start, end) of its pairs in pairs_by_expert
     experts: list[int]  # experts with at least one pair, ascending
     num_experts: int  # E: ids >= E are padding
-    ids: np.ndarray | list[int]  # [T*k] host copy of the expert ids (what the recorder stores); a list when few
+    ids: np.ndarray | list[int]  # [T*k] host copy of the expert ids (the recorder stores them)
     complete: bool  # every pair has an expert (no padding ids): the kernels write every row of the output
     along: np.ndarray | list[int] | None = None  # host copy of the tensor that rode along with the ids, flat
 
@@ -92,7 +92,8 @@ class RoutedTokens:
                 both_np = read_to_host(torch.cat((flat, along.reshape(-1).to(flat.dtype))))
                 ids_np, extra = both_np[:n], both_np[n:]
             ids = ids_np
-            counts = np.bincount(ids_np, minlength=num_experts)  # a negative id raises ValueError, as it should
+            # a negative id raises ValueError, as it should
+            counts = np.bincount(ids_np, minlength=num_experts)
             present = np.flatnonzero(counts)
             ends = np.cumsum(counts[present])
             spans = dict(
