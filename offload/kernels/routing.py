@@ -68,32 +68,23 @@ class RoutedTokens:
         along: torch.Tensor | None = None,  # integer tensor on the same device, read to the host too
     ) -> RoutedTokens:
         n = top_k_index.numel()
-        ids: np.ndarray | list[int]
-        extra: np.ndarray | list[int] | None = None
-        if n <= _SMALL:
-            if along is None:
-                id_list = read_list_to_host(top_k_index)  # the layer's one device-to-host read
+        source = top_k_index
+        if along is not None:
+            flat = top_k_index.reshape(-1)
+            source = torch.cat((flat, along.reshape(-1).to(flat.dtype)))
+        # the layer's one device-to-host read: a decode step's few ids as a list, more as an array
+        host = read_list_to_host(source) if n <= _SMALL else read_to_host(source).reshape(-1)
+        ids, extra = (host, None) if along is None else (host[:n], host[n:])
+        if isinstance(ids, list):
+            if n == top_k_index.shape[-1] and len(set(ids)) == n:  # one token, distinct experts
+                spans = {expert: (p, p + 1) for p, expert in enumerate(sorted(ids))}
             else:
-                flat = top_k_index.reshape(-1)
-                both = read_list_to_host(torch.cat((flat, along.reshape(-1).to(flat.dtype))))
-                id_list, extra = both[:n], both[n:]
-            ids = id_list
-            if n == top_k_index.shape[-1] and len(set(id_list)) == n:  # one token, distinct experts
-                spans = {expert: (p, p + 1) for p, expert in enumerate(sorted(id_list))}
-            else:
-                spans = _spans(Counter(id_list))
+                spans = _spans(Counter(ids))
             if spans and next(iter(spans)) < 0:
                 raise ValueError(f"expert ids must be non-negative, got {next(iter(spans))}")
         else:
-            if along is None:
-                ids_np = read_to_host(top_k_index).reshape(-1)  # the layer's one device-to-host read
-            else:
-                flat = top_k_index.reshape(-1)
-                both_np = read_to_host(torch.cat((flat, along.reshape(-1).to(flat.dtype))))
-                ids_np, extra = both_np[:n], both_np[n:]
-            ids = ids_np
             # a negative id raises ValueError, as it should
-            counts = np.bincount(ids_np, minlength=num_experts)
+            counts = np.bincount(ids, minlength=num_experts)
             present = np.flatnonzero(counts)
             ends = np.cumsum(counts[present])
             spans = dict(
