@@ -18,7 +18,7 @@ from offload.config import OffloadConfig, PrefetchChoice
 from offload.errors import UnsupportedModelError
 from offload.runtime.budget import BudgetPlan
 from offload.runtime.model_survey import ModelSurvey
-from offload.runtime.router_predictors import LookaheadPredictor, PreAttentionPredictor
+from offload.runtime.router_predictors import LookaheadPredictor, PreAttentionPredictor, expert_ids_in
 from offload.runtime.runtime import OffloadRuntime
 
 # Where transformers' MoE blocks keep their router, next to the experts module.
@@ -120,8 +120,7 @@ def _returns_expert_ids(router: nn.Module, hidden_size: int) -> bool:
             out = router.forward(torch.zeros(1, hidden_size, device=device, dtype=dtype))
     except Exception:  # any failure means the predictors could not use it either
         return False
-    outputs = out if isinstance(out, tuple) else (out,)
-    return any(torch.is_tensor(t) and not t.is_floating_point() and t.dim() == 2 for t in outputs)
+    return expert_ids_in(out) is not None
 
 
 def _decoder_layer_name(experts_name: str) -> str:

@@ -28,6 +28,14 @@ from cache_policies import Guess
 from offload.errors import UnsupportedModelError
 
 
+def expert_ids_in(router_output: Any) -> torch.Tensor | None:
+    """The integer expert ids ``[T, k]`` among what a router's ``forward`` returned, or None without any."""
+    outputs = router_output if isinstance(router_output, tuple) else (router_output,)
+    return next(
+        (t for t in outputs if torch.is_tensor(t) and not t.is_floating_point() and t.dim() == 2), None
+    )
+
+
 class RouterPredictor:
     """A predictor in two halves, so that it adds no device-to-host read of its own: ``router_ids`` runs on
     the device before the layer's routing is read to the host, its ids ride along in that one read
@@ -54,15 +62,13 @@ class RouterPredictor:
         return None if target is None else self._ids(target, hidden_states)
 
     def _ids(self, target: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = self.routers[target].forward(hidden_states)
-        outputs = out if isinstance(out, tuple) else (out,)
-        ids = [t for t in outputs if torch.is_tensor(t) and not t.is_floating_point() and t.dim() == 2]
-        if not ids:
+        ids = expert_ids_in(self.routers[target].forward(hidden_states))
+        if ids is None:
             raise UnsupportedModelError(
                 f"{self.name} prefetch: the router of MoE layer {target} ({type(self.routers[target]).__name__}) "
                 "does not return expert ids; use prefetch='history'"
             )
-        return ids[0]
+        return ids
 
     def guess(self, layer: int, count: int, hint: Any) -> Guess | None:
         """The target layer's experts from ``hint``, the host copy of :meth:`router_ids`' ids. ``count`` is
