@@ -2,7 +2,8 @@
 
 For each expert shape and format, each host kernel (:mod:`offload.kernels.host_experts`) computes synthetic
 experts at 1, 4 and 16 tokens, on a thread running torch with a host worker's share of the intra-op threads
-and with all of them; GB/s is expert bytes read per second (the stored bytes, scales included). The peak is
+and with all of them; GB/s is expert bytes read per second (the stored bytes, scales included; ``int4pack``
+reads the experts' converted copy, the same size less alignment). The peak is
 the best streaming read of a large fp32 tensor (``torch.sum``) at the same thread counts. Then the simulator, with
 a stated link rate and per-layer compute time, replays the shared traces at a scarce cache with the rule off
 and on (``auto`` at the measured 1-token host rate of the trace's expert shape): hits / copied / on host and
@@ -77,6 +78,7 @@ def host_table(
     from offload.kernels import ExpertActivation
     from offload.kernels.activation import GateTimesUp
     from offload.kernels.host_experts import host_kernel_candidates
+    from offload.memory.int4pack import convert_expert, int4pack_unsupported
     from offload.memory.layout import ExpertLayout
     from offload.runtime import host_rates
 
@@ -89,8 +91,13 @@ def host_table(
             layout = ExpertLayout(hidden, inter, True, False, torch.bfloat16, format=fmt, group_size=group)
             count = max(2, min(16, (256 << 20) // layout.nbytes))  # more than a last-level cache holds
             experts = host_rates.synthetic_experts(layout, count)
+            int4pack = int4pack_unsupported(layout) is None
+            if int4pack:  # the converted copy the runtime keeps beside the store on a CUDA device
+                experts = [fields | convert_expert(fields, layout) for fields in experts]
             for kernel, threads, tokens in itertools.product(
-                host_kernel_candidates(layout), torch_threads, token_counts or host_rates.PROBE_TOKENS
+                host_kernel_candidates(layout, int4pack),
+                torch_threads,
+                token_counts or host_rates.PROBE_TOKENS,
             ):
                 seconds = host_rates.host_seconds(kernel, layout, silu, experts, tokens, repeats, threads)
                 rows.append(

@@ -31,11 +31,11 @@ def slot_counts(path: Path) -> dict[str, int]:
     }
 
 
-def load(path: Path, slots: int, device: str, **options) -> torch.nn.Module:
-    config = OffloadConfig.create(1, device=device, dtype="fp32", max_context=64, **options)
-    budget = budget_for_slots(survey_checkpoint(str(path), torch.float32), config, slots)
+def load(path: Path, slots: int, device: str, dtype: str = "fp32", **options) -> torch.nn.Module:
+    config = OffloadConfig.create(1, device=device, dtype=dtype, max_context=64, **options)
+    budget = budget_for_slots(survey_checkpoint(str(path), config.dtype), config, slots)
     return offload.from_pretrained(
-        path, vram_budget=budget, device=device, dtype="fp32", max_context=64, progress=False, **options
+        path, vram_budget=budget, device=device, dtype=dtype, max_context=64, progress=False, **options
     )
 
 

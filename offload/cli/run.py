@@ -100,8 +100,13 @@ def _summary(result: dict[str, Any], stats: Any) -> str:
             f"{stats.host_expert_calls} computed on host)",
             *(
                 [
-                    f"host    : {stats.host_compute}, kernel {stats.host_kernel}, "
-                    f"{stats.host_compute_seconds:.3f} s computing, {stats.host_wait_seconds:.3f} s waited for",
+                    f"host    : {stats.host_compute}, kernel {stats.host_kernel}"
+                    + (
+                        f" (on a {format_size(stats.host_kernel_copy_bytes)} copy of the experts)"
+                        if stats.host_kernel_copy_bytes
+                        else ""
+                    )
+                    + f", {stats.host_compute_seconds:.3f} s computing, {stats.host_wait_seconds:.3f} s waited for",
                 ]
                 if stats.host_compute != "off"
                 else []

@@ -22,7 +22,7 @@ from offload.hf.experts import OffloadedExperts
 from offload.hf.prefetch import install_predictor, resolve_prefetch
 from offload.hf.survey import expert_param_names, survey
 from offload.runtime.budget import plan_budget
-from offload.runtime.host_plan import check_host_memory
+from offload.runtime.host_plan import check_host_memory, int4pack_copy_bytes, int4pack_copy_fits
 from offload.runtime.runtime import OffloadRuntime
 
 RUNTIME_ATTR = "_offload_runtime"
@@ -38,10 +38,13 @@ def new_runtime(
     model_survey = with_format(survey(model, dtype), config, model.config if reading else None)
     budget = plan_budget(model_survey, config)
     if reading:
-        check_host_memory(model_survey, config, budget.planned_bytes)
+        plan = check_host_memory(model_survey, config, budget.planned_bytes, slots=budget.slots)
+        int4pack = plan.int4pack_bytes > 0
+    else:
+        int4pack = int4pack_copy_fits(int4pack_copy_bytes(model_survey, config, budget.slots), config)
     # One mode, known before the runtime is built (its copy engine overlaps copies with compute or not)
     config = dataclasses.replace(config, prefetch=resolve_prefetch(model, model_survey, budget, config))
-    return OffloadRuntime(config, model_survey, budget, model_name=model_name)
+    return OffloadRuntime(config, model_survey, budget, model_name=model_name, int4pack_copy=int4pack)
 
 
 def take_over_experts(

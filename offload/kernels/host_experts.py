@@ -19,13 +19,16 @@ kernel         what it does                                                     
                exact product either way); fp8 is scaled in fp32 as the oracle does
 ``int8pack``   ``torch._weight_int8pack_mm`` on the stored codes and per-row scales:     int8
                the int8 weights are never expanded
+``int4pack``   ``torch._weight_int4pack_mm_for_cpu`` on the experts' converted copy      int4 (bf16)
+               (:mod:`offload.memory.int4pack`): the packed codes are read once, never
+               expanded. Within the oracle's tolerance, not bitwise: the zero point is
+               folded into a bf16 offset
 =============  =======================================================================  ==================
 
 Measured and not used (``docs/host-compute.md`` has the figures): computing float experts through an fp32
-copy of the weights (slower than torch's bf16 GEMV even on AVX2); torch's ``_weight_int4pack_mm_for_cpu``,
-fast once the weights are in its blocked layout (``_convert_weight_to_int4pack_for_cpu``) but that conversion
-costs about 40 matmuls, so it would need a second, converted copy of every int4 expert in host RAM, which is
-the memory int4 was chosen to save; ``_dyn_quant_matmul_4bit`` needs KleidiAI's packing (ARM).
+copy of the weights (slower than torch's bf16 GEMV even on AVX2); ``int4pack`` per call, converting the
+store's codes each time (the conversion costs about 20 matmuls: hence the converted copy);
+``_dyn_quant_matmul_4bit`` needs KleidiAI's packing (ARM).
 """
 
 from __future__ import annotations
@@ -113,20 +116,47 @@ def _int8pack_rows(
     return (y * w[:, None]).to(out_dtype)
 
 
+def _int4pack_rows(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    fields: dict[str, torch.Tensor],
+    layout: ExpertLayout,
+    activation: ExpertActivation,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    def linear(inp: torch.Tensor, name: str) -> torch.Tensor:
+        packed = fields[f"{name}_int4pack"]  # [R, Cp/2]
+        padding = 2 * packed.shape[1] - inp.shape[1]  # the last group's padding columns multiply zeros
+        inp = F.pad(inp, (0, padding)) if padding else inp
+        y = torch._weight_int4pack_mm_for_cpu(
+            inp.to(layout.dtype).contiguous(), packed, layout.group_size, fields[f"{name}_scale_zeros"]
+        )
+        b = fields.get(f"{name}_bias")
+        return y if b is None else y + b
+
+    h = activation.fn(linear(x, "gate_up"))  # [n, I]
+    y = linear(h, "down")  # [n, H]
+    return (y * w[:, None]).to(out_dtype)
+
+
 HOST_KERNELS: dict[str, HostKernel] = {
     "reference": expert_rows,
     "dequant": _dequant_rows,
     "int8pack": _int8pack_rows,
+    "int4pack": _int4pack_rows,
 }
 
 
-def host_kernel_candidates(layout: ExpertLayout) -> tuple[str, ...]:
-    """The kernels that can compute this layout's experts on the host, the reference first."""
+def host_kernel_candidates(layout: ExpertLayout, int4pack: bool = False) -> tuple[str, ...]:
+    """The kernels that can compute this layout's experts on the host, the reference first. ``int4pack``: the
+    experts have a converted copy (:mod:`offload.memory.int4pack`), which that kernel reads."""
     out = ["reference"]
     if layout.format != "float":
         out.append("dequant")
     if layout.format == "int8":
         out.append("int8pack")
+    if int4pack and layout.format == "int4":
+        out.append("int4pack")
     return tuple(out)
 
 

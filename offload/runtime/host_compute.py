@@ -30,6 +30,7 @@ import torch
 from offload.kernels import ExpertActivation, RoutedTokens
 from offload.kernels.host_experts import HostKernel
 from offload.memory.host_store import HostExpertStore
+from offload.memory.int4pack import Int4PackCopy
 
 
 def torch_threads_per_worker(workers: int) -> int:
@@ -70,11 +71,14 @@ class HostCompute:
         kernel_name: str,
         threads: int,
         torch_threads: int | None = None,
+        int4pack: Int4PackCopy | None = None,
     ) -> None:
-        """``threads`` workers; each runs torch on ``torch_threads`` intra-op threads (None: as the process)."""
+        """``threads`` workers; each runs torch on ``torch_threads`` intra-op threads (None: as the process).
+        ``int4pack``: the experts' copy for the int4pack kernel, whose fields join the store's in each job."""
         if threads < 1:
             raise ValueError(f"host threads must be at least 1, got {threads}")
         self.store = store
+        self.int4pack = int4pack
         self.kernel = kernel
         self.kernel_name = kernel_name
         self.threads = threads
@@ -148,10 +152,11 @@ class HostCompute:
         out_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, float]:
         began = time.perf_counter()
+        fields = self.store.views(layer, expert)
+        if self.int4pack is not None:
+            fields |= self.int4pack.views(layer, expert)
         with torch.no_grad():
-            rows = self.kernel(
-                x, w, self.store.views(layer, expert), self.store.layout, activation, out_dtype
-            )
+            rows = self.kernel(x, w, fields, self.store.layout, activation, out_dtype)
         return rows, time.perf_counter() - began
 
     def close(self) -> None:

@@ -6,14 +6,19 @@ A load needs, at its peak::
     + one MoE layer in flight (its experts in full precision as transformers converts them, and the same
       layer packed, before the full-precision copy is freed)
     + on a CPU device, everything the device budget plans (resident weights, KV cache, workspace, slots)
+    + where host compute can use it, the int4 experts' copy for torch's int4pack CPU kernel
+      (:mod:`offload.memory.int4pack`)
 
-It is compared with what psutil says is available and with ``host_memory_limit`` when given. Non-expert
+It is compared with what psutil says is available and with ``host_memory_limit`` when given. The int4pack
+copy is a speed-up, not a need: when the plan does not fit with it but fits without, the load goes on without
+it, with a warning (host experts then run the dequantizing kernel). Non-expert
 weights bound for a GPU pass through host RAM one tensor at a time and are not counted; nor is the Python
 process itself (a few hundred MB): keep that much headroom.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import psutil
@@ -21,9 +26,12 @@ import psutil
 from offload.config import OffloadConfig
 from offload.errors import HostMemoryError
 from offload.memory.formats import NATIVE_FORMATS
+from offload.memory.int4pack import int4pack_expert_bytes, int4pack_unsupported
 from offload.memory.layout import ExpertLayout
 from offload.runtime.model_survey import ModelSurvey
 from offload.units import format_size
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,22 +40,60 @@ class HostPlan:
     loading_bytes: int  # one MoE layer in flight while loading
     device_bytes: int  # what the device budget plans, when the device is the CPU (else 0)
     format_name: str
+    int4pack_bytes: int = 0  # the int4 experts' copy for the int4pack host kernel, when made
 
     @property
     def total_bytes(self) -> int:
-        return self.store_bytes + self.loading_bytes + self.device_bytes
+        return self.store_bytes + self.loading_bytes + self.device_bytes + self.int4pack_bytes
 
     def describe(self) -> str:
         parts = [f"experts {format_size(self.store_bytes)} in {self.format_name}"]
         parts.append(f"one layer being loaded {format_size(self.loading_bytes)}")
         if self.device_bytes:
             parts.append(f"the CPU device's budget {format_size(self.device_bytes)}")
+        if self.int4pack_bytes:
+            parts.append(f"their copy for the int4pack host kernel {format_size(self.int4pack_bytes)}")
         return ", ".join(parts)
 
 
-def plan_host(model_survey: ModelSurvey, device_bytes: int) -> HostPlan:
+def int4pack_copy_bytes(model_survey: ModelSurvey, config: OffloadConfig, slots: int | None = None) -> int:
+    """Host bytes of the experts' copy for torch's int4pack CPU kernel, or 0 where none would be made: it is
+    made on a CUDA device (on a CPU device the host kernel is the device's own) with host compute on, for
+    int4 experts that kernel takes (:func:`offload.memory.int4pack.int4pack_unsupported`), unless ``slots``
+    hold every expert (nothing misses)."""
+    layout = model_survey.layout
+    if config.device.type != "cuda" or config.host_compute == "off" or int4pack_unsupported(layout):
+        return 0
+    if slots is not None and slots >= model_survey.total_experts:
+        return 0
+    return model_survey.total_experts * int4pack_expert_bytes(layout)
+
+
+def int4pack_copy_fits(copy_bytes: int, config: OffloadConfig, available: int | None = None) -> bool:
+    """Whether a model already in host RAM (``offload.wrap``) has room for the int4pack copy besides; a
+    warning says so when it has not."""
+    if not copy_bytes:
+        return False
+    free = psutil.virtual_memory().available if available is None else available
+    limit = free if config.host_memory_limit is None else min(free, config.host_memory_limit)
+    if copy_bytes <= limit:
+        return True
+    _warn_no_int4pack(copy_bytes, limit)
+    return False
+
+
+def _warn_no_int4pack(copy_bytes: int, limit: int) -> None:
+    log.warning(
+        "host RAM: no room for the int4 experts' copy for the int4pack host kernel (%s, %s allowed); "
+        "experts computed on the host use the slower dequantizing kernel",
+        format_size(copy_bytes),
+        format_size(limit),
+    )
+
+
+def plan_host(model_survey: ModelSurvey, device_bytes: int, int4pack_bytes: int = 0) -> HostPlan:
     """Host RAM of loading ``model_survey`` (its layout in the store's format); ``device_bytes``: the planned
-    device memory when that device is the CPU, else 0."""
+    device memory when that device is the CPU, else 0; ``int4pack_bytes``: the int4pack copy, when made."""
     layout = model_survey.layout
     one_layer = model_survey.num_experts * layout.nbytes
     if layout.format == "float":  # the converted layer, copied into the store and freed
@@ -61,19 +107,30 @@ def plan_host(model_survey: ModelSurvey, device_bytes: int) -> HostPlan:
         loading_bytes=in_flight,
         device_bytes=device_bytes,
         format_name=layout.format_name,
+        int4pack_bytes=int4pack_bytes,
     )
 
 
 def check_host_memory(
-    model_survey: ModelSurvey, config: OffloadConfig, device_bytes: int, available: int | None = None
+    model_survey: ModelSurvey,
+    config: OffloadConfig,
+    device_bytes: int,
+    available: int | None = None,
+    slots: int | None = None,
 ) -> HostPlan:
     """The load's host plan, or a :class:`HostMemoryError` in one line: what is needed, what is available, and
-    the smallest format that would fit. ``available``: bytes free (default: psutil's ``available``)."""
-    plan = plan_host(model_survey, device_bytes if config.device.type == "cpu" else 0)
+    the smallest format that would fit. ``available``: bytes free (default: psutil's ``available``). The plan
+    holds the int4pack copy where one would be made (``slots``: the budget's) and it fits."""
+    copy_bytes = int4pack_copy_bytes(model_survey, config, slots)
+    plan = plan_host(model_survey, device_bytes if config.device.type == "cpu" else 0, copy_bytes)
     free = psutil.virtual_memory().available if available is None else available
     limit = free if config.host_memory_limit is None else min(free, config.host_memory_limit)
     if plan.total_bytes <= limit:
         return plan
+    if copy_bytes and plan.total_bytes - copy_bytes <= limit:
+        _warn_no_int4pack(copy_bytes, limit - (plan.total_bytes - copy_bytes))
+        return replace(plan, int4pack_bytes=0)
+    plan = replace(plan, int4pack_bytes=0)  # what the model needs; the copy is never why it does not fit
     what = (
         f"{format_size(limit)} available"
         if config.host_memory_limit is None or config.host_memory_limit > free

@@ -33,6 +33,7 @@ import torch
 from cache_policies import HostRates
 from offload.kernels import ExpertActivation
 from offload.kernels.host_experts import host_kernel, host_kernel_candidates
+from offload.memory.int4pack import convert_expert
 from offload.memory.layout import ExpertLayout
 from offload.runtime.host_compute import use_torch_threads
 from offload.user_cache import user_cache_dir
@@ -75,12 +76,14 @@ def resolve(
     torch_threads: int | None,
     activation: ExpertActivation,
     need_rates: bool,
+    int4pack: bool = False,
 ) -> tuple[str, HostRates | None]:
     """(host kernel, measured rates or None): from the cache where it has them, else probed and cached.
-    ``threads`` host workers, each on ``torch_threads`` intra-op threads (None: as the process)."""
+    ``threads`` host workers, each on ``torch_threads`` intra-op threads (None: as the process); ``int4pack``:
+    the experts have a converted copy for that kernel (:mod:`offload.memory.int4pack`)."""
     if device.type != "cuda":
         return "reference", None  # the device's own kernel; no link to weigh
-    candidates = host_kernel_candidates(layout)
+    candidates = host_kernel_candidates(layout, int4pack)
 
     def measure() -> dict[str, Any]:
         kernel, host = probe_host(layout, activation, candidates, torch_threads=torch_threads)
@@ -153,6 +156,8 @@ def probe_host(
     ``torch_threads`` intra-op threads as a host worker runs it (None: the caller's)."""
     count = max(2, min(32, _PROBE_BYTES // layout.nbytes))
     experts = synthetic_experts(layout, count)
+    if "int4pack" in kernels:  # the converted copy rides along, as the runtime's host jobs pass it
+        experts = [fields | convert_expert(fields, layout) for fields in experts]
     best: tuple[str, list[tuple[int, float]]] | None = None
     for name in kernels:
         points = [

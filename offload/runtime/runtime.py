@@ -19,6 +19,7 @@ from offload.kernels import ExpertActivation, select_kernel
 from offload.kernels.host_experts import host_kernel
 from offload.memory.copy_engines import CopyEngine, make_copy_engine
 from offload.memory.host_store import HostExpertStore
+from offload.memory.int4pack import Int4PackCopy
 from offload.memory.slot_pool import SlotPool
 from offload.offload_stats import OffloadStats
 from offload.runtime import host_rates
@@ -32,8 +33,15 @@ from offload.runtime.recorder import RoutingRecorder
 
 class OffloadRuntime:
     def __init__(
-        self, config: OffloadConfig, survey: ModelSurvey, budget: BudgetPlan, model_name: str = ""
+        self,
+        config: OffloadConfig,
+        survey: ModelSurvey,
+        budget: BudgetPlan,
+        model_name: str = "",
+        int4pack_copy: bool = False,
     ) -> None:
+        """``int4pack_copy``: keep the int4 experts' copy for the int4pack host kernel as layers are stored
+        (host RAM planned for it by the caller, :mod:`offload.runtime.host_plan`); unused with host compute off."""
         if config.prefetch == "auto":
             raise ValueError(
                 "prefetch='auto' is resolved per model by offload.hf.prefetch.resolve_prefetch first"
@@ -74,6 +82,11 @@ class OffloadRuntime:
         if self.host_mode == "auto" and device.type != "cuda" and config.host_rates is None:
             self.host_mode = "off"
         self._host_ready = self.host_mode == "off"
+        self.int4pack = (
+            Int4PackCopy(survey.layout, survey.num_layers, survey.num_experts)
+            if int4pack_copy and self.host_mode != "off"
+            else None
+        )
         if self.host_mode != "off":
             self.step.host = HostCompute(
                 self.store,
@@ -81,25 +94,35 @@ class OffloadRuntime:
                 "reference",
                 config.host_threads,
                 torch_threads_per_worker(config.host_threads) if device.type == "cuda" else None,
+                self.int4pack,
             )
         self.closed = False
         # Whether by close() or by the runtime being dropped with its model: copies in flight land before the
         # slots and the pinned store they touch are released (invariant *slot-safety*); host workers finish
         # their reads of the store first too.
-        self._release = weakref.finalize(self, _release, self.engine, self.pool, self.store, self.step.host)
+        self._release = weakref.finalize(
+            self, _release, self.engine, self.pool, self.store, self.step.host, self.int4pack
+        )
 
     def attach_layer(
         self, layer: int, weights: dict[str, torch.Tensor], activation: ExpertActivation
     ) -> None:
         """Pack one MoE layer's HF expert tensors into the host store."""
         self.store.fill_layer(layer, weights)
-        self.activations[layer] = activation
+        self._stored(layer, activation)
 
     def attach_packed_layer(
         self, layer: int, fields: dict[str, torch.Tensor], activation: ExpertActivation
     ) -> None:
         """Store one MoE layer whose fields ``[E, ...]`` are already in the layout's format."""
         self.store.fill_packed_layer(layer, fields)
+        self._stored(layer, activation)
+
+    def _stored(self, layer: int, activation: ExpertActivation) -> None:
+        if self.int4pack is not None:
+            self.int4pack.fill_layer(
+                layer, [self.store.views(layer, e) for e in range(self.survey.num_experts)]
+            )
         self.activations[layer] = activation
 
     def use_predictor(self, predictor: Predictor) -> None:
@@ -146,7 +169,13 @@ class OffloadRuntime:
         given = self.config.host_rates
         need = self.host_mode == "auto" and given is None
         name, measured = host_rates.resolve(
-            layout, self.config.device, host.threads, host.torch_threads, activation, need
+            layout,
+            self.config.device,
+            host.threads,
+            host.torch_threads,
+            activation,
+            need,
+            int4pack=self.int4pack is not None,
         )
         host.kernel, host.kernel_name = host_kernel(name), name
         self.step.rule = CopyOrCompute(self.host_mode, layout.nbytes, given or measured)
@@ -204,13 +233,22 @@ class OffloadRuntime:
             host_wait_seconds=0.0 if host is None else host.wait_seconds,
             host_compute=self.host_mode,
             host_kernel="" if host is None else host.kernel_name,
+            host_kernel_copy_bytes=0 if self.int4pack is None else self.int4pack.nbytes,
             store_source=self.store_source,
         )
 
 
-def _release(engine: CopyEngine, pool: SlotPool, store: HostExpertStore, host: HostCompute | None) -> None:
+def _release(
+    engine: CopyEngine,
+    pool: SlotPool,
+    store: HostExpertStore,
+    host: HostCompute | None,
+    int4pack: Int4PackCopy | None,
+) -> None:
     if host is not None:
         host.close()  # waits for host jobs in flight: they read the store
     engine.close()  # waits for every copy in flight
     pool.release()
     store.release()
+    if int4pack is not None:
+        int4pack.release()

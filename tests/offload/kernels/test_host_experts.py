@@ -14,6 +14,7 @@ from offload.kernels import ExpertActivation
 from offload.kernels.activation import GateTimesUp
 from offload.kernels.host_experts import dequantized, host_kernel, host_kernel_candidates
 from offload.memory.host_store import HostExpertStore
+from offload.memory.int4pack import convert_expert
 from offload.memory.layout import ExpertLayout
 from offload.runtime import host_rates
 from offload.runtime.host_compute import HostCompute, torch_threads_per_worker
@@ -47,8 +48,11 @@ def test_every_host_kernel_matches_the_oracle(fmt: str, dtype: torch.dtype, grou
     w = torch.rand(tokens).to(dtype)
     expected = oracle(x, w, fields, layout)
     scale = expected.abs().max().item()
-    candidates = host_kernel_candidates(layout)
+    candidates = host_kernel_candidates(layout, int4pack=True)
     assert candidates[0] == "reference" and ("int8pack" in candidates) == (fmt == "int8")
+    assert ("int4pack" in candidates) == (fmt == "int4")
+    if fmt == "int4":  # I = 96 pads the down matrix's last group of 64: the kernel reads padded columns
+        fields |= convert_expert(fields, layout)
     for name in candidates:
         rows = host_kernel(name)(x, w, fields, layout, SILU, dtype)
         assert rows.shape == (tokens, 64) and rows.dtype == dtype

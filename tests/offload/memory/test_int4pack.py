@@ -1,0 +1,172 @@
+"""The int4 experts' copy for torch's int4pack CPU kernel: which layouts it takes, what it holds, what it costs
+in host RAM, and that a run computing its host experts through it stays within tolerance of the device's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import offload
+from offload.hf.install import runtime_of
+from offload.memory.int4pack import (
+    Int4PackCopy,
+    convert_expert,
+    int4pack_expert_bytes,
+    int4pack_unsupported,
+)
+from offload.memory.layout import ExpertLayout
+from offload.runtime import host_plan, host_rates
+from offload.runtime.host_plan import check_host_memory, int4pack_copy_bytes, int4pack_copy_fits
+from tests.helpers import load, prompt, slot_counts
+
+BF16_INT4 = ExpertLayout(64, 96, True, True, torch.bfloat16, format="int4", group_size=64)
+
+
+def test_which_layouts_the_kernel_takes() -> None:
+    assert int4pack_unsupported(BF16_INT4) is None
+    cases = {
+        "not int4": ExpertLayout(64, 96, True, False, torch.bfloat16, format="int8"),
+        "bf16 only": ExpertLayout(64, 96, True, False, torch.float32, format="int4", group_size=64),
+        "group size 16": ExpertLayout(64, 96, True, False, torch.bfloat16, format="int4", group_size=16),
+        "not a multiple of 16": ExpertLayout(
+            40, 96, True, False, torch.bfloat16, format="int4", group_size=32
+        ),
+    }
+    for reason, layout in cases.items():
+        assert reason in (int4pack_unsupported(layout) or ""), reason
+        with pytest.raises(ValueError, match="no int4pack copy"):
+            Int4PackCopy(layout, 1, 2)
+
+
+def test_the_copy_holds_every_expert_converted() -> None:
+    experts = host_rates.synthetic_experts(BF16_INT4, 3, seed=1)
+    copy = Int4PackCopy(BF16_INT4, num_layers=2, num_experts=3)
+    copy.fill_layer(1, experts)
+    assert copy.nbytes == 3 * int4pack_expert_bytes(BF16_INT4)
+    for e, fields in enumerate(experts):
+        want = convert_expert(fields, BF16_INT4)
+        got = copy.views(1, e)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[name], want[name]) for name in want)
+    # the zero point rides in torch's offset term: (q - 8) * s + (8 - z) * s == (q - z) * s
+    pairs = got["down_scale_zeros"].float()  # [Cp/g, R, 2]
+    scale, zero = fields["down_scale"].float().T, fields["down_zero"].float().T
+    torch.testing.assert_close(pairs[..., 0], scale)
+    torch.testing.assert_close(pairs[..., 1], (8 - zero) * scale, rtol=2**-8, atol=0)
+    with pytest.raises(RuntimeError, match="layer 0 has no int4pack copy"):
+        copy.views(0, 0)
+    with pytest.raises(ValueError, match="2 experts, the store has 3"):
+        copy.fill_layer(0, experts[:2])
+    copy.release()
+    assert copy.nbytes == 0
+
+
+def _cuda_config(**options: object) -> SimpleNamespace:
+    """What the host plan reads of an OffloadConfig on a CUDA device (none here to build one for)."""
+    values = {"device": torch.device("cuda"), "host_compute": "auto", "host_memory_limit": None}
+    values.update(dequantize=False, quantize_group=64)
+    values.update(options)
+    return SimpleNamespace(**values)
+
+
+def test_the_copy_is_planned_only_where_it_is_used(mixtral_checkpoint: Path) -> None:
+    from dataclasses import replace
+
+    from offload.hf.skeleton import survey_checkpoint
+
+    survey = survey_checkpoint(str(mixtral_checkpoint))
+    int4 = replace(survey, layout=replace(survey.layout, format="int4", group_size=64, dtype=torch.bfloat16))
+    copy = survey.total_experts * int4pack_expert_bytes(int4.layout)
+    assert int4pack_copy_bytes(int4, _cuda_config()) == copy
+    assert int4pack_copy_bytes(int4, _cuda_config(host_compute="off")) == 0
+    assert int4pack_copy_bytes(int4, _cuda_config(device=torch.device("cpu"))) == 0
+    assert int4pack_copy_bytes(survey, _cuda_config()) == 0  # not int4
+    assert int4pack_copy_bytes(int4, _cuda_config(), slots=survey.total_experts) == 0  # nothing misses
+    assert int4pack_copy_bytes(int4, _cuda_config(), slots=survey.total_experts - 1) == copy
+    plan = check_host_memory(int4, _cuda_config(), 0, available=10**12)
+    assert plan.int4pack_bytes == copy and "int4pack host kernel" in plan.describe()
+    # no room for the copy: the load goes on without it
+    tight = plan.total_bytes - copy // 2
+    assert check_host_memory(int4, _cuda_config(), 0, available=tight).int4pack_bytes == 0
+    assert int4pack_copy_fits(copy, _cuda_config(), available=copy)
+    assert not int4pack_copy_fits(copy, _cuda_config(host_memory_limit=copy - 1), available=copy)
+
+
+def assert_layers_agree(device: torch.nn.Module, host: torch.nn.Module) -> None:
+    """Every MoE layer's output of ``host`` within bf16 tolerance of ``device``'s on the same random tokens and
+    routing: in bf16 a tiny random model's routing flips on any rounding difference, so whole-model logits
+    would compare different experts."""
+    survey = runtime_of(host).survey
+    on = runtime_of(device).config.device
+    generator = torch.Generator().manual_seed(7)
+    for layer in range(survey.num_layers):
+        x = torch.randn(5, survey.layout.hidden_size, generator=generator).to(torch.bfloat16)
+        ids = torch.stack(
+            [torch.randperm(survey.num_experts, generator=generator)[: survey.top_k] for _ in x]
+        )
+        weights = torch.rand(ids.shape, generator=generator).softmax(-1).to(torch.bfloat16)
+        x, ids, weights = x.to(on), ids.to(on), weights.to(on)
+        with torch.no_grad():
+            want = runtime_of(device).forward_layer(layer, x, ids, weights).float()
+            got = runtime_of(host).forward_layer(layer, x, ids, weights).float()
+        scale = want.abs().max().item()
+        err = (got - want).abs().max().item()
+        assert err <= 2e-2 * scale, f"layer {layer}: error {err:.3g} of {scale:.3g}"
+
+
+def test_host_experts_through_the_copy_match_the_device(
+    tiny_checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU device is made to build the copy and pick the kernel (on CUDA the probe picks it): every MoE
+    layer's output with every expert computed on the host through int4pack, against the same int4 model with
+    every expert on the device, layer by layer."""
+    path = tiny_checkpoints["mixtral"]
+    monkeypatch.setattr(
+        host_plan,
+        "int4pack_copy_bytes",
+        lambda survey, config, slots=None: survey.total_experts * int4pack_expert_bytes(survey.layout),
+    )
+    resolve = host_rates.resolve
+
+    def pick_int4pack(*args: object, int4pack: bool = False, **kwargs: object):
+        assert int4pack, "the runtime did not build the copy"
+        resolve(*args, **kwargs)
+        return "int4pack", None
+
+    monkeypatch.setattr(host_rates, "resolve", pick_int4pack)
+    device = load(path, slot_counts(path)["all"], "cpu", dtype="bf16", quantize="int4", host_compute="off")
+    host = load(path, slot_counts(path)["top_k"], "cpu", dtype="bf16", quantize="int4", host_compute="always")
+    assert runtime_of(device).int4pack is None  # host compute off: no copy
+    survey = runtime_of(host).survey
+    assert_layers_agree(device, host)
+    with torch.no_grad():
+        host(prompt("cpu"))  # and the whole model runs through it
+    stats = offload.stats(host)
+    assert stats.host_kernel == "int4pack" and stats.host_expert_calls == stats.expert_uses > 0
+    assert stats.host_kernel_copy_bytes == survey.total_experts * int4pack_expert_bytes(survey.layout)
+    assert offload.stats(device).host_kernel_copy_bytes == 0
+    offload.close(device)
+    offload.close(host)
+
+
+@pytest.mark.gpu
+def test_int4pack_on_cuda(tiny_checkpoints: dict[str, Path]) -> None:
+    """On a CUDA device the copy is made for real and the probe measures int4pack against the other kernels;
+    host experts stay within tolerance of the device's, layer by layer, and the whole model runs."""
+    path = tiny_checkpoints["mixtral"]
+    device = load(path, slot_counts(path)["all"], "cuda", dtype="bf16", quantize="int4", host_compute="off")
+    host = load(
+        path, slot_counts(path)["top_k"], "cuda", dtype="bf16", quantize="int4", host_compute="always"
+    )
+    assert runtime_of(host).int4pack is not None and runtime_of(device).int4pack is None
+    assert_layers_agree(device, host)
+    with torch.no_grad():
+        host(prompt("cuda"))
+    stats = offload.stats(host)
+    assert stats.host_kernel in ("reference", "dequant", "int4pack") and stats.host_expert_calls > 0
+    assert stats.host_kernel_copy_bytes > 0
+    offload.close(device)
+    offload.close(host)
