@@ -5,7 +5,9 @@ measured memory read bandwidth, and the decode split it buys on the shared trace
         [--fraction 0.25]
         [--traces data/traces] [--out bench/results/host_experts.json]
 
-Target (issue 14): the best kernel at 1 token reaches at least 60% of the read bandwidth.
+Target (issue 14): the best kernel at 1 token reaches at least 60% of the read bandwidth. Each shape and
+format's kernels are compared with a streaming read taken right before them (``read_gbps`` in their rows):
+the bandwidth of a shared machine moves from minute to minute.
 """
 
 from __future__ import annotations
@@ -43,13 +45,17 @@ def main() -> int:
     import torch
 
     threads = hx.thread_counts()
-    reads = {t: hx.read_bandwidth(0.0625 if args.smoke else 0.5, torch_threads=t) for t in threads}
-    peak = max(reads.values())
+    gib = 0.0625 if args.smoke else 0.5
+    reads = {t: hx.read_bandwidth(gib, torch_threads=t) for t in threads}
     shapes = {name: hx.EXPERT_SHAPES[name] for name in args.shapes.split(",")}
     formats = None if args.formats is None else tuple(args.formats.split(","))
-    rows = hx.host_table(hx.SMOKE_SHAPES if args.smoke else shapes, args.repeats, threads, formats)
+    rows = hx.host_table(
+        hx.SMOKE_SHAPES if args.smoke else shapes, args.repeats, threads, formats, read_gib=gib
+    )
+    # each row against the read taken beside its kernels (host_table); the run's peak is the best of them all
+    peak = max([*reads.values(), *(r["read_gbps"] * 1e9 for r in rows)])
     for row in rows:
-        row["share_of_read_peak"] = row["gbps"] * 1e9 / peak
+        row["share_of_read"] = row["gbps"] / row["read_gbps"]
     traces = sorted(args.traces.glob("*")) if args.traces.is_dir() else []
     split = hx.decode_split(traces, rows, args.link_gbps, args.layer_ms, args.fraction)
     best_1 = {}
@@ -69,14 +75,15 @@ def main() -> int:
         read_peak_gbps=peak / 1e9,
         read_gbps_by_torch_threads={str(t): g / 1e9 for t, g in reads.items()},
         stated=dict(link_gbps=args.link_gbps, layer_ms=args.layer_ms, cache_fraction=args.fraction),
-        target="best host kernel at 1 token >= 60% of the read peak",
+        target="best host kernel at 1 token >= 60% of the read taken beside it (read_gbps in its row)",
         best_at_1_token={
             k: dict(
                 kernel=v["kernel"],
                 torch_threads=v["torch_threads"],
                 gbps=v["gbps"],
-                share=v["share_of_read_peak"],
-                met=v["share_of_read_peak"] >= 0.6,
+                share=v["share_of_read"],
+                read_gbps=v["read_gbps"],
+                met=v["share_of_read"] >= 0.6,
             )
             for k, v in best_1.items()
         },
@@ -91,7 +98,7 @@ def main() -> int:
     for k, v in best_1.items():
         print(
             f"{k:28s} {v['kernel']:9s} x{v['torch_threads']} {v['gbps']:6.2f} GB/s at 1 token "
-            f"({100 * v['share_of_read_peak']:.0f}%)"
+            f"({100 * v['share_of_read']:.0f}%)"
         )
     for s in split:
         print(

@@ -69,9 +69,13 @@ def host_table(
     torch_threads: list[int],
     formats: tuple[str, ...] | None = None,
     token_counts: tuple[int, ...] | None = None,
+    read_gib: float | None = None,
 ) -> list[dict[str, Any]]:
     """One row per shape, format, host kernel, intra-op thread count and token count (``formats`` and
-    ``token_counts``: a subset of the labels and of the probe's token counts)."""
+    ``token_counts``: a subset of the labels and of the probe's token counts). ``read_gib``: measure the
+    streaming read (that many GiB, best over ``torch_threads``) right before each shape and format's kernels,
+    into their rows' ``read_gbps``: on a shared machine the bandwidth moves from minute to minute, so a share
+    of it is only fair against a read taken beside the kernels."""
     import torch
     import torch.nn.functional as F
 
@@ -91,6 +95,11 @@ def host_table(
             layout = ExpertLayout(hidden, inter, True, False, torch.bfloat16, format=fmt, group_size=group)
             count = max(2, min(16, (256 << 20) // layout.nbytes))  # more than a last-level cache holds
             experts = host_rates.synthetic_experts(layout, count)
+            read = (
+                None
+                if read_gib is None
+                else max(read_bandwidth(read_gib, torch_threads=t) for t in torch_threads)
+            )
             int4pack = int4pack_unsupported(layout) is None
             if int4pack:  # the converted copy the runtime keeps beside the store on a CUDA device
                 experts = [fields | convert_expert(fields, layout) for fields in experts]
@@ -110,6 +119,7 @@ def host_table(
                         expert_bytes=layout.nbytes,
                         ms=seconds * 1e3,
                         gbps=layout.nbytes / seconds / 1e9,
+                        **({} if read is None else {"read_gbps": read / 1e9}),
                     )
                 )
             del experts

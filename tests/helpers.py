@@ -9,6 +9,7 @@ import torch
 import offload
 from offload.config import OffloadConfig
 from offload.hf.experts import OffloadedExperts
+from offload.hf.install import runtime_of
 from offload.hf.skeleton import survey_checkpoint
 from offload.runtime.budget import budget_for_slots
 
@@ -55,3 +56,46 @@ def count_uses(model: torch.nn.Module) -> list[int]:
         if isinstance(m, OffloadedExperts):
             m.register_forward_pre_hook(hook)
     return uses
+
+
+def force_int4pack_on_cpu(monkeypatch) -> None:
+    """Make a CPU-device load build the int4pack copy and pick its kernel, as a CUDA one does where the probe
+    finds it fastest (offload.memory.int4pack); the probe still runs, for the reference kernel."""
+    from offload.memory.int4pack import int4pack_expert_bytes
+    from offload.runtime import host_plan, host_rates
+
+    monkeypatch.setattr(
+        host_plan,
+        "int4pack_copy_bytes",
+        lambda survey, config, slots=None: survey.total_experts * int4pack_expert_bytes(survey.layout),
+    )
+    resolve = host_rates.resolve
+
+    def pick_int4pack(*args, int4pack: bool = False, **kwargs):
+        assert int4pack, "the runtime did not build the copy"
+        resolve(*args, **kwargs)
+        return "int4pack", None
+
+    monkeypatch.setattr(host_rates, "resolve", pick_int4pack)
+
+
+def assert_layers_agree(device: torch.nn.Module, host: torch.nn.Module, tolerance: float = 2e-2) -> None:
+    """Every MoE layer's output of ``host`` within bf16 tolerance of ``device``'s on the same random tokens and
+    routing: in bf16 a tiny random model's routing flips on any rounding difference, so whole-model logits
+    would compare different experts."""
+    survey = runtime_of(host).survey
+    on = runtime_of(device).config.device
+    generator = torch.Generator().manual_seed(7)
+    for layer in range(survey.num_layers):
+        x = torch.randn(5, survey.layout.hidden_size, generator=generator).to(torch.bfloat16)
+        ids = torch.stack(
+            [torch.randperm(survey.num_experts, generator=generator)[: survey.top_k] for _ in x]
+        )
+        weights = torch.rand(ids.shape, generator=generator).softmax(-1).to(torch.bfloat16)
+        x, ids, weights = x.to(on), ids.to(on), weights.to(on)
+        with torch.no_grad():
+            want = runtime_of(device).forward_layer(layer, x, ids, weights).float()
+            got = runtime_of(host).forward_layer(layer, x, ids, weights).float()
+        scale = want.abs().max().item()
+        err = (got - want).abs().max().item()
+        assert err <= tolerance * scale, f"layer {layer}: error {err:.3g} of {scale:.3g}"

@@ -19,10 +19,11 @@ kernel         what it does                                                     
                exact product either way); fp8 is scaled in fp32 as the oracle does
 ``int8pack``   ``torch._weight_int8pack_mm`` on the stored codes and per-row scales:     int8
                the int8 weights are never expanded
-``int4pack``   ``torch._weight_int4pack_mm_for_cpu`` on the experts' converted copy      int4 (bf16)
-               (:mod:`offload.memory.int4pack`): the packed codes are read once, never
-               expanded. Within the oracle's tolerance, not bitwise: the zero point is
-               folded into a bf16 offset
+``int4pack``   ``torch._weight_int4pack_mm_for_cpu`` on the experts' converted copy      int4, mxfp4
+               (:mod:`offload.memory.int4pack`): the packed codes are read once, never   (bf16)
+               expanded. int4 within the oracle's tolerance, not bitwise (the zero
+               point is folded into a bf16 offset); MXFP4 exact (each e2m1 value split
+               into two int4 values)
 =============  =======================================================================  ==================
 
 Measured and not used (``docs/host-compute.md`` has the figures): computing float experts through an fp32
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from offload.kernels.activation import ExpertActivation
 from offload.kernels.torch_reference import expert_rows
 from offload.memory import formats
+from offload.memory.int4pack import INT4PACK_FORMATS
 from offload.memory.layout import ExpertLayout
 
 HostKernel = Callable[
@@ -125,8 +127,10 @@ def _int4pack_rows(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     def linear(inp: torch.Tensor, name: str) -> torch.Tensor:
-        packed = fields[f"{name}_int4pack"]  # [R, Cp/2]
-        padding = 2 * packed.shape[1] - inp.shape[1]  # the last group's padding columns multiply zeros
+        packed = fields[f"{name}_int4pack"]  # [R, K/2]
+        if layout.format == "mxfp4":  # the copy holds each weight as two int4 halves side by side
+            inp = torch.cat((inp, inp), dim=-1)
+        padding = 2 * packed.shape[1] - inp.shape[1]  # int4: the last group's padding columns multiply zeros
         inp = F.pad(inp, (0, padding)) if padding else inp
         y = torch._weight_int4pack_mm_for_cpu(
             inp.to(layout.dtype).contiguous(), packed, layout.group_size, fields[f"{name}_scale_zeros"]
@@ -155,7 +159,7 @@ def host_kernel_candidates(layout: ExpertLayout, int4pack: bool = False) -> tupl
         out.append("dequant")
     if layout.format == "int8":
         out.append("int8pack")
-    if int4pack and layout.format == "int4":
+    if int4pack and layout.format in INT4PACK_FORMATS:
         out.append("int4pack")
     return tuple(out)
 

@@ -1,43 +1,53 @@
-"""Int4 experts in torch's CPU int4pack layout: the host kernel's own copy of them.
+"""Int4 and MXFP4 experts in torch's CPU int4pack layout: the host kernel's own copy of them.
 
 ``torch._weight_int4pack_mm_for_cpu`` multiplies bf16 activations by group-quantized int4 weights straight
 from the blocked layout ``torch._convert_weight_to_int4pack_for_cpu`` makes, reading the packed codes once
 (``docs/host-compute.md`` has the figures: about 25 times the dequantize-then-matmul route at one token).
 Converting a matrix costs about 20 of its matmuls, so it is done once per expert, as its layer is stored, into
-a second host copy of the int4 experts, about the size of the store itself. That doubles their host RAM, so the
-copy is planned (:mod:`offload.runtime.host_plan`) and made only where it is used and fits: on a CUDA device
-with host compute on, for bf16 experts (torch's kernel is vectorized for bf16 only; fp16 and fp32 run a
-scalar loop slower than dequantizing).
+a second host copy of the experts (for int4 about the size of the store, for MXFP4 2.4 times). That adds to
+their host RAM, so the copy is planned (:mod:`offload.runtime.host_plan`) and made only where it is used and
+fits: on a CUDA device with host compute on, for bf16 experts (torch's kernel is vectorized for bf16 only;
+fp16 and fp32 run a scalar loop slower than dequantizing).
 
-Per expert and matrix ``W`` (``[R, C]``, codes ``q`` with per-group scale ``s`` and zero point ``z``):
+Per expert and matrix ``W`` ``[R, C]``:
 
 =====================  ==============================  ===============================================
 field                  shape                           meaning
 =====================  ==============================  ===============================================
-``W_int4pack``         uint8 ``[R, Cp/2]``             the codes in torch's blocked CPU layout
-``W_scale_zeros``      bf16 ``[Cp/g, R, 2]``           ``(s, (8 - z) * s)``: torch reads a weight as
-                                                       ``(q - 8) * s + zero``, which is ``(q - z) * s``
+``W_int4pack``         uint8 ``[R, K/2]``              codes in torch's blocked CPU layout, K columns
+``W_scale_zeros``      bf16 ``[K/g, R, 2]``            per group of g columns ``(scale, zero)``: torch
+                                                       reads a weight as ``(q - 8) * scale + zero``
 =====================  ==============================  ===============================================
 
-``(8 - z) * s`` is computed in fp32 and rounded once to bf16, so a weight can differ from the dequantize
-oracle's by that rounding: the kernel is checked against the oracle with a tolerance, not bitwise.
+- **int4** (codes ``q``, per-group scale ``s`` and zero point ``z``, columns padded to ``Cp``): ``K = Cp``,
+  pairs ``(s, (8 - z) * s)``, since ``(q - 8) * s + (8 - z) * s = (q - z) * s``. ``(8 - z) * s`` is rounded
+  once to bf16, so a weight can differ from the dequantize oracle's by that rounding: the kernel is checked
+  against the oracle with a tolerance, not bitwise.
+- **MXFP4** (FP4 e2m1 codes, one power-of-two scale ``2^(e - 127)`` per 32 columns): twice an e2m1 value is
+  an integer in ``{0, ±1, ±2, ±3, ±4, ±6, ±8, ±12}``, which splits into two int4 values, ``a = clamp(2v, -8,
+  7)`` and ``b = 2v - a`` (in ``[-4, 5]``). The copy holds ``[a | b]`` side by side (``K = 2C``) with scale
+  ``2^(e - 128)`` and zero 0 for both halves, and the kernel multiplies ``[x | x]``: every weight is exact
+  (``(a + b) * 2^(e - 128)``), so the result is the oracle's up to summation order.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from offload.memory import formats
 from offload.memory.layout import ExpertLayout
 
+INT4PACK_FORMATS = ("int4", "mxfp4")
 INT4PACK_GROUPS = (32, 64, 128, 256)  # the group sizes torch's kernel takes
 _ROW_MULTIPLE = 16  # torch packs rows in blocks of 16 or more
 
 
 def int4pack_unsupported(layout: ExpertLayout) -> str | None:
     """Why torch's int4pack CPU kernel cannot compute ``layout``'s experts, or None when it can."""
-    if layout.format != "int4":
-        return f"the experts are {layout.format_name}, not int4"
+    if layout.format not in INT4PACK_FORMATS:
+        return f"the experts are {layout.format_name}, not int4 or mxfp4"
     if layout.dtype != torch.bfloat16:
         return (
             f"torch's int4pack CPU kernel is vectorized for bf16 only, the model computes in {layout.dtype}"
@@ -52,42 +62,50 @@ def int4pack_unsupported(layout: ExpertLayout) -> str | None:
     return None
 
 
+def reduced_columns(layout: ExpertLayout, cols: int) -> int:
+    """K, the columns torch's kernel reduces over for a matrix of ``cols`` columns (see the module doc)."""
+    return 2 * cols if layout.format == "mxfp4" else formats.padded(cols, layout.group_size)
+
+
 def _shapes(layout: ExpertLayout) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     g = layout.group_size
     out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for name, rows, cols in layout.matrices:
-        padded = formats.padded(cols, g)
-        out[f"{name}_int4pack"] = ((rows, padded // 2), torch.uint8)
-        out[f"{name}_scale_zeros"] = ((padded // g, rows, 2), layout.dtype)
+        k = reduced_columns(layout, cols)
+        out[f"{name}_int4pack"] = ((rows, k // 2), torch.uint8)
+        out[f"{name}_scale_zeros"] = ((k // g, rows, 2), layout.dtype)
     return out
 
 
 def int4pack_expert_bytes(layout: ExpertLayout) -> int:
     """Host bytes of one expert's converted copy."""
-    total = 0
-    for shape, dtype in _shapes(layout).values():
-        count = 1
-        for d in shape:
-            count *= d
-        total += count * dtype.itemsize
-    return total
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in _shapes(layout).values())
 
 
 def convert_expert(fields: dict[str, torch.Tensor], layout: ExpertLayout) -> dict[str, torch.Tensor]:
-    """One int4 expert's store fields -> its int4pack fields (new tensors)."""
+    """One expert's store fields -> its int4pack fields (new tensors)."""
     out: dict[str, torch.Tensor] = {}
     for name, _, _ in layout.matrices:
-        codes = formats.unpack_nibbles(fields[name]).to(torch.int32)  # [R, Cp]
+        codes = formats.unpack_nibbles(fields[name]).to(torch.int32)  # [R, C or Cp]
+        if layout.format == "mxfp4":
+            twice = torch.tensor([round(2 * v) for v in formats.FP4_VALUES], dtype=torch.int32)[codes]
+            low = twice.clamp(-8, 7)
+            codes = torch.cat((low, twice - low), dim=1) + 8  # [R, 2C]
+            scale = torch.exp2(fields[f"{name}_scale"].float() - 128.0)  # [R, C/32]: 2^(e - 127) / 2
+            scale = torch.cat((scale, scale), dim=1)
+            offset = torch.zeros_like(scale)
+        else:
+            scale, zero = fields[f"{name}_scale"].float(), fields[f"{name}_zero"].float()  # [R, Cp/g]
+            offset = (8.0 - zero) * scale
         out[f"{name}_int4pack"] = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-        scale, zero = fields[f"{name}_scale"].float(), fields[f"{name}_zero"].float()  # [R, Cp/g]
-        pairs = torch.stack((scale, (8.0 - zero) * scale), dim=-1)  # [R, Cp/g, 2]
+        pairs = torch.stack((scale, offset), dim=-1)  # [R, K/g, 2]
         out[f"{name}_scale_zeros"] = pairs.transpose(0, 1).to(layout.dtype).contiguous()
     return out
 
 
 class Int4PackCopy:
-    """Every int4 expert of a host store in torch's CPU layout: per MoE layer, one tensor ``[experts, ...]``
-    per field, filled as the store's layer is (:meth:`fill_layer`)."""
+    """Every expert of an int4 or MXFP4 host store in torch's CPU layout: per MoE layer, one tensor
+    ``[experts, ...]`` per field, filled as the store's layer is (:meth:`fill_layer`)."""
 
     def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int) -> None:
         reason = int4pack_unsupported(layout)

@@ -67,8 +67,8 @@ def test_smoke_runs_every_stage_and_writes_the_gpu_keys(smoke: tuple[dict[str, A
     rows = stages["e2e"]["results"][0]["rows"]
     assert {r["variant"] for r in rows} == {"lru", "int4", "accelerate"}
     host = stages["host"]
-    assert {(r["format"], r["tokens"]) for r in host["rows"]} == {("bf16", 1), ("int4", 1)}
-    assert all(r["gbps"] > 0 for r in host["rows"])
+    assert {(r["format"], r["tokens"]) for r in host["rows"]} == {("bf16", 1), ("int4", 1), ("mxfp4", 1)}
+    assert all(r["gbps"] > 0 and 0 < r["share_of_read"] == r["gbps"] / r["read_gbps"] for r in host["rows"])
     split = {r["variant"]: r for r in host["e2e"]["rows"]}
     assert split["lru-host-off"]["host_compute"] == "off" and split["lru-host-off"]["on_host"] == 0
     assert split["lru"]["host_compute"] == "off"  # auto on a CPU device without given rates

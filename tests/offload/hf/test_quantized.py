@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 import offload
 from offload.hf.install import runtime_of
+from tests.helpers import assert_layers_agree, force_int4pack_on_cpu
 from tests.tiny_models import tiny_config
 
 FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
@@ -135,6 +136,24 @@ def test_mxfp4_experts_stay_mxfp4(gpt_oss_mxfp4: tuple[Path, transformers.PreTra
     assert torch.equal(views["gate_up"], torch.cat((blocks[1, 0::2], blocks[1, 1::2])))
     full = offload.from_pretrained(path, vram_budget="1GB", device="cpu", dequantize=True, progress=False)
     assert layout.nbytes < 0.35 * runtime_of(full).survey.layout.nbytes  # 4.25 of 16 bits, scales and padding
+
+
+def test_mxfp4_host_experts_through_int4pack(
+    gpt_oss_mxfp4: tuple[Path, transformers.PreTrainedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gpt-oss's MXFP4 experts (biases, clamped activation) computed on the host through the int4pack copy,
+    each e2m1 value split into two int4 halves: every MoE layer within bf16 rounding of the device's."""
+    path, _ = gpt_oss_mxfp4
+    force_int4pack_on_cpu(monkeypatch)
+    options = dict(vram_budget="1GB", device="cpu", max_context=64, progress=False)
+    device = offload.from_pretrained(path, host_compute="off", **options)
+    host = offload.from_pretrained(path, host_compute="always", **options)
+    assert runtime_of(host).survey.layout.format == "mxfp4" and runtime_of(host).int4pack is not None
+    assert_layers_agree(device, host)
+    stats = offload.stats(host)
+    assert stats.host_kernel == "int4pack" and stats.host_expert_calls > 0 and stats.expert_misses == 0
+    offload.close(device)
+    offload.close(host)
 
 
 def test_quantize_needs_full_precision_experts(

@@ -50,8 +50,8 @@ def test_every_host_kernel_matches_the_oracle(fmt: str, dtype: torch.dtype, grou
     scale = expected.abs().max().item()
     candidates = host_kernel_candidates(layout, int4pack=True)
     assert candidates[0] == "reference" and ("int8pack" in candidates) == (fmt == "int8")
-    assert ("int4pack" in candidates) == (fmt == "int4")
-    if fmt == "int4":  # I = 96 pads the down matrix's last group of 64: the kernel reads padded columns
+    assert ("int4pack" in candidates) == (fmt in ("int4", "mxfp4"))
+    if "int4pack" in candidates:  # int4: I = 96 pads the down matrix's last group of 64, read as zeros
         fields |= convert_expert(fields, layout)
     for name in candidates:
         rows = host_kernel(name)(x, w, fields, layout, SILU, dtype)

@@ -18,9 +18,9 @@ from offload.memory.int4pack import (
     int4pack_unsupported,
 )
 from offload.memory.layout import ExpertLayout
-from offload.runtime import host_plan, host_rates
+from offload.runtime import host_rates
 from offload.runtime.host_plan import check_host_memory, int4pack_copy_bytes, int4pack_copy_fits
-from tests.helpers import load, prompt, slot_counts
+from tests.helpers import assert_layers_agree, force_int4pack_on_cpu, load, prompt, slot_counts
 
 BF16_INT4 = ExpertLayout(64, 96, True, True, torch.bfloat16, format="int4", group_size=64)
 
@@ -64,6 +64,22 @@ def test_the_copy_holds_every_expert_converted() -> None:
     assert copy.nbytes == 0
 
 
+def test_mxfp4_weights_through_the_copy_are_exact() -> None:
+    """Each e2m1 value split into two int4 halves: multiplying the identity reads every weight back, bitwise
+    the dequantize oracle's (int4 is not bitwise: its zero point rides in a rounded bf16 offset)."""
+    layout = ExpertLayout(64, 96, True, False, torch.bfloat16, format="mxfp4", group_size=32)
+    assert int4pack_unsupported(layout) is None
+    fields = host_rates.synthetic_experts(layout, 1, seed=2)[0]
+    fields["gate_up_scale"].copy_(torch.randint(110, 135, fields["gate_up_scale"].shape))  # mixed exponents
+    copy = convert_expert(fields, layout)
+    for name, _, cols in layout.matrices:
+        eye = torch.eye(cols, dtype=torch.bfloat16)
+        read = torch._weight_int4pack_mm_for_cpu(
+            torch.cat((eye, eye), dim=1), copy[f"{name}_int4pack"], 32, copy[f"{name}_scale_zeros"]
+        )  # [C, R]: row c is column c of W
+        assert torch.equal(read.T, layout.weight(fields, name)), name
+
+
 def _cuda_config(**options: object) -> SimpleNamespace:
     """What the host plan reads of an OffloadConfig on a CUDA device (none here to build one for)."""
     values = {"device": torch.device("cuda"), "host_compute": "auto", "host_memory_limit": None}
@@ -95,28 +111,6 @@ def test_the_copy_is_planned_only_where_it_is_used(mixtral_checkpoint: Path) -> 
     assert not int4pack_copy_fits(copy, _cuda_config(host_memory_limit=copy - 1), available=copy)
 
 
-def assert_layers_agree(device: torch.nn.Module, host: torch.nn.Module) -> None:
-    """Every MoE layer's output of ``host`` within bf16 tolerance of ``device``'s on the same random tokens and
-    routing: in bf16 a tiny random model's routing flips on any rounding difference, so whole-model logits
-    would compare different experts."""
-    survey = runtime_of(host).survey
-    on = runtime_of(device).config.device
-    generator = torch.Generator().manual_seed(7)
-    for layer in range(survey.num_layers):
-        x = torch.randn(5, survey.layout.hidden_size, generator=generator).to(torch.bfloat16)
-        ids = torch.stack(
-            [torch.randperm(survey.num_experts, generator=generator)[: survey.top_k] for _ in x]
-        )
-        weights = torch.rand(ids.shape, generator=generator).softmax(-1).to(torch.bfloat16)
-        x, ids, weights = x.to(on), ids.to(on), weights.to(on)
-        with torch.no_grad():
-            want = runtime_of(device).forward_layer(layer, x, ids, weights).float()
-            got = runtime_of(host).forward_layer(layer, x, ids, weights).float()
-        scale = want.abs().max().item()
-        err = (got - want).abs().max().item()
-        assert err <= 2e-2 * scale, f"layer {layer}: error {err:.3g} of {scale:.3g}"
-
-
 def test_host_experts_through_the_copy_match_the_device(
     tiny_checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -124,19 +118,7 @@ def test_host_experts_through_the_copy_match_the_device(
     layer's output with every expert computed on the host through int4pack, against the same int4 model with
     every expert on the device, layer by layer."""
     path = tiny_checkpoints["mixtral"]
-    monkeypatch.setattr(
-        host_plan,
-        "int4pack_copy_bytes",
-        lambda survey, config, slots=None: survey.total_experts * int4pack_expert_bytes(survey.layout),
-    )
-    resolve = host_rates.resolve
-
-    def pick_int4pack(*args: object, int4pack: bool = False, **kwargs: object):
-        assert int4pack, "the runtime did not build the copy"
-        resolve(*args, **kwargs)
-        return "int4pack", None
-
-    monkeypatch.setattr(host_rates, "resolve", pick_int4pack)
+    force_int4pack_on_cpu(monkeypatch)
     device = load(path, slot_counts(path)["all"], "cpu", dtype="bf16", quantize="int4", host_compute="off")
     host = load(path, slot_counts(path)["top_k"], "cpu", dtype="bf16", quantize="int4", host_compute="always")
     assert runtime_of(device).int4pack is None  # host compute off: no copy
