@@ -84,70 +84,66 @@ def dequantized(fields: dict[str, torch.Tensor], layout: ExpertLayout, name: str
     return formats.dequantize(fields, name, fmt, cols, layout.group_size, dt)
 
 
-def _dequant_rows(
-    x: torch.Tensor,  # [n, H]
-    w: torch.Tensor,  # [n]
-    fields: dict[str, torch.Tensor],
-    layout: ExpertLayout,
-    activation: ExpertActivation,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:  # [n, H]
-    gate_up, down = dequantized(fields, layout, "gate_up"), dequantized(fields, layout, "down")
-    h = F.linear(x, gate_up, fields.get("gate_up_bias"))  # [n, G*I]
-    h = activation.fn(h)  # [n, I]
-    y = F.linear(h, down, fields.get("down_bias"))  # [n, H]
-    return (y * w[:, None]).to(out_dtype)
+ExpertMatmul = Callable[[torch.Tensor, str, dict[str, torch.Tensor], ExpertLayout], torch.Tensor]
 
 
-def _int8pack_rows(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    fields: dict[str, torch.Tensor],
-    layout: ExpertLayout,
-    activation: ExpertActivation,
-    out_dtype: torch.dtype,
+def _kernel_of(matmul: ExpertMatmul) -> HostKernel:
+    """A host kernel from ``matmul(input, name, fields, layout)``, an input times one of an expert's matrices
+    (``gate_up`` or ``down``) plus its bias: gate_up, the activation, down, the routing weights."""
+
+    def rows(
+        x: torch.Tensor,  # [n, H]
+        w: torch.Tensor,  # [n]
+        fields: dict[str, torch.Tensor],
+        layout: ExpertLayout,
+        activation: ExpertActivation,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:  # [n, H]
+        h = activation.fn(matmul(x, "gate_up", fields, layout))  # [n, I]
+        y = matmul(h, "down", fields, layout)  # [n, H]
+        return (y * w[:, None]).to(out_dtype)
+
+    return rows
+
+
+def _plus_bias(y: torch.Tensor, fields: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    b = fields.get(f"{name}_bias")
+    return y if b is None else y + b
+
+
+def _dequant_matmul(
+    inp: torch.Tensor, name: str, fields: dict[str, torch.Tensor], layout: ExpertLayout
 ) -> torch.Tensor:
-    def linear(inp: torch.Tensor, name: str) -> torch.Tensor:
-        scale = fields[f"{name}_scale"]
-        y = torch._weight_int8pack_mm(inp.to(scale.dtype).contiguous(), fields[name], scale)
-        b = fields.get(f"{name}_bias")
-        return y if b is None else y + b
-
-    h = activation.fn(linear(x, "gate_up"))  # [n, I]
-    y = linear(h, "down")  # [n, H]
-    return (y * w[:, None]).to(out_dtype)
+    return F.linear(inp, dequantized(fields, layout, name), fields.get(f"{name}_bias"))
 
 
-def _int4pack_rows(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    fields: dict[str, torch.Tensor],
-    layout: ExpertLayout,
-    activation: ExpertActivation,
-    out_dtype: torch.dtype,
+def _int8pack_matmul(
+    inp: torch.Tensor, name: str, fields: dict[str, torch.Tensor], layout: ExpertLayout
 ) -> torch.Tensor:
-    def linear(inp: torch.Tensor, name: str) -> torch.Tensor:
-        packed = fields[f"{name}_int4pack"]  # [R, K/2]
-        if layout.format == "mxfp4":  # the copy holds each weight as two int4 halves side by side
-            inp = torch.cat((inp, inp), dim=-1)
-        padding = 2 * packed.shape[1] - inp.shape[1]  # int4: the last group's padding columns multiply zeros
-        inp = F.pad(inp, (0, padding)) if padding else inp
-        y = torch._weight_int4pack_mm_for_cpu(
-            inp.to(layout.dtype).contiguous(), packed, layout.group_size, fields[f"{name}_scale_zeros"]
-        )
-        b = fields.get(f"{name}_bias")
-        return y if b is None else y + b
+    scale = fields[f"{name}_scale"]
+    y = torch._weight_int8pack_mm(inp.to(scale.dtype).contiguous(), fields[name], scale)
+    return _plus_bias(y, fields, name)
 
-    h = activation.fn(linear(x, "gate_up"))  # [n, I]
-    y = linear(h, "down")  # [n, H]
-    return (y * w[:, None]).to(out_dtype)
+
+def _int4pack_matmul(
+    inp: torch.Tensor, name: str, fields: dict[str, torch.Tensor], layout: ExpertLayout
+) -> torch.Tensor:
+    packed = fields[f"{name}_int4pack"]  # [R, K/2]
+    if layout.format == "mxfp4":  # the copy holds each weight as two int4 halves side by side
+        inp = torch.cat((inp, inp), dim=-1)
+    padding = 2 * packed.shape[1] - inp.shape[1]  # int4: the last group's padding columns multiply zeros
+    inp = F.pad(inp, (0, padding)) if padding else inp
+    y = torch._weight_int4pack_mm_for_cpu(
+        inp.to(layout.dtype).contiguous(), packed, layout.group_size, fields[f"{name}_scale_zeros"]
+    )
+    return _plus_bias(y, fields, name)
 
 
 HOST_KERNELS: dict[str, HostKernel] = {
     "reference": expert_rows,
-    "dequant": _dequant_rows,
-    "int8pack": _int8pack_rows,
-    "int4pack": _int4pack_rows,
+    "dequant": _kernel_of(_dequant_matmul),
+    "int8pack": _kernel_of(_int8pack_matmul),
+    "int4pack": _kernel_of(_int4pack_matmul),
 }
 
 
