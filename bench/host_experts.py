@@ -52,10 +52,8 @@ def main() -> int:
     rows = hx.host_table(
         hx.SMOKE_SHAPES if args.smoke else shapes, args.repeats, threads, formats, read_gib=gib
     )
-    # each row against the read taken beside its kernels (host_table); the run's peak is the best of them all
+    # each row is against the read taken beside its kernels (host_table); the run's peak is the best of them
     peak = max([*reads.values(), *(r["read_gbps"] * 1e9 for r in rows)])
-    for row in rows:
-        row["share_of_read"] = row["gbps"] / row["read_gbps"]
     traces = sorted(args.traces.glob("*")) if args.traces.is_dir() else []
     split = hx.decode_split(traces, rows, args.link_gbps, args.layer_ms, args.fraction)
     best_1 = {}

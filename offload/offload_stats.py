@@ -35,7 +35,7 @@ class OffloadStats:
     host_wait_seconds: float = 0.0  # time the layer step waited for them after its own work
     host_compute: str = "off"  # the mode in effect: off, auto, always (auto on CPU without rates: off)
     host_kernel: str = ""  # the host kernel (offload.kernels.host_experts), "" when off
-    host_kernel_copy_bytes: int = 0  # host RAM of the int4 experts' copy for the int4pack kernel, 0: none
+    host_kernel_copy_bytes: int = 0  # host RAM of the experts' copy for the int4pack kernel, 0: none
     store_source: str = (
         ""  # quantized experts: quantized while loading, or read from the compressed-store cache
     )

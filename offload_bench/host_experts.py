@@ -3,8 +3,8 @@
 For each expert shape and format, each host kernel (:mod:`offload.kernels.host_experts`) computes synthetic
 experts at 1, 4 and 16 tokens, on a thread running torch with a host worker's share of the intra-op threads
 and with all of them; GB/s is expert bytes read per second (the stored bytes, scales included; ``int4pack``
-reads the experts' converted copy, the same size less alignment). The peak is
-the best streaming read of a large fp32 tensor (``torch.sum``) at the same thread counts. Then the simulator, with
+reads the experts' converted copy, the same size less alignment), against the best streaming read of a large
+fp32 tensor (``torch.sum``) at the same thread counts, taken right before each shape and format's kernels. Then the simulator, with
 a stated link rate and per-layer compute time, replays the shared traces at a scarce cache with the rule off
 and on (``auto`` at the measured 1-token host rate of the trace's expert shape): hits / copied / on host and
 simulated decode tokens/s.
@@ -74,15 +74,16 @@ def host_table(
     """One row per shape, format, host kernel, intra-op thread count and token count (``formats`` and
     ``token_counts``: a subset of the labels and of the probe's token counts). ``read_gib``: measure the
     streaming read (that many GiB, best over ``torch_threads``) right before each shape and format's kernels,
-    into their rows' ``read_gbps``: on a shared machine the bandwidth moves from minute to minute, so a share
-    of it is only fair against a read taken beside the kernels."""
+    into their rows' ``read_gbps``, and each row's GB/s as ``share_of_read`` of it: on a shared machine the
+    bandwidth moves from minute to minute, so a share of it is only fair against a read taken beside the
+    kernels."""
     import torch
     import torch.nn.functional as F
 
     from offload.kernels import ExpertActivation
     from offload.kernels.activation import GateTimesUp
     from offload.kernels.host_experts import host_kernel_candidates
-    from offload.memory.int4pack import convert_expert, int4pack_unsupported
+    from offload.memory.int4pack import int4pack_unsupported
     from offload.memory.layout import ExpertLayout
     from offload.runtime import host_rates
 
@@ -94,34 +95,33 @@ def host_table(
                 continue
             layout = ExpertLayout(hidden, inter, True, False, torch.bfloat16, format=fmt, group_size=group)
             count = max(2, min(16, (256 << 20) // layout.nbytes))  # more than a last-level cache holds
-            experts = host_rates.synthetic_experts(layout, count)
             read = (
                 None
                 if read_gib is None
                 else max(read_bandwidth(read_gib, torch_threads=t) for t in torch_threads)
             )
-            int4pack = int4pack_unsupported(layout) is None
-            if int4pack:  # the converted copy the runtime keeps beside the store on a CUDA device
-                experts = [fields | convert_expert(fields, layout) for fields in experts]
+            int4pack = int4pack_unsupported(layout) is None  # the copy the runtime keeps on a CUDA device
+            experts = host_rates.synthetic_experts(layout, count, int4pack=int4pack)
             for kernel, threads, tokens in itertools.product(
                 host_kernel_candidates(layout, int4pack),
                 torch_threads,
                 token_counts or host_rates.PROBE_TOKENS,
             ):
                 seconds = host_rates.host_seconds(kernel, layout, silu, experts, tokens, repeats, threads)
-                rows.append(
-                    dict(
-                        shape=shape,
-                        format=label,
-                        kernel=kernel,
-                        torch_threads=threads,
-                        tokens=tokens,
-                        expert_bytes=layout.nbytes,
-                        ms=seconds * 1e3,
-                        gbps=layout.nbytes / seconds / 1e9,
-                        **({} if read is None else {"read_gbps": read / 1e9}),
-                    )
+                gbps = layout.nbytes / seconds / 1e9
+                row: dict[str, Any] = dict(
+                    shape=shape,
+                    format=label,
+                    kernel=kernel,
+                    torch_threads=threads,
+                    tokens=tokens,
+                    expert_bytes=layout.nbytes,
+                    ms=seconds * 1e3,
+                    gbps=gbps,
                 )
+                if read is not None:
+                    row.update(read_gbps=read / 1e9, share_of_read=gbps / (read / 1e9))
+                rows.append(row)
             del experts
     return rows
 

@@ -2,7 +2,7 @@
 
 ``torch._weight_int4pack_mm_for_cpu`` multiplies bf16 activations by group-quantized int4 weights straight
 from the blocked layout ``torch._convert_weight_to_int4pack_for_cpu`` makes, reading the packed codes once
-(``docs/host-compute.md`` has the figures: about 25 times the dequantize-then-matmul route at one token).
+(``docs/host-compute.md`` has the figures: 10-62 times the other host kernels at one token).
 Converting a matrix costs about 20 of its matmuls, so it is done once per expert, as its layer is stored, into
 a second host copy of the experts (for int4 about the size of the store, for MXFP4 2.4 times). That adds to
 their host RAM, so the copy is planned (:mod:`offload.runtime.host_plan`) and made only where it is used and

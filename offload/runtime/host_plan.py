@@ -6,7 +6,7 @@ A load needs, at its peak::
     + one MoE layer in flight (its experts in full precision as transformers converts them, and the same
       layer packed, before the full-precision copy is freed)
     + on a CPU device, everything the device budget plans (resident weights, KV cache, workspace, slots)
-    + where host compute can use it, the int4 experts' copy for torch's int4pack CPU kernel
+    + where host compute can use it, the int4 or MXFP4 experts' copy for torch's int4pack CPU kernel
       (:mod:`offload.memory.int4pack`)
 
 It is compared with what psutil says is available and with ``host_memory_limit`` when given. The int4pack
@@ -40,7 +40,7 @@ class HostPlan:
     loading_bytes: int  # one MoE layer in flight while loading
     device_bytes: int  # what the device budget plans, when the device is the CPU (else 0)
     format_name: str
-    int4pack_bytes: int = 0  # the int4 experts' copy for the int4pack host kernel, when made
+    int4pack_bytes: int = 0  # the int4/MXFP4 experts' copy for the int4pack host kernel, when made
 
     @property
     def total_bytes(self) -> int:
@@ -59,7 +59,7 @@ class HostPlan:
 def int4pack_copy_bytes(model_survey: ModelSurvey, config: OffloadConfig, slots: int | None = None) -> int:
     """Host bytes of the experts' copy for torch's int4pack CPU kernel, or 0 where none would be made: it is
     made on a CUDA device (on a CPU device the host kernel is the device's own) with host compute on, for
-    int4 experts that kernel takes (:func:`offload.memory.int4pack.int4pack_unsupported`), unless ``slots``
+    int4 or MXFP4 experts that kernel takes (:func:`offload.memory.int4pack.int4pack_unsupported`), unless ``slots``
     hold every expert (nothing misses)."""
     layout = model_survey.layout
     if config.device.type != "cuda" or config.host_compute == "off" or int4pack_unsupported(layout):
@@ -74,17 +74,23 @@ def int4pack_copy_fits(copy_bytes: int, config: OffloadConfig, available: int | 
     warning says so when it has not."""
     if not copy_bytes:
         return False
-    free = psutil.virtual_memory().available if available is None else available
-    limit = free if config.host_memory_limit is None else min(free, config.host_memory_limit)
+    _, limit = _host_limit(config, available)
     if copy_bytes <= limit:
         return True
     _warn_no_int4pack(copy_bytes, limit)
     return False
 
 
+def _host_limit(config: OffloadConfig, available: int | None) -> tuple[int, int]:
+    """(bytes free, bytes the model may take): psutil's ``available`` unless given, capped by
+    ``host_memory_limit``."""
+    free = psutil.virtual_memory().available if available is None else available
+    return free, free if config.host_memory_limit is None else min(free, config.host_memory_limit)
+
+
 def _warn_no_int4pack(copy_bytes: int, limit: int) -> None:
     log.warning(
-        "host RAM: no room for the int4 experts' copy for the int4pack host kernel (%s, %s allowed); "
+        "host RAM: no room for the experts' copy for the int4pack host kernel (%s, %s allowed); "
         "experts computed on the host use the slower dequantizing kernel",
         format_size(copy_bytes),
         format_size(limit),
@@ -123,8 +129,7 @@ def check_host_memory(
     holds the int4pack copy where one would be made (``slots``: the budget's) and it fits."""
     copy_bytes = int4pack_copy_bytes(model_survey, config, slots)
     plan = plan_host(model_survey, device_bytes if config.device.type == "cpu" else 0, copy_bytes)
-    free = psutil.virtual_memory().available if available is None else available
-    limit = free if config.host_memory_limit is None else min(free, config.host_memory_limit)
+    free, limit = _host_limit(config, available)
     if plan.total_bytes <= limit:
         return plan
     if copy_bytes and plan.total_bytes - copy_bytes <= limit:

@@ -126,8 +126,12 @@ def cached(
 # -- probes ------------------------------------------------------------------------------------------------
 
 
-def synthetic_experts(layout: ExpertLayout, count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """``count`` experts of ``layout`` in host memory, with weights in their format's normal range."""
+def synthetic_experts(
+    layout: ExpertLayout, count: int, seed: int = 0, int4pack: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """``count`` experts of ``layout`` in host memory, with weights in their format's normal range;
+    ``int4pack``: with their int4pack copy's fields too, as the runtime's host jobs pass them
+    (:mod:`offload.memory.int4pack`; the layout must be one that kernel takes)."""
     generator = torch.Generator().manual_seed(seed)
     buffers = torch.empty((count, layout.nbytes), dtype=torch.uint8)
     views = layout.views(buffers)
@@ -142,7 +146,8 @@ def synthetic_experts(layout: ExpertLayout, count: int, seed: int = 0) -> list[d
             tensor.fill_(120)  # 2^-7
         elif name.endswith(("_scale", "_zero")) and tensor.is_floating_point():
             tensor.abs_().add_(0.01 if name.endswith("_scale") else 7.0)
-    return [layout.views(buffers[i]) for i in range(count)]
+    experts = [layout.views(buffers[i]) for i in range(count)]
+    return [fields | convert_expert(fields, layout) for fields in experts] if int4pack else experts
 
 
 def probe_host(
@@ -155,9 +160,7 @@ def probe_host(
     """The fastest host kernel at 1 token and its (tokens, GB/s) points, on synthetic experts, each call on
     ``torch_threads`` intra-op threads as a host worker runs it (None: the caller's)."""
     count = max(2, min(32, _PROBE_BYTES // layout.nbytes))
-    experts = synthetic_experts(layout, count)
-    if "int4pack" in kernels:  # the converted copy rides along, as the runtime's host jobs pass it
-        experts = [fields | convert_expert(fields, layout) for fields in experts]
+    experts = synthetic_experts(layout, count, int4pack="int4pack" in kernels)
     best: tuple[str, list[tuple[int, float]]] | None = None
     for name in kernels:
         points = [

@@ -40,7 +40,7 @@ class OffloadRuntime:
         model_name: str = "",
         int4pack_copy: bool = False,
     ) -> None:
-        """``int4pack_copy``: keep the int4 experts' copy for the int4pack host kernel as layers are stored
+        """``int4pack_copy``: keep the int4/MXFP4 experts' copy for the int4pack host kernel as layers are stored
         (host RAM planned for it by the caller, :mod:`offload.runtime.host_plan`); unused with host compute off."""
         if config.prefetch == "auto":
             raise ValueError(

@@ -1,8 +1,9 @@
 """Stage ``host``: missed experts computed on the CPU (docs/host-compute.md). The host's streaming read
 bandwidth, then every host kernel at 1 token on the Qwen3-30B-A3B expert shape in bf16, int4 and MXFP4, on a
 host worker's share of the torch threads and on all of them, in GB/s of expert bytes read against a streaming
-read taken right before each format's kernels (issue 14's target: 60% at 1 token). Then, while the cap allows, decode on the Qwen3-30B-A3B shape
-cut to a few layers with host compute auto (the default) and off, side by side (offload_bench.e2e)."""
+read taken right before each format's kernels (issue 14's target: 60% at 1 token). Then, while the cap allows,
+decode on the Qwen3-30B-A3B shape cut to a few layers with host compute auto (the default) and off, side by
+side (offload_bench.e2e)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,6 @@ def run(part: Part, seconds: float) -> None:
     )
     rows = hx.host_table(shapes, 1 if part.smoke else 2, threads, FORMATS, (1,), read_gib=gib)
     for row in rows:
-        row["share_of_read"] = row["gbps"] / row["read_gbps"]
         part.add("rows", row)
     for label in FORMATS:
         mine = [r for r in rows if r["format"] == label]

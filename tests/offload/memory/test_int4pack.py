@@ -1,8 +1,9 @@
-"""The int4 experts' copy for torch's int4pack CPU kernel: which layouts it takes, what it holds, what it costs
+"""The int4 and MXFP4 experts' copy for torch's int4pack CPU kernel: which layouts it takes, what it holds, what it costs
 in host RAM, and that a run computing its host experts through it stays within tolerance of the device's."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import torch
 
 import offload
 from offload.hf.install import runtime_of
+from offload.hf.skeleton import survey_checkpoint
 from offload.memory.int4pack import (
     Int4PackCopy,
     convert_expert,
@@ -89,10 +91,6 @@ def _cuda_config(**options: object) -> SimpleNamespace:
 
 
 def test_the_copy_is_planned_only_where_it_is_used(mixtral_checkpoint: Path) -> None:
-    from dataclasses import replace
-
-    from offload.hf.skeleton import survey_checkpoint
-
     survey = survey_checkpoint(str(mixtral_checkpoint))
     int4 = replace(survey, layout=replace(survey.layout, format="int4", group_size=64, dtype=torch.bfloat16))
     copy = survey.total_experts * int4pack_expert_bytes(int4.layout)
