@@ -126,6 +126,61 @@ def host_table(
     return rows
 
 
+MODEL_EXPERTS = {  # MoE layers x experts per layer: the experts a load converts (the checkpoints' config.json)
+    "OLMoE-1B-7B": 16 * 64,
+    "Qwen3-30B-A3B": 48 * 128,
+    "Mixtral-8x7B": 32 * 8,
+}
+
+
+def conversion_table(
+    shapes: dict[str, tuple[int, int]], repeats: int, torch_threads: list[int]
+) -> list[dict[str, Any]]:
+    """The int4pack copy's cost at load: ms to convert one expert (:func:`offload.memory.int4pack.convert_expert`)
+    with the uint8-op layout and through torch's converter, side by side, per shape, format and intra-op thread
+    count, best of ``repeats``; and what that comes to for the model's every expert."""
+    import torch
+
+    from offload.memory.int4pack import INT4PACK_FORMATS, convert_expert
+    from offload.memory.layout import ExpertLayout
+    from offload.runtime import host_rates
+    from offload.runtime.host_compute import use_torch_threads
+
+    def best_ms(fields: dict[str, torch.Tensor], layout: ExpertLayout, torch_converter: bool) -> float:
+        best = math.inf
+        for _ in range(repeats):
+            began = time.perf_counter()
+            convert_expert(fields, layout, torch_converter=torch_converter)
+            best = min(best, time.perf_counter() - began)
+        return best * 1e3
+
+    rows = []
+    for shape, (hidden, inter) in shapes.items():
+        for label, fmt, group in FORMATS:
+            if fmt not in INT4PACK_FORMATS:
+                continue
+            layout = ExpertLayout(hidden, inter, True, False, torch.bfloat16, format=fmt, group_size=group)
+            fields = host_rates.synthetic_experts(layout, 1)[0]
+            for threads in torch_threads:
+                with ThreadPoolExecutor(1, initializer=use_torch_threads, initargs=(threads,)) as worker:
+                    fast, slow = (worker.submit(best_ms, fields, layout, t).result() for t in (False, True))
+                experts = MODEL_EXPERTS.get(shape)
+                rows.append(
+                    dict(
+                        shape=shape,
+                        format=label,
+                        torch_threads=threads,
+                        ms_per_expert=fast,
+                        torch_converter_ms_per_expert=slow,
+                        speedup=slow / fast,
+                        model_experts=experts,
+                        model_seconds=None if experts is None else experts * fast / 1e3,
+                        torch_converter_model_seconds=None if experts is None else experts * slow / 1e3,
+                    )
+                )
+    return rows
+
+
 def decode_split(
     traces: list[Path], host_rows: list[dict[str, Any]], link_gbps: float, layer_ms: float, fraction: float
 ) -> list[dict[str, Any]]:

@@ -3,8 +3,9 @@
 ``torch._weight_int4pack_mm_for_cpu`` multiplies bf16 activations by group-quantized int4 weights straight
 from the blocked layout ``torch._convert_weight_to_int4pack_for_cpu`` makes, reading the packed codes once
 (``docs/host-compute.md`` has the figures: 10-62 times the other host kernels at one token).
-Converting a matrix costs about 20 of its matmuls, so it is done once per expert, as its layer is stored, into
-a second host copy of the experts (for int4 about the size of the store, for MXFP4 2.4 times). That adds to
+Converting a matrix costs several of its matmuls (about 20 through torch's converter, 4-6 times fewer laid out
+by :func:`to_int4pack_layout`), so it is done once per expert, as its layer is stored, into a second host copy
+of the experts (for int4 about the size of the store, for MXFP4 2.4 times). That adds to
 their host RAM, so the copy is planned (:mod:`offload.runtime.host_plan`) and made only where it is used and
 fits: on a CUDA device with host compute on, for bf16 experts (torch's kernel is vectorized for bf16 only;
 fp16 and fp32 run a scalar loop slower than dequantizing).
@@ -32,6 +33,8 @@ field                  shape                           meaning
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import torch
@@ -42,6 +45,10 @@ from offload.memory.layout import ExpertLayout
 INT4PACK_FORMATS = ("int4", "mxfp4")
 INT4PACK_GROUPS = (32, 64, 128, 256)  # the group sizes torch's kernel takes
 _ROW_MULTIPLE = 16  # torch packs rows in blocks of 16 or more
+_CHUNK_ROWS = 64  # converted in chunks of whole blocks of torch's layout (32 or 64 rows)...
+_CHUNK_BYTES = 1 << 20  # ...of about this many bytes of codes
+
+log = logging.getLogger(__name__)
 
 
 def int4pack_unsupported(layout: ExpertLayout) -> str | None:
@@ -82,25 +89,103 @@ def int4pack_expert_bytes(layout: ExpertLayout) -> int:
     return sum(math.prod(shape) * dtype.itemsize for shape, dtype in _shapes(layout).values())
 
 
-def convert_expert(fields: dict[str, torch.Tensor], layout: ExpertLayout) -> dict[str, torch.Tensor]:
-    """One expert's store fields -> its int4pack fields (new tensors)."""
-    out: dict[str, torch.Tensor] = {}
+def convert_expert(
+    fields: dict[str, torch.Tensor],
+    layout: ExpertLayout,
+    out: dict[str, torch.Tensor] | None = None,
+    torch_converter: bool = False,
+) -> dict[str, torch.Tensor]:
+    """One expert's store fields -> its int4pack fields, written into ``out`` (new tensors when None).
+    ``torch_converter``: lay the codes out through torch's converter even where the fast path is checked
+    (for the benchmark and the tests that compare them)."""
+    if out is None:
+        out = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in _shapes(layout).items()}
     for name, _, _ in layout.matrices:
-        codes = formats.unpack_nibbles(fields[name]).to(torch.int32)  # [R, C or Cp]
         if layout.format == "mxfp4":
-            twice = torch.tensor([round(2 * v) for v in formats.FP4_VALUES], dtype=torch.int32)[codes]
-            low = twice.clamp(-8, 7)
-            codes = torch.cat((low, twice - low), dim=1) + 8  # [R, 2C]
             scale = torch.exp2(fields[f"{name}_scale"].float() - 128.0)  # [R, C/32]: 2^(e - 127) / 2
             scale = torch.cat((scale, scale), dim=1)
             offset = torch.zeros_like(scale)
         else:
             scale, zero = fields[f"{name}_scale"].float(), fields[f"{name}_zero"].float()  # [R, Cp/g]
             offset = (8.0 - zero) * scale
-        out[f"{name}_int4pack"] = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-        pairs = torch.stack((scale, offset), dim=-1)  # [R, K/g, 2]
-        out[f"{name}_scale_zeros"] = pairs.transpose(0, 1).to(layout.dtype).contiguous()
+        codes, packed = fields[name], out[f"{name}_int4pack"]  # [R, C/2 or Cp/2], [R, K/2]
+        step = max(_CHUNK_BYTES // packed.shape[1] // _CHUNK_ROWS, 1) * _CHUNK_ROWS
+        for start in range(0, codes.shape[0], step):  # row chunks: every temporary stays in cache
+            chunk = codes[start : start + step]
+            if layout.format == "mxfp4":  # [a | b] per row, as nibbles: each byte's two e2m1 codes at once
+                byte = chunk.reshape(-1).int()  # index_select's int32 index: int64 would cost 7x here
+                chunk = torch.cat([half.index_select(0, byte).view(chunk.shape) for half in _MXFP4_HALVES], 1)
+            to_int4pack_layout(chunk, packed[start : start + step], torch_converter)
+        pairs = out[f"{name}_scale_zeros"]  # [K/g, R, 2]
+        pairs[..., 0].copy_(scale.T)
+        pairs[..., 1].copy_(offset.T)
     return out
+
+
+def _mxfp4_halves() -> tuple[torch.Tensor, torch.Tensor]:
+    """Per byte of two e2m1 codes, the bytes of their int4 halves ``a + 8`` and ``b + 8`` (low nibble first)."""
+    twice = torch.tensor([round(2 * v) for v in formats.FP4_VALUES])  # [16]
+    a = twice.clamp(-8, 7)
+    halves = []
+    for code in (a + 8, twice - a + 8):
+        byte = torch.arange(256)
+        halves.append((code[byte & 0xF] | (code[byte >> 4] << 4)).to(torch.uint8))
+    return halves[0], halves[1]
+
+
+_MXFP4_HALVES = _mxfp4_halves()
+
+
+# -- torch's blocked CPU layout --------------------------------------------------------------------------------
+
+
+def to_int4pack_layout(nibbles: torch.Tensor, out: torch.Tensor, torch_converter: bool = False) -> None:
+    """Codes packed two per byte (uint8 ``[R, K/2]``, low nibble first) -> ``out`` in the layout
+    ``torch._convert_weight_to_int4pack_for_cpu`` makes from them.
+
+    torch's converter reads int32 codes column by column, a scalar loop that costs about as much as 20 of its
+    matmuls. On AVX2 and AVX512, whose layouts torch documents (blocks of ``32 * P`` rows, each byte holding
+    rows ``d`` and ``d + 16 * P`` of one column), the same bytes come from a few vectorized uint8 ops, 5-6 times
+    faster; :func:`_fast_layout_pairs` checks them against torch's converter once per process. Elsewhere, or if
+    they ever differ (or with ``torch_converter``), torch's converter runs."""
+    _relayout(nibbles, out, 0 if torch_converter else _fast_layout_pairs())
+
+
+def _relayout(nibbles: torch.Tensor, out: torch.Tensor, pairs: int) -> None:
+    """The documented layout for ``pairs`` P (0: torch's converter), whole blocks of ``32 * P`` rows by uint8
+    ops and the rows after the last whole block by torch's converter (each block is laid out on its own)."""
+    rows, half = nibbles.shape
+    block = 32 * pairs
+    full = rows - rows % block if pairs else 0
+    if full:
+        src = nibbles[:full].view(full // block, 2, pairs, 16, half)  # rows d (low nibble) and d + 16P (high)
+        low, high = src[:, 0], src[:, 1]  # [blocks, P, 16, K/2]
+        dst = out[:full].view(full // block, half, 2, pairs, 16)  # [blocks, K/2, even/odd column, P, 16]
+        torch.bitwise_or(high << 4, low & 0xF, out=dst[:, :, 0].permute(0, 2, 3, 1))  # even columns
+        torch.bitwise_or(high & 0xF0, low >> 4, out=dst[:, :, 1].permute(0, 2, 3, 1))  # odd columns
+    if full < rows:
+        out[full:] = _torch_layout(nibbles[full:])
+
+
+def _torch_layout(nibbles: torch.Tensor) -> torch.Tensor:
+    return torch._convert_weight_to_int4pack_for_cpu(formats.unpack_nibbles(nibbles).to(torch.int32), 1)
+
+
+@functools.cache
+def _fast_layout_pairs() -> int:
+    """P where torch's layout here is the documented one in blocks of ``32 * P`` rows (AVX2: 1, AVX512: 2),
+    checked against torch's converter on random codes (two blocks and a partial one); 0 where it is not."""
+    pairs = {"AVX2": 1, "AVX512": 2}.get(torch.backends.cpu.get_cpu_capability(), 0)
+    if not pairs:
+        return 0
+    generator = torch.Generator().manual_seed(0)
+    nibbles = torch.randint(0, 256, (64 * pairs + 16, 32), dtype=torch.uint8, generator=generator)
+    got = torch.empty(nibbles.shape, dtype=torch.uint8)
+    _relayout(nibbles, got, pairs)
+    if not torch.equal(got, _torch_layout(nibbles)):
+        log.warning("torch's int4pack CPU layout is not the documented one here: converting through torch")
+        return 0
+    return pairs
 
 
 class Int4PackCopy:
@@ -124,8 +209,9 @@ class Int4PackCopy:
             for name, (shape, dtype) in _shapes(self.layout).items()
         }
         for expert, fields in enumerate(experts):
-            for name, tensor in convert_expert(fields, self.layout).items():
-                tensors[name][expert].copy_(tensor)
+            convert_expert(
+                fields, self.layout, out={name: tensor[expert] for name, tensor in tensors.items()}
+            )
         self._layers[layer] = tensors
 
     def views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:

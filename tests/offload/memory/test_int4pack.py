@@ -3,6 +3,7 @@ in host RAM, and that a run computing its host experts through it stays within t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,11 +14,13 @@ import torch
 import offload
 from offload.hf.install import runtime_of
 from offload.hf.skeleton import survey_checkpoint
+from offload.memory import int4pack
 from offload.memory.int4pack import (
     Int4PackCopy,
     convert_expert,
     int4pack_expert_bytes,
     int4pack_unsupported,
+    to_int4pack_layout,
 )
 from offload.memory.layout import ExpertLayout
 from offload.runtime import host_rates
@@ -80,6 +83,61 @@ def test_mxfp4_weights_through_the_copy_are_exact() -> None:
             torch.cat((eye, eye), dim=1), copy[f"{name}_int4pack"], 32, copy[f"{name}_scale_zeros"]
         )  # [C, R]: row c is column c of W
         assert torch.equal(read.T, layout.weight(fields, name)), name
+
+
+FAST_LAYOUTS = {
+    "AVX2": 1,
+    "AVX512": 2,
+}  # torch's CPU capabilities whose int4pack layout is laid out by uint8 ops
+
+
+@pytest.fixture
+def fresh_layout_check() -> Iterator[None]:
+    """The once-per-process layout check run again, and forgotten after (it may see a patched capability)."""
+    int4pack._fast_layout_pairs.cache_clear()
+    yield
+    int4pack._fast_layout_pairs.cache_clear()
+
+
+def test_the_fast_layout_is_torchs(fresh_layout_check: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row count (whole blocks of 32 or 64 rows, and a partial last one) and every code: the uint8 ops
+    lay the codes out byte for byte as torch's converter does, and so does the whole expert's conversion, in
+    row chunks."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert int4pack._fast_layout_pairs() == FAST_LAYOUTS.get(capability, 0), capability
+    generator = torch.Generator().manual_seed(3)
+    for rows in (16, 32, 48, 64, 80, 96, 128, 144, 160):
+        nibbles = torch.randint(0, 256, (rows, 48), dtype=torch.uint8, generator=generator)
+        fast, slow = torch.empty_like(nibbles), torch.empty_like(nibbles)
+        to_int4pack_layout(nibbles, fast)
+        to_int4pack_layout(nibbles, slow, torch_converter=True)
+        assert torch.equal(fast, slow), rows
+    mxfp4 = ExpertLayout(64, 96, True, True, torch.bfloat16, format="mxfp4", group_size=32)
+    for layout in (BF16_INT4, mxfp4):
+        fields = host_rates.synthetic_experts(layout, 1, seed=4)[0]
+        whole = convert_expert(fields, layout, torch_converter=True)  # one chunk, torch's converter
+        with monkeypatch.context() as patch:
+            patch.setattr(int4pack, "_CHUNK_BYTES", 2048)  # chunks of 64 rows, as large experts are converted
+            chunked = convert_expert(fields, layout)
+        assert all(torch.equal(chunked[k], whole[k]) for k in whole), layout.format
+
+
+def test_a_layout_that_is_not_the_documented_one_is_left_to_torch(
+    fresh_layout_check: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The check guards the fast path: told the other capability's layout, it finds the bytes differ, warns
+    once, and every conversion goes through torch's converter (still torch's bytes)."""
+    real = torch.backends.cpu.get_cpu_capability()
+    if real not in FAST_LAYOUTS:
+        pytest.skip(f"no fast int4pack layout on {real}: torch's converter is the only path here")
+    other = "AVX512" if real == "AVX2" else "AVX2"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
+    assert int4pack._fast_layout_pairs() == 0
+    assert "not the documented one" in caplog.text
+    nibbles = torch.randint(0, 256, (160, 48), dtype=torch.uint8)
+    got = torch.empty_like(nibbles)
+    to_int4pack_layout(nibbles, got)
+    assert torch.equal(got, int4pack._torch_layout(nibbles))
 
 
 def _cuda_config(**options: object) -> SimpleNamespace:
