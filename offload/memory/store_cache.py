@@ -129,7 +129,7 @@ class StoreCache:
         if self.state == "write":
             again = " again (the old copy was damaged)" if self.rebuilt else ""
             return f"quantized while loading, cached{again} for the next load ({self.folder})"
-        return "quantized while loading (not cached)"
+        return "quantized while loading, not cached (the disk could not take it: see the warning)"
 
 
 def _file_name(layer: int) -> str:

@@ -4,6 +4,7 @@ store, no quantizing), and a damaged one is detected, rebuilt and reported in on
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,4 +119,21 @@ def test_a_failed_load_leaves_no_partial_store(checkpoint: Path, monkeypatch: py
     before = set(_entries())
     with pytest.raises(RuntimeError, match="disk pulled out"):
         _load(checkpoint)
+    assert set(_entries()) == before
+
+
+def test_a_disk_without_room_loads_uncached_with_one_warning(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from offload.memory import store_cache
+
+    full = shutil.disk_usage(user_cache_dir("stores"))._replace(free=1024)
+    monkeypatch.setattr(store_cache.shutil, "disk_usage", lambda _: full)
+    before = set(_entries())
+    with caplog.at_level(logging.WARNING, logger="offload.memory.store_cache"):
+        model = _load(checkpoint)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "offload.memory.store_cache"]
+    assert len(warnings) == 1 and warnings[0].startswith("not caching the compressed store: it needs")
+    source = offload.stats(model).store_source
+    assert source == "quantized while loading, not cached (the disk could not take it: see the warning)"
     assert set(_entries()) == before
