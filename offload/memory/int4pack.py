@@ -146,9 +146,9 @@ def to_int4pack_layout(nibbles: torch.Tensor, out: torch.Tensor, torch_converter
     torch's converter reads int32 codes column by column, a scalar loop that costs about as much as 20 of its
     matmuls. On AVX2 and AVX512, whose layouts torch documents (blocks of ``32 * P`` rows, each byte holding
     rows ``d`` and ``d + 16 * P`` of one column), the same bytes come from a few vectorized uint8 ops, 5-6 times
-    faster; :func:`_fast_layout_pairs` checks them against torch's converter once per process. Elsewhere, or if
+    faster; :func:`fast_layout_pairs` checks them against torch's converter once per process. Elsewhere, or if
     they ever differ (or with ``torch_converter``), torch's converter runs."""
-    _relayout(nibbles, out, 0 if torch_converter else _fast_layout_pairs())
+    _relayout(nibbles, out, 0 if torch_converter else fast_layout_pairs())
 
 
 def _relayout(nibbles: torch.Tensor, out: torch.Tensor, pairs: int) -> None:
@@ -172,7 +172,7 @@ def _torch_layout(nibbles: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _fast_layout_pairs() -> int:
+def fast_layout_pairs() -> int:
     """P where torch's layout here is the documented one in blocks of ``32 * P`` rows (AVX2: 1, AVX512: 2),
     checked against torch's converter on random codes (two blocks and a partial one); 0 where it is not."""
     pairs = {"AVX2": 1, "AVX512": 2}.get(torch.backends.cpu.get_cpu_capability(), 0)

@@ -1,7 +1,8 @@
 """Stage ``host``: missed experts computed on the CPU (docs/host-compute.md). The host's streaming read
 bandwidth, then every host kernel at 1 token on the Qwen3-30B-A3B expert shape in bf16, int4 and MXFP4, on a
 host worker's share of the torch threads and on all of them, in GB/s of expert bytes read against a streaming
-read taken right before each format's kernels (issue 14's target: 60% at 1 token). Then, while the cap allows,
+read taken right before each format's kernels (issue 14's target: 60% at 1 token), and the int4pack copy's
+conversion (whether the CPU's layout is the one laid out by uint8 ops). Then, while the cap allows,
 decode on the Qwen3-30B-A3B shape cut to a few layers with host compute auto (the default) and off, side by
 side (offload_bench.e2e)."""
 
@@ -59,10 +60,26 @@ def run(part: Part, seconds: float) -> None:
             gbps=best["gbps"],
             read_gbps=best["read_gbps"],
         )
+    part.set(int4pack_conversion=int4pack_conversion(shapes))
     if seconds - part.elapsed() < E2E_SECONDS[part.smoke]:
         part.set(e2e=None, e2e_skipped="the stage's time cap")
         return
     part.set(e2e=e2e_comparison(part))
+
+
+def int4pack_conversion(shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """Whether this CPU's int4pack layout is the one the runtime lays out by uint8 ops (checked against torch's
+    converter; AVX512's is known only from torch's source until a machine with it runs this), and one expert's
+    conversion both ways."""
+    import torch
+
+    from offload.memory import int4pack
+
+    return dict(
+        capability=torch.backends.cpu.get_cpu_capability(),
+        fast_layout_blocks_of=32 * int4pack.fast_layout_pairs() or None,
+        rows=hx.conversion_table(shapes, 1, [torch.get_num_threads()]),
+    )
 
 
 def e2e_comparison(part: Part) -> dict[str, Any]:

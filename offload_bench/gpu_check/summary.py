@@ -160,6 +160,19 @@ def _host(s: dict[str, Any]) -> list[str]:
         f"{_f(r['gbps'])} | {_f(r['read_gbps'])} | {_f(100 * r['share_of_read'], '.0f')} |"
         for r in s.get("rows", [])
     ]
+    conversion = s.get("int4pack_conversion")
+    if conversion:
+        blocks = conversion.get("fast_layout_blocks_of")
+        out += [
+            "",
+            f"int4pack copy on {conversion.get('capability')}: "
+            + (f"laid out by uint8 ops in blocks of {blocks} rows" if blocks else "torch's converter")
+            + "; ms per expert: "
+            + ", ".join(
+                f"{r['format']} {_f(r['ms_per_expert'])} (torch's converter {_f(r['torch_converter_ms_per_expert'])})"
+                for r in conversion.get("rows", [])
+            ),
+        ]
     e2e = s.get("e2e")
     if e2e:
         out += [

@@ -27,7 +27,7 @@ STAGE_KEYS = {
     "budget": {"device", "shape", "max_context", "rows"},
     "kernels": {"device", "dtype", "peak_bytes_per_s", "rows", "skipped"},
     "e2e": {"device", "runs", "results"},
-    "host": {"device", "host_read_gbps", "host_read_peak_gbps", "rows", "e2e"},
+    "host": {"device", "host_read_gbps", "host_read_peak_gbps", "rows", "int4pack_conversion", "e2e"},
 }
 RECORD_KEYS = {"status", "seconds", "cap_seconds", "targets", "log_tail"}
 
@@ -69,6 +69,9 @@ def test_smoke_runs_every_stage_and_writes_the_gpu_keys(smoke: tuple[dict[str, A
     host = stages["host"]
     assert {(r["format"], r["tokens"]) for r in host["rows"]} == {("bf16", 1), ("int4", 1), ("mxfp4", 1)}
     assert all(r["gbps"] > 0 and 0 < r["share_of_read"] == r["gbps"] / r["read_gbps"] for r in host["rows"])
+    conversion = host["int4pack_conversion"]
+    assert {r["format"] for r in conversion["rows"]} == {"int4", "mxfp4"}
+    assert conversion["fast_layout_blocks_of"] in (None, 32, 64) and "int4pack copy on" in summary
     split = {r["variant"]: r for r in host["e2e"]["rows"]}
     assert split["lru-host-off"]["host_compute"] == "off" and split["lru-host-off"]["on_host"] == 0
     assert split["lru"]["host_compute"] == "off"  # auto on a CPU device without given rates

@@ -94,9 +94,9 @@ FAST_LAYOUTS = {
 @pytest.fixture
 def fresh_layout_check() -> Iterator[None]:
     """The once-per-process layout check run again, and forgotten after (it may see a patched capability)."""
-    int4pack._fast_layout_pairs.cache_clear()
+    int4pack.fast_layout_pairs.cache_clear()
     yield
-    int4pack._fast_layout_pairs.cache_clear()
+    int4pack.fast_layout_pairs.cache_clear()
 
 
 def test_the_fast_layout_is_torchs(fresh_layout_check: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -104,7 +104,7 @@ def test_the_fast_layout_is_torchs(fresh_layout_check: None, monkeypatch: pytest
     lay the codes out byte for byte as torch's converter does, and so does the whole expert's conversion, in
     row chunks."""
     capability = torch.backends.cpu.get_cpu_capability()
-    assert int4pack._fast_layout_pairs() == FAST_LAYOUTS.get(capability, 0), capability
+    assert int4pack.fast_layout_pairs() == FAST_LAYOUTS.get(capability, 0), capability
     generator = torch.Generator().manual_seed(3)
     for rows in (16, 32, 48, 64, 80, 96, 128, 144, 160):
         nibbles = torch.randint(0, 256, (rows, 48), dtype=torch.uint8, generator=generator)
@@ -132,7 +132,7 @@ def test_a_layout_that_is_not_the_documented_one_is_left_to_torch(
         pytest.skip(f"no fast int4pack layout on {real}: torch's converter is the only path here")
     other = "AVX512" if real == "AVX2" else "AVX2"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
-    assert int4pack._fast_layout_pairs() == 0
+    assert int4pack.fast_layout_pairs() == 0
     assert "not the documented one" in caplog.text
     nibbles = torch.randint(0, 256, (160, 48), dtype=torch.uint8)
     got = torch.empty_like(nibbles)
