@@ -28,8 +28,9 @@ kernel         what it does                                                     
 
 Measured and not used (``docs/host-compute.md`` has the figures): computing float experts through an fp32
 copy of the weights (slower than torch's bf16 GEMV even on AVX2); ``int4pack`` per call, converting the
-store's codes each time (the conversion costs about 20 matmuls: hence the converted copy);
-``_dyn_quant_matmul_4bit`` needs KleidiAI's packing (ARM).
+store's codes each time (the conversion costs several matmuls: hence the converted copy);
+``_dyn_quant_matmul_4bit`` (fast only with KleidiAI, on ARM; a reference loop on x86, 20 times slower than
+``int4pack``); a dequantize-and-GEMV compiled by ``torch.compile`` (scalar loops on CPU).
 """
 
 from __future__ import annotations

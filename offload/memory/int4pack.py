@@ -3,7 +3,7 @@
 ``torch._weight_int4pack_mm_for_cpu`` multiplies bf16 activations by group-quantized int4 weights straight
 from the blocked layout ``torch._convert_weight_to_int4pack_for_cpu`` makes, reading the packed codes once
 (``docs/host-compute.md`` has the figures: 10-62 times the other host kernels at one token).
-Converting a matrix costs several of its matmuls (about 20 through torch's converter, 4-6 times fewer laid out
+Converting a matrix costs several of its matmuls (about 20 through torch's converter, 2-5 times fewer laid out
 by :func:`to_int4pack_layout`), so it is done once per expert, as its layer is stored, into a second host copy
 of the experts (for int4 about the size of the store, for MXFP4 2.4 times). That adds to
 their host RAM, so the copy is planned (:mod:`offload.runtime.host_plan`) and made only where it is used and
@@ -110,16 +110,39 @@ def convert_expert(
             offset = (8.0 - zero) * scale
         codes, packed = fields[name], out[f"{name}_int4pack"]  # [R, C/2 or Cp/2], [R, K/2]
         step = max(_CHUNK_BYTES // packed.shape[1] // _CHUNK_ROWS, 1) * _CHUNK_ROWS
+        lay_out = _mxfp4_to_int4pack_layout if layout.format == "mxfp4" else to_int4pack_layout
         for start in range(0, codes.shape[0], step):  # row chunks: every temporary stays in cache
-            chunk = codes[start : start + step]
-            if layout.format == "mxfp4":  # [a | b] per row, as nibbles: each byte's two e2m1 codes at once
-                byte = chunk.reshape(-1).int()  # index_select's int32 index: int64 would cost 7x here
-                chunk = torch.cat([half.index_select(0, byte).view(chunk.shape) for half in _MXFP4_HALVES], 1)
-            to_int4pack_layout(chunk, packed[start : start + step], torch_converter)
+            lay_out(codes[start : start + step], packed[start : start + step], torch_converter)
         pairs = out[f"{name}_scale_zeros"]  # [K/g, R, 2]
         pairs[..., 0].copy_(scale.T)
         pairs[..., 1].copy_(offset.T)
     return out
+
+
+def _mxfp4_to_int4pack_layout(codes: torch.Tensor, out: torch.Tensor, torch_converter: bool = False) -> None:
+    """e2m1 codes packed two per byte (``[R, C/2]``) -> ``[a | b]`` in torch's layout (``out`` ``[R, C]``).
+
+    Torch lays each block of rows out column by column, so a block of ``[a | b]`` is the block of ``a`` then
+    the block of ``b``, and each of their bytes is the table image of the e2m1 byte at the same place in the
+    e2m1 codes' own layout (two codes of one column). So where the layout is the documented one, the codes are
+    laid out once, over C columns, and mapped: half the bytes a layout of ``[a | b]`` would move. Elsewhere,
+    and for the rows after the last whole block, ``[a | b]`` is built first and laid out as any int4 codes."""
+    pairs = 0 if torch_converter else fast_layout_pairs()
+    rows, half = codes.shape
+    block = 32 * pairs
+    full = rows - rows % block if pairs else 0
+    if full:
+        laid = torch.empty((full, half), dtype=torch.uint8)
+        _relayout(codes[:full], laid, pairs)
+        byte = laid.view(-1).int()  # index_select's int32 index: int64 would cost 7x here
+        dst = out[:full].view(full // block, 2, block * half)  # each block: its a columns, then its b columns
+        for i, table in enumerate(_MXFP4_HALVES):
+            dst[:, i] = table.index_select(0, byte).view(full // block, block * half)
+    if full < rows:
+        tail = codes[full:]
+        byte = tail.reshape(-1).int()
+        both = torch.cat([table.index_select(0, byte).view(tail.shape) for table in _MXFP4_HALVES], dim=1)
+        _relayout(both, out[full:], pairs)
 
 
 def _mxfp4_halves() -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +168,7 @@ def to_int4pack_layout(nibbles: torch.Tensor, out: torch.Tensor, torch_converter
 
     torch's converter reads int32 codes column by column, a scalar loop that costs about as much as 20 of its
     matmuls. On AVX2 and AVX512, whose layouts torch documents (blocks of ``32 * P`` rows, each byte holding
-    rows ``d`` and ``d + 16 * P`` of one column), the same bytes come from a few vectorized uint8 ops, 5-6 times
+    rows ``d`` and ``d + 16 * P`` of one column), the same bytes come from a few vectorized uint8 ops, 2-5 times
     faster; :func:`fast_layout_pairs` checks them against torch's converter once per process. Elsewhere, or if
     they ever differ (or with ``torch_converter``), torch's converter runs."""
     _relayout(nibbles, out, 0 if torch_converter else fast_layout_pairs())
