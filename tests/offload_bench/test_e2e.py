@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 import torch
-from filelock import FileLock
 
 from tests.helpers import ROOT
+
+# one xdist worker runs this module (make test: --dist loadgroup), so its module fixture starts once
+pytestmark = pytest.mark.xdist_group("e2e-smoke")
 
 BENCH = ROOT / "bench" / "e2e.py"
 # smoke shape: whether its routing is forced from the shared OLMoE trace
@@ -31,29 +33,19 @@ def close(a: float, b: float) -> bool:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> tuple[dict[str, Any], str]:
-    """One smoke run per test session: under xdist the workers share it (the first runs it, the others read
-    its output), since it costs half a minute."""
-    root = tmp_path_factory.getbasetemp()
-    if worker_id != "master":  # each worker's base is a folder of the session's
-        root = root.parent
-    out, stdout = root / "e2e-smoke.json", root / "e2e-smoke.stdout"
-    with FileLock(root / "e2e-smoke.lock"):
-        if not out.exists():  # made whole or not at all: a failed run is retried by the next worker
-            partial = root / "e2e-smoke.partial.json"
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-            proc = subprocess.run(
-                [sys.executable, str(BENCH), "--smoke", "--out", str(partial)],
-                capture_output=True,
-                text=True,
-                timeout=150,
-                env=env,
-                cwd=ROOT,
-            )
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            stdout.write_text(proc.stdout)
-            partial.rename(out)
-    return json.loads(out.read_text()), stdout.read_text()
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("e2e") / "smoke.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
 
 
 def rows_of(result: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
