@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch 2.13.0 CPU build is what a machine without a GPU gets; a machine with CUDA keeps its own torch.
 CPU_TORCH := torch==2.13.0
 
-.PHONY: install demo test lint typecheck unit unit-parallel unit-serial clean gpu-check
+.PHONY: install demo test lint typecheck unit clean gpu-check
 
 install: $(VENV)/.installed
 
@@ -35,19 +35,10 @@ typecheck: install
 
 # One worker per core; the tests that run under wall-clock caps (the GPU check's smoke run) run alone after.
 unit: install
-	$(MAKE) --no-print-directory unit-parallel
-	$(MAKE) --no-print-directory unit-serial
-
-unit-parallel: install
 	$(PY) -m pytest -q -n logical --dist loadgroup -m "not serial"
-
-unit-serial: install
 	$(PY) -m pytest -q -m serial
 
-# mypy holds one core for over a minute on a fresh clone: it runs beside the parallel tests, not before them
-test: lint
-	$(MAKE) --no-print-directory -j2 typecheck unit-parallel
-	$(MAKE) --no-print-directory unit-serial
+test: lint typecheck unit
 
 # Every GPU claim measured in one call (under 7 minutes on one GPU). Installs nothing: a GPU image has what it
 # needs, and the checkout runs from the repository root. Results: OUT/gpu-check.json and OUT/gpu-check.md.
