@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +39,10 @@ def read_bandwidth(gib: float = 0.5, repeats: int = 5, torch_threads: int | None
     ``torch_threads`` intra-op threads when given (as a host worker runs)."""
     import torch
 
-    from offload.runtime.host_compute import use_torch_threads
+    from offload.torch_threads import torch_thread_pool
 
     if torch_threads is not None:
-        with ThreadPoolExecutor(1, initializer=use_torch_threads, initargs=(torch_threads,)) as worker:
+        with torch_thread_pool(1, torch_threads) as worker:
             return worker.submit(read_bandwidth, gib, repeats).result()
     data = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
     best = math.inf
@@ -144,7 +143,7 @@ def conversion_table(
     from offload.memory.int4pack import INT4PACK_FORMATS, convert_expert
     from offload.memory.layout import ExpertLayout
     from offload.runtime import host_rates
-    from offload.runtime.host_compute import use_torch_threads
+    from offload.torch_threads import torch_thread_pool
 
     def best_ms(fields: dict[str, torch.Tensor], layout: ExpertLayout, torch_converter: bool) -> float:
         best = math.inf
@@ -162,7 +161,7 @@ def conversion_table(
             layout = ExpertLayout(hidden, inter, True, False, torch.bfloat16, format=fmt, group_size=group)
             fields = host_rates.synthetic_experts(layout, 1)[0]
             for threads in torch_threads:
-                with ThreadPoolExecutor(1, initializer=use_torch_threads, initargs=(threads,)) as worker:
+                with torch_thread_pool(1, threads) as worker:
                     fast, slow = (worker.submit(best_ms, fields, layout, t).result() for t in (False, True))
                 experts = MODEL_EXPERTS.get(shape)
                 rows.append(

@@ -22,6 +22,7 @@ LAYERS = {
     "offload.offload_stats": "base",
     "offload.config": "base",
     "offload.user_cache": "base",
+    "offload.torch_threads": "base",
     "offload.memory": "memory",
     "offload.kernels": "compute",
     "offload.runtime": "scheduling",

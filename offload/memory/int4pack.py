@@ -41,6 +41,7 @@ import torch
 
 from offload.memory import formats
 from offload.memory.layout import ExpertLayout
+from offload.torch_threads import torch_thread_pool
 
 INT4PACK_FORMATS = ("int4", "mxfp4")
 INT4PACK_GROUPS = (32, 64, 128, 256)  # the group sizes torch's kernel takes
@@ -231,10 +232,18 @@ class Int4PackCopy:
             name: torch.empty((self.num_experts, *shape), dtype=dtype)
             for name, (shape, dtype) in _shapes(self.layout).items()
         }
-        for expert, fields in enumerate(experts):
-            convert_expert(
-                fields, self.layout, out={name: tensor[expert] for name, tensor in tensors.items()}
-            )
+
+        def convert(expert: int) -> None:
+            out = {name: tensor[expert] for name, tensor in tensors.items()}
+            convert_expert(experts[expert], self.layout, out=out)
+
+        # experts side by side, one intra-op thread each, rather than torch spreading each op (a byte
+        # transpose, a table lookup) over the threads: on 2 cores twice as fast into memory already touched,
+        # 1.0-1.5 times into fresh memory (this VM's page faults cost about as much as the conversion)
+        workers = max(1, min(torch.get_num_threads(), self.num_experts))
+        with torch_thread_pool(workers, 1, "offload-int4pack") as pool:
+            for _ in pool.map(convert, range(self.num_experts)):
+                pass  # map raises the first conversion that failed
         self._layers[layer] = tensors
 
     def views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:

@@ -19,7 +19,6 @@ and expert; the other jobs of the call are waited for first, so nothing still wr
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,22 +30,12 @@ from offload.kernels import ExpertActivation, RoutedTokens
 from offload.kernels.host_experts import HostKernel
 from offload.memory.host_store import HostExpertStore
 from offload.memory.int4pack import Int4PackCopy
+from offload.torch_threads import torch_thread_pool
 
 
 def torch_threads_per_worker(workers: int) -> int:
     """Intra-op torch threads for each of ``workers`` host workers: the process's count shared among them."""
     return max(1, torch.get_num_threads() // workers)
-
-
-def use_torch_threads(count: int) -> None:
-    """Run this thread's torch ops on ``count`` intra-op threads. ``torch.set_num_threads`` also sets the count
-    that threads started later begin with; a short-lived thread sets that back, leaving others as they were."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    if before != count:
-        restore = threading.Thread(target=torch.set_num_threads, args=(before,))
-        restore.start()
-        restore.join()
 
 
 class HostComputeError(RuntimeError):
@@ -86,7 +75,7 @@ class HostCompute:
         self._pool = (
             ThreadPoolExecutor(threads, "offload-host")
             if torch_threads is None
-            else ThreadPoolExecutor(threads, "offload-host", use_torch_threads, (torch_threads,))
+            else torch_thread_pool(threads, torch_threads, "offload-host")
         )
         self.calls = 0  # expert calls computed on the host
         self.seconds = 0.0  # time the workers spent computing them, summed over workers

@@ -24,7 +24,6 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from offload.kernels import ExpertActivation
 from offload.kernels.host_experts import host_kernel, host_kernel_candidates
 from offload.memory.int4pack import convert_expert
 from offload.memory.layout import ExpertLayout
-from offload.runtime.host_compute import use_torch_threads
+from offload.torch_threads import torch_thread_pool
 from offload.user_cache import user_cache_dir
 
 PROBE_TOKENS = (1, 4, 16)
@@ -190,7 +189,7 @@ def host_seconds(
     """Seconds per expert call of ``kernel_name`` at ``tokens`` tokens: a pass over ``experts``, best of
     ``repeats`` (the first pass warms up); on a thread of ``torch_threads`` intra-op threads when given."""
     if torch_threads is not None:
-        with ThreadPoolExecutor(1, initializer=use_torch_threads, initargs=(torch_threads,)) as worker:
+        with torch_thread_pool(1, torch_threads) as worker:
             return worker.submit(
                 host_seconds, kernel_name, layout, activation, experts, tokens, repeats
             ).result()

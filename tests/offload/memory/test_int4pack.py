@@ -65,6 +65,14 @@ def test_the_copy_holds_every_expert_converted() -> None:
         copy.views(0, 0)
     with pytest.raises(ValueError, match="2 experts, the store has 3"):
         copy.fill_layer(0, experts[:2])
+    broken = [
+        dict(fields) for fields in experts
+    ]  # experts convert on worker threads: a failure still surfaces
+    del broken[1]["down_scale"]
+    with pytest.raises(KeyError, match="down_scale"):
+        copy.fill_layer(0, broken)
+    with pytest.raises(RuntimeError, match="layer 0 has no int4pack copy"):
+        copy.views(0, 0)
     copy.release()
     assert copy.nbytes == 0
 
