@@ -35,7 +35,7 @@ typecheck: install
 
 # One worker per core; the tests that run under wall-clock caps (the GPU check's smoke run) run alone after.
 unit: install
-	$(PY) -m pytest -q -n logical --dist loadgroup -m "not serial"
+	$(PY) -m pytest -q -n logical -m "not serial"
 	$(PY) -m pytest -q -m serial
 
 test: lint typecheck unit

@@ -19,9 +19,6 @@ import torch
 
 from tests.helpers import ROOT
 
-# one xdist worker runs this module (make test: --dist loadgroup), so its module fixture starts once
-pytestmark = pytest.mark.xdist_group("e2e-smoke")
-
 BENCH = ROOT / "bench" / "e2e.py"
 # smoke shape: whether its routing is forced from the shared OLMoE trace
 SHAPES = {"mixtral-tiny": False, "qwen3-tiny": False, "olmoe-tiny": True}

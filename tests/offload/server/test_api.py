@@ -13,9 +13,6 @@ from offload.cli.run import main as offload_run
 from offload_bench.serve_process import ServerProcess
 from tests.offload.server.conftest import MAX_CONTEXT, MODEL, budget
 
-# one xdist worker runs this module (make test: --dist loadgroup), so its module fixture starts once
-pytestmark = pytest.mark.xdist_group("server-api")
-
 PROMPTS = ["Hello", "The experts", "MoE offloading is", "a"]
 
 

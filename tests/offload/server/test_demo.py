@@ -13,9 +13,6 @@ from offload.cli.serve import DEMO_NAME
 from offload.hf.demo import DEMO_PROMPT
 from offload_bench.serve_process import ServerProcess
 
-# one xdist worker runs this module (make test: --dist loadgroup), so its module fixture starts once
-pytestmark = pytest.mark.xdist_group("server-demo")
-
 NEW_TOKENS = 24
 
 

@@ -17,9 +17,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from offload_bench.serve_process import ServerProcess
 from tests.offload.server.conftest import API_KEY, MAX_CONTEXT, MODEL, server_args
 
-# one xdist worker runs this module (make test: --dist loadgroup), so its module fixture starts once
-pytestmark = pytest.mark.xdist_group("server-errors")
-
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import httpx
 import openai
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from offload_bench.serve_process import ServerProcess
 from tests.offload.server.conftest import MODEL
-
-# one xdist worker runs this module (make test: --dist loadgroup), so its module fixture starts once
-pytestmark = pytest.mark.xdist_group("server-metrics")
 
 
 def scrape(url: str) -> dict[str, list]:
