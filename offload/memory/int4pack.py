@@ -130,20 +130,23 @@ def _mxfp4_to_int4pack_layout(codes: torch.Tensor, out: torch.Tensor, torch_conv
     and for the rows after the last whole block, ``[a | b]`` is built first and laid out as any int4 codes."""
     pairs = 0 if torch_converter else fast_layout_pairs()
     rows, half = codes.shape
-    block = 32 * pairs
-    full = rows - rows % block if pairs else 0
+    full = _whole_block_rows(rows, pairs)
     if full:
         laid = torch.empty((full, half), dtype=torch.uint8)
         _relayout(codes[:full], laid, pairs)
-        byte = laid.view(-1).int()  # index_select's int32 index: int64 would cost 7x here
-        dst = out[:full].view(full // block, 2, block * half)  # each block: its a columns, then its b columns
-        for i, table in enumerate(_MXFP4_HALVES):
-            dst[:, i] = table.index_select(0, byte).view(full // block, block * half)
+        blocks = full // (32 * pairs)
+        dst = out[:full].view(blocks, 2, -1)  # each block: its a columns, then its b columns
+        for i, bytes_ in enumerate(_mxfp4_split(laid)):
+            dst[:, i] = bytes_.view(blocks, -1)
     if full < rows:
-        tail = codes[full:]
-        byte = tail.reshape(-1).int()
-        both = torch.cat([table.index_select(0, byte).view(tail.shape) for table in _MXFP4_HALVES], dim=1)
-        _relayout(both, out[full:], pairs)
+        _relayout(torch.cat(_mxfp4_split(codes[full:]), dim=1), out[full:], pairs)
+
+
+def _mxfp4_split(codes: torch.Tensor) -> list[torch.Tensor]:
+    """Bytes of two e2m1 codes -> the bytes of their int4 halves ``a + 8`` and ``b + 8``, each shaped as
+    ``codes``."""
+    byte = codes.reshape(-1).int()  # index_select's int32 index: int64 would cost 7x here
+    return [table.index_select(0, byte).view(codes.shape) for table in _MXFP4_HALVES]
 
 
 def _mxfp4_halves() -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,9 +182,9 @@ def _relayout(nibbles: torch.Tensor, out: torch.Tensor, pairs: int) -> None:
     """The documented layout for ``pairs`` P (0: torch's converter), whole blocks of ``32 * P`` rows by uint8
     ops and the rows after the last whole block by torch's converter (each block is laid out on its own)."""
     rows, half = nibbles.shape
-    block = 32 * pairs
-    full = rows - rows % block if pairs else 0
+    full = _whole_block_rows(rows, pairs)
     if full:
+        block = 32 * pairs
         src = nibbles[:full].view(full // block, 2, pairs, 16, half)  # rows d (low nibble) and d + 16P (high)
         low, high = src[:, 0], src[:, 1]  # [blocks, P, 16, K/2]
         dst = out[:full].view(full // block, half, 2, pairs, 16)  # [blocks, K/2, even/odd column, P, 16]
@@ -189,6 +192,11 @@ def _relayout(nibbles: torch.Tensor, out: torch.Tensor, pairs: int) -> None:
         torch.bitwise_or(high & 0xF0, low >> 4, out=dst[:, :, 1].permute(0, 2, 3, 1))  # odd columns
     if full < rows:
         out[full:] = _torch_layout(nibbles[full:])
+
+
+def _whole_block_rows(rows: int, pairs: int) -> int:
+    """The rows in whole blocks of ``32 * P`` (0 with P = 0: torch's converter takes every row)."""
+    return rows - rows % (32 * pairs) if pairs else 0
 
 
 def _torch_layout(nibbles: torch.Tensor) -> torch.Tensor:
