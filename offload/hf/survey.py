@@ -182,11 +182,23 @@ def kv_bytes_per_token(
     linear-attention or Mamba layers) is the answer, with no memory used. Where the model cannot run on the
     meta device (data-dependent ops), a config formula stands in and ``measured`` is False.
     """
-    try:
-        return (*_measure_kv_bytes_per_token(model_class, config, dtype), True)
-    except Exception as exc:  # any failure of a foreign forward on meta: fall back to the formula
-        log.warning("KV cache of %s estimated from its config (meta run failed: %s)", config.model_type, exc)
-        return (*_kv_formula(config, dtype), False)
+    # The meta run takes a quarter of a second or more, and a load (and the CLI's budget planning before it)
+    # surveys the same config more than once: the answer is kept per class, config and dtype.
+    key = (model_class, config.to_json_string(use_diff=False), dtype)
+    if key not in _KV_MEASURED:
+        try:
+            _KV_MEASURED[key] = (*_measure_kv_bytes_per_token(model_class, config, dtype), None)
+        except Exception as exc:  # any failure of a foreign forward on meta: fall back to the formula
+            _KV_MEASURED[key] = (*_kv_formula(config, dtype), str(exc))
+    total, largest, failure = _KV_MEASURED[key]
+    if failure is not None:
+        log.warning(
+            "KV cache of %s estimated from its config (meta run failed: %s)", config.model_type, failure
+        )
+    return total, largest, failure is None
+
+
+_KV_MEASURED: dict[tuple[type[PreTrainedModel], str, torch.dtype], tuple[int, int, str | None]] = {}
 
 
 def _measure_kv_bytes_per_token(

@@ -6,6 +6,7 @@ checked here against a plain scan of transformers' modeling sources for ``@use_e
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -162,3 +163,19 @@ def test_kv_cache_estimate_matches_the_cache(model_type: str, checkpoints: Path)
     else:  # the model cannot run on the meta device: a config formula stands in (README: known gaps)
         assert model_type in KV_FORMULA_ONLY
         assert survey.kv_bytes_per_token > 0
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "glm5_next"])
+def test_kv_answer_is_kept_per_config_and_dtype(
+    model_type: str, checkpoints: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A load surveys a config more than once: the meta run's answer is kept per class, config and dtype, and
+    where the formula stands in, every survey still says so."""
+    path = build(model_type, checkpoints)
+    with caplog.at_level(logging.WARNING, logger="offload.hf.survey"):
+        first = survey_checkpoint(str(path), torch.float32)
+        again = survey_checkpoint(str(path), torch.float32)
+        half = survey_checkpoint(str(path), torch.bfloat16)
+    assert first.kv_bytes_per_token == again.kv_bytes_per_token == 2 * half.kv_bytes_per_token > 0
+    warnings = sum("estimated from its config" in r.getMessage() for r in caplog.records)
+    assert warnings == (3 if model_type in KV_FORMULA_ONLY else 0)

@@ -46,7 +46,16 @@ def test_which_layouts_the_kernel_takes() -> None:
             Int4PackCopy(layout, 1, 2)
 
 
-def test_the_copy_holds_every_expert_converted() -> None:
+@pytest.fixture
+def two_torch_threads() -> Iterator[None]:
+    """Experts convert side by side, one per torch thread: two, whatever the process runs with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_copy_holds_every_expert_converted(two_torch_threads: None) -> None:
     experts = host_rates.synthetic_experts(BF16_INT4, 3, seed=1)
     copy = Int4PackCopy(BF16_INT4, num_layers=2, num_experts=3)
     copy.fill_layer(1, experts)
