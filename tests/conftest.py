@@ -13,6 +13,10 @@ if not torch.cuda.is_available():
     # Without a GPU the Triton kernels run in Triton's interpreter, which must be switched on before triton
     # is first imported (importing torch does not import it; transformers and offload may).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] == "1":
+        from tests.triton_interpreter import speed_up_helper_calls
+
+        speed_up_helper_calls()
 
 import transformers
 
