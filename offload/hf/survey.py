@@ -182,8 +182,8 @@ def kv_bytes_per_token(
     linear-attention or Mamba layers) is the answer, with no memory used. Where the model cannot run on the
     meta device (data-dependent ops), a config formula stands in and ``measured`` is False.
     """
-    # The meta run takes a quarter of a second or more, and a load (and the CLI's budget planning before it)
-    # surveys the same config more than once: the answer is kept per class, config and dtype.
+    # The meta run takes a quarter of a second or more, and one config is surveyed more than once (the CLI's
+    # budget check before the load surveys it too): the answer is kept per class, config and dtype.
     key = (model_class, config.to_json_string(use_diff=False), dtype)
     if key not in _KV_MEASURED:
         try:

@@ -25,6 +25,7 @@ from offload.memory.int4pack import (
 from offload.memory.layout import ExpertLayout
 from offload.runtime import host_rates
 from offload.runtime.host_plan import check_host_memory, int4pack_copy_bytes, int4pack_copy_fits
+from offload.torch_threads import use_torch_threads
 from tests.helpers import assert_layers_agree, force_int4pack_on_cpu, load, prompt, slot_counts
 
 BF16_INT4 = ExpertLayout(64, 96, True, True, torch.bfloat16, format="int4", group_size=64)
@@ -50,9 +51,9 @@ def test_which_layouts_the_kernel_takes() -> None:
 def two_torch_threads() -> Iterator[None]:
     """Experts convert side by side, one per torch thread: two, whatever the process runs with."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    use_torch_threads(2)
     yield
-    torch.set_num_threads(before)
+    use_torch_threads(before)
 
 
 def test_the_copy_holds_every_expert_converted(two_torch_threads: None) -> None:
@@ -74,9 +75,8 @@ def test_the_copy_holds_every_expert_converted(two_torch_threads: None) -> None:
         copy.views(0, 0)
     with pytest.raises(ValueError, match="2 experts, the store has 3"):
         copy.fill_layer(0, experts[:2])
-    broken = [
-        dict(fields) for fields in experts
-    ]  # experts convert on worker threads: a failure still surfaces
+    # experts convert on worker threads: a failure still surfaces
+    broken = [dict(fields) for fields in experts]
     del broken[1]["down_scale"]
     with pytest.raises(KeyError, match="down_scale"):
         copy.fill_layer(0, broken)
