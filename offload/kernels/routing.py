@@ -17,12 +17,35 @@ import torch
 
 # Up to this many pairs (a decode step, or a few tokens) plain Python over the ids is faster than numpy's calls.
 _SMALL = 64
+# Where read_tensors_to_host starts each tensor in its buffer: the CPU allocator's alignment, so a host kernel
+# reads each one as it would a tensor of its own.
+_HOST_ALIGN = 64
 
 
 def read_to_host(tensor: torch.Tensor) -> np.ndarray:
     """The one way the layer step reads device data on the host: a blocking device-to-host copy (a sync on
     CUDA). Kept in one place so tests can count the reads a code path makes."""
     return tensor.cpu().numpy()
+
+
+def read_tensors_to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`read_to_host` for several tensors of any dtypes in one transfer (one sync on CUDA, where a read
+    each would wait for the device once per tensor): their bytes packed into one device buffer, copied once,
+    and viewed back on the host with their own shapes and dtypes, bitwise. Each starts at a multiple of
+    ``_HOST_ALIGN`` bytes, as a tensor of its own would."""
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    starts, total = [], 0
+    for size in sizes:
+        starts.append(total)
+        total += -(-size // _HOST_ALIGN) * _HOST_ALIGN
+    packed = torch.empty(total, dtype=torch.uint8, device=tensors[0].device)
+    for tensor, start, size in zip(tensors, starts, sizes, strict=True):
+        packed[start : start + size].copy_(tensor.reshape(-1).view(torch.uint8))
+    host = packed.cpu()
+    return [
+        host[start : start + size].view(tensor.dtype).view(tensor.shape)
+        for tensor, start, size in zip(tensors, starts, sizes, strict=True)
+    ]
 
 
 def read_list_to_host(tensor: torch.Tensor) -> list[int]:

@@ -1,11 +1,12 @@
 """Missed experts computed on the host: worker threads read them from the host store and compute their rows
 while the device computes the resident experts and the copy engine brings in the copied ones.
 
-Per layer call: :meth:`HostCompute.submit` gathers the host experts' tokens and routing weights (on a CUDA device
-one device-to-host read of ``[n, H]`` rows; on a CPU device nothing moves), hands one job per expert to the
-workers, and returns at once; :meth:`HostCompute.join` waits for the jobs, in expert order, and writes each
-expert's rows into the call's per-pair output, where the sum over k then runs exactly as for device rows
-(invariant *wave-independence*: a pair's row never depends on where or when it was computed, only its kernel).
+Per layer call: :meth:`HostCompute.submit` gathers the host experts' tokens and routing weights (on a CUDA
+device one device-to-host read of the ``[n, H]`` rows and ``[n]`` weights together, one sync; on a CPU device
+nothing moves), hands one job per expert to the workers, and returns at once; :meth:`HostCompute.join` waits for
+the jobs, in expert order, and writes each expert's rows into the call's per-pair output, where the sum over k
+then runs exactly as for device rows (invariant *wave-independence*: a pair's row never depends on where or
+when it was computed, only its kernel).
 
 On a CUDA device each worker runs torch with its share of the process's intra-op threads
 (:func:`torch_threads_per_worker`): workers that each start a pool of every core's threads oversubscribe the
@@ -28,6 +29,7 @@ import torch
 
 from offload.kernels import ExpertActivation, RoutedTokens
 from offload.kernels.host_experts import HostKernel
+from offload.kernels.routing import read_tensors_to_host
 from offload.memory.host_store import HostExpertStore
 from offload.memory.int4pack import Int4PackCopy
 from offload.torch_threads import torch_thread_pool
@@ -95,15 +97,12 @@ class HostCompute:
         pairs = [routed.pairs_by_expert[slice(*routed.spans[e])] for e in experts]
         if routed.hidden.device.type == "cpu":
             inputs = [(routed.hidden[p // k], weights[p]) for p in pairs]
-        else:  # one read of every host token's row and weight, then per-expert views on the host
+        else:  # one read of every host token's row and weight together, then per-expert views on the host
             everything = torch.cat(pairs)
-            x = routed.hidden[everything // k].cpu()  # [n, H]: a device sync, like the routing read
-            w = weights[everything].cpu()
-            inputs, start = [], 0
-            for p in pairs:
-                end = start + p.numel()
-                inputs.append((x[start:end], w[start:end]))
-                start = end
+            # [n, H] and [n]: one device sync, like the routing read
+            x, w = read_tensors_to_host(routed.hidden[everything // k], weights[everything])
+            sizes = [p.numel() for p in pairs]
+            inputs = list(zip(x.split(sizes), w.split(sizes), strict=True))
         futures = [
             self._pool.submit(self._job, layer, e, xe, we, activation, out_dtype)
             for e, (xe, we) in zip(experts, inputs, strict=True)

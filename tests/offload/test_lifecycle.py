@@ -13,7 +13,8 @@ import torch
 
 import offload
 from offload.hf.install import runtime_of
-from offload.memory.copy_engines import ThreadedCopyEngine
+from offload.memory.copy_engines import CudaCopyEngine, ThreadedCopyEngine, injected_copy_delays
+from tests.conftest import DEVICES
 from tests.helpers import load, prompt, slot_counts
 
 
@@ -51,17 +52,49 @@ def test_close_needs_an_offloaded_model() -> None:
         offload.close(torch.nn.Linear(2, 2))
 
 
-@pytest.mark.gpu
-def test_close_unpins_the_host_store(mixtral_checkpoint: Path) -> None:
-    model = load(mixtral_checkpoint, slot_counts(mixtral_checkpoint)["quarter"], "cuda", prefetch="history")
+HOLD_SECONDS = 0.05  # CPU: the copy thread sleeps this long before each copy
+HOLD_CYCLES = 200_000_000  # CUDA: torch.cuda._sleep on the copy stream before the copies, ~0.1 s
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_close_waits_for_the_copies_in_flight(device: str, mixtral_checkpoint: Path) -> None:
+    """offload.close() with a slot's worth of copies still in flight (held back: the copy thread sleeps before
+    each on CPU, the copy stream spins before them on CUDA) lands them before it lets the slots and the store
+    go: afterwards the copy thread has stopped or the copy stream is idle, and every slot holds its expert's
+    bytes (read from the pool's memory, which the test keeps; on CUDA on the default stream, which nothing
+    orders after the copies but close()'s wait). On CUDA the store is unpinned too."""
+    path = mixtral_checkpoint
+    slots = slot_counts(path)["quarter"]
+    if device == "cpu":
+        with injected_copy_delays(HOLD_SECONDS, HOLD_SECONDS):
+            model = load(path, slots, "cpu", prefetch="history")
+    else:
+        model = load(path, slots, "cuda", prefetch="history")
     runtime = runtime_of(model)
-    with torch.no_grad():
-        model(prompt("cuda"))
-    view = runtime.store.expert(0, 0)  # keeps the memory map alive past close(): only the pinning goes
-    assert view.is_pinned()
+    engine, pool, store = runtime.engine, runtime.pool, runtime.store
+    experts = [(0, e) for e in range(pool.num_slots)]
+    expected = torch.stack([store.expert(layer, e).clone() for layer, e in experts])
+    data = pool.data  # the slots' memory, kept past close()
+    data.zero_()
+    view = store.expert(0, 0)  # keeps the memory map alive past close(): only the pinning goes
+    if device == "cuda":
+        assert isinstance(engine, CudaCopyEngine) and view.is_pinned()
+        torch.cuda.synchronize()  # the zeros are in place
+        with torch.cuda.stream(engine.stream):
+            torch.cuda._sleep(HOLD_CYCLES)
+    else:
+        assert isinstance(engine, ThreadedCopyEngine)
+    engine.load([(slot, store.expert(layer, e)) for slot, (layer, e) in enumerate(experts)])
+    assert not engine.landed(pool.num_slots - 1), "the copies were not in flight"
     offload.close(model)
-    assert not view.is_pinned()
-    assert runtime.pool.nbytes == 0
+    if device == "cuda":
+        assert isinstance(engine, CudaCopyEngine) and engine.stream.query(), "close() left copies running"
+        assert not view.is_pinned()
+    else:
+        assert isinstance(engine, ThreadedCopyEngine)
+        assert not engine._worker.is_alive() and not any(engine._pending), "close() left copies queued"
+    assert torch.equal(data.cpu(), expected), "a copy had not landed when close() returned"
+    assert runtime.pool.nbytes == 0 and store.nbytes == 0
 
 
 def test_routing_override_replaces_the_choices_and_can_be_removed(mixtral_checkpoint: Path) -> None:

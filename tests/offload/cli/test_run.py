@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,12 +16,18 @@ from offload.cli.run import main
 from offload.config import OffloadConfig
 from offload.hf.demo import DEMO_NEW_TOKENS, DEMO_PROMPT
 from offload.hf.skeleton import survey_checkpoint
-from offload.runtime.budget import budget_for_slots
-from tests.conftest import save_tiny
+from offload.runtime.budget import CUBLAS_WORKSPACE_BYTES, budget_for_slots
+from tests.conftest import DEVICES, save_tiny
 
 
-def budget_for(path: Path, slots: int, max_context: int, dtype: str | None = None) -> str:
+def budget_for(
+    path: Path, slots: int, max_context: int, dtype: str | None = None, device: str = "cpu"
+) -> str:
+    """The --vram-budget that leaves exactly ``slots`` slots on ``device``: a CUDA plan holds more than a CPU one
+    (cuBLAS's workspace, offload.runtime.budget), so a CPU plan's budget leaves a CUDA run short of slots.
+    Planned without a GPU too: the plan reads only the device's type."""
     config = OffloadConfig.create(1, device="cpu", dtype=dtype, max_context=max_context)
+    config = dataclasses.replace(config, device=torch.device(device))
     return str(budget_for_slots(survey_checkpoint(str(path), config.dtype), config, slots))
 
 
@@ -345,11 +352,20 @@ def test_record_trace_then_static_profile(
     assert_usage_error(code, err, "--record-trace", "does not exist")
 
 
-def test_kernel_flag(cli_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """--kernel triton runs (on the GPU where there is one, else in Triton's interpreter, which conftest switches
-    on only without a GPU) and gives the torch path's greedy text."""
-    budget = budget_for(cli_checkpoint, 4, 64, "fp32")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def test_budget_for_plans_for_the_device(cli_checkpoint: Path) -> None:
+    cpu, cuda = (int(budget_for(cli_checkpoint, 4, 64, "fp32", device=d)) for d in ("cpu", "cuda"))
+    assert cuda - cpu == CUBLAS_WORKSPACE_BYTES
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_flag(
+    device: str, cli_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--kernel triton runs (on the GPU, or on the CPU in Triton's interpreter, which conftest switches on only
+    without a GPU) and gives the torch path's greedy text, at the budget of 4 slots on that device."""
+    if device == "cpu" and torch.cuda.is_available():
+        pytest.skip("Triton's interpreter is off where there is a GPU (tests/conftest.py)")
+    budget = budget_for(cli_checkpoint, 4, 64, "fp32", device=device)
     base = [
         "--model",
         str(cli_checkpoint),
@@ -361,11 +377,14 @@ def test_kernel_flag(cli_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -
         "64",
     ]
     base += ["--dtype", "fp32", "--prompt", "abc", "--max-new-tokens", "4"]
+    # every pair on the kernel under test (on CUDA auto would probe and may compute some on the host)
+    base += ["--host-compute", "off", "--stats-json", str(tmp_path / "stats.json")]
     outs = {}
     for kernel in ("torch", "triton"):
         code, out, err = run([*base, "--kernel", kernel], capsys)
         assert code == 0, err
         outs[kernel] = out
+        assert json.loads((tmp_path / "stats.json").read_text())["slots"] == 4
     assert outs["torch"] == outs["triton"]
     code, _, err = run([*base, "--kernel", "cuda"], capsys)
     assert_usage_error(code, err, "--kernel")

@@ -14,6 +14,7 @@ import torch
 import offload
 from offload.hf.install import runtime_of
 from offload.hf.skeleton import survey_checkpoint
+from offload.kernels.host_experts import host_kernel_candidates
 from offload.memory import int4pack
 from offload.memory.int4pack import (
     Int4PackCopy,
@@ -221,7 +222,25 @@ def test_int4pack_on_cuda(tiny_checkpoints: dict[str, Path]) -> None:
     with torch.no_grad():
         host(prompt("cuda"))
     stats = offload.stats(host)
-    assert stats.host_kernel in ("reference", "dequant", "int4pack") and stats.host_expert_calls > 0
+    # The kernel is the probe's pick, which timing decides: exactly the one the probe stored in the rates cache
+    # for this machine, layout and candidates (read back without probing again), int4pack among those weighed.
+    runtime = runtime_of(host)
+    workers = runtime.step.host
+    assert workers is not None
+    layout = runtime.survey.layout
+    assert host_kernel_candidates(layout, int4pack=True) == ("reference", "dequant", "int4pack")
+    activation = runtime.activations[0]
+    assert activation is not None
+    picked, _ = host_rates.resolve(
+        layout,
+        runtime.config.device,
+        workers.threads,
+        workers.torch_threads,
+        activation,
+        False,
+        int4pack=True,
+    )
+    assert stats.host_kernel == workers.kernel_name == picked and stats.host_expert_calls > 0
     assert stats.host_kernel_copy_bytes > 0
     offload.close(device)
     offload.close(host)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from offload.memory.copy_engines import CudaCopyEngine, SyncCopyEngine, make_copy_engine
+from offload.memory.copy_engines import CudaCopyEngine, SyncCopyEngine, ThreadedCopyEngine, make_copy_engine
 from offload.memory.host_store import HostExpertStore
 from offload.memory.layout import ALIGN, ExpertLayout
 from offload.memory.slot_pool import SlotPool
+from tests.conftest import DEVICES
 
 E, H, I = 3, 8, 5  # noqa: E741 - experts, hidden, intermediate (odd sizes: padding must be right)
 
@@ -100,10 +103,12 @@ def test_wrong_shapes_are_refused() -> None:
 
 
 def _store_and_pool(device: str, slots: int = 4) -> tuple[HostExpertStore, SlotPool]:
+    """One layer of E experts, and a pool whose slot table has an entry per expert, as the runtime sizes it
+    ((layers, experts)): a copy's key ``layer * E + expert`` indexes it."""
     layout = ExpertLayout(H, I, True, True, torch.bfloat16)
     store = HostExpertStore(layout, num_layers=1, num_experts=E, pin=device == "cuda")
     store.fill_layer(0, hf_tensors(reference_fields(), True, True, False, True))
-    return store, SlotPool(layout, slots, torch.device(device))
+    return store, SlotPool(layout, slots, torch.device(device), table_shape=(1, E))
 
 
 def test_sync_engine_copies_bytes_exactly() -> None:
@@ -119,24 +124,34 @@ def test_sync_engine_copies_bytes_exactly() -> None:
     assert pool.field("gate_up").data_ptr() == pool.data.data_ptr()
 
 
-@pytest.mark.gpu
-def test_cuda_engine_copies_on_its_stream_and_orders_reuse() -> None:
-    store, pool = _store_and_pool("cuda", slots=2)
-    assert store.expert(0, 0).is_pinned()
-    engine = make_copy_engine(pool)
-    assert isinstance(engine, CudaCopyEngine)
+@pytest.mark.parametrize("device", DEVICES)
+def test_copy_engine_copies_in_the_background_and_orders_reuse(device: str) -> None:
+    """The CUDA stream engine and its CPU twin, the threaded one: two copies with their slot-table keys, a read
+    of both slots, then a third expert into slot 0 once the read released it. The table gets every key's slot
+    in copy order (slot 0 for expert 2 last), beside the slots' bytes."""
+    store, pool = _store_and_pool(device, slots=2)
+    if device == "cuda":
+        assert store.expert(0, 0).is_pinned()
+    engine = make_copy_engine(pool, "auto" if device == "cuda" else "threaded")
+    assert isinstance(engine, CudaCopyEngine if device == "cuda" else ThreadedCopyEngine)
     engine.load([(0, store.expert(0, 0)), (1, store.expert(0, 1))], keys=[0, 1])
     engine.acquire([0, 1])
-    seen = pool.field("down")[:2].float().sum()  # compute on the default stream, after the events
+    seen = pool.field("down")[:2].float().sum()  # compute (on CUDA the default stream), after the copies
     engine.release([0, 1])
     engine.load([(0, store.expert(0, 2))], keys=[2])  # waits for the read above before overwriting slot 0
     engine.acquire([0])
-    torch.cuda.synchronize()
+    engine.release([0])
+    engine.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     expected = store.views(0, 0)["down"].float().sum() + store.views(0, 1)["down"].float().sum()
     assert torch.allclose(seen.cpu(), expected, rtol=1e-3)
     assert torch.equal(pool.slot(0).cpu(), store.expert(0, 2))
-    assert pool.table.cpu().view(-1)[:3].tolist() == [0, 1, 0]  # written on the copy stream, after each copy
+    assert torch.equal(pool.slot(1).cpu(), store.expert(0, 1))
+    assert pool.table.cpu().view(-1).tolist() == [0, 1, 0]  # written after each copy, in copy order
+    assert engine.copies == 3 and engine.bytes_copied == 3 * pool.layout.nbytes
     assert engine.copy_seconds > 0
+    engine.close()
 
 
 def _big_slots(mib: int) -> tuple[SlotPool, torch.Tensor, torch.Tensor]:
@@ -304,14 +319,30 @@ def test_a_failed_registration_does_not_poison_the_next_kernel() -> None:
     unpin(buffer)
 
 
+# GPU clock cycles torch.cuda._sleep spins: at least 25 ms at the H100's and H200's 1.98 GHz boost clock;
+# the bound leaves 5 ms for the host's work between the sleep's launch and the wait.
+HELD_BACK_CYCLES = 50_000_000
+HELD_BACK_SECONDS = 0.020
+
+
 @pytest.mark.gpu
 def test_stall_events_do_not_pile_up_at_a_full_hit_rate() -> None:
-    """With every expert resident nothing is loaded; acquire's timing events must still be folded."""
+    """With every expert resident nothing is loaded; acquire's timing events must still be folded, and none
+    lost: the first acquire waits for a copy held back on the copy stream, so the stall counts at least the
+    hold, and never more than the test's wall time."""
+    began = time.perf_counter()
     store, pool = _store_and_pool("cuda", slots=2)
     engine = make_copy_engine(pool)
+    assert isinstance(engine, CudaCopyEngine)
+    with torch.cuda.stream(engine.stream):
+        torch.cuda._sleep(HELD_BACK_CYCLES)  # the copy below starts after it
     engine.load([(0, store.expert(0, 0))])
+    engine.acquire([0])  # compute waits for the held-back copy: one long stall
+    engine.release([0])
+    torch.cuda.synchronize()  # the compute stream runs free again: the pairs below complete as they come
     for _ in range(1000):
         engine.acquire([0])
         engine.release([0])
     assert len(engine._stalls) <= 256
-    assert engine.stall_seconds >= 0
+    stall = engine.stall_seconds
+    assert HELD_BACK_SECONDS <= stall <= time.perf_counter() - began

@@ -211,6 +211,26 @@ def test_bad_prefetch_options(tiny_checkpoints: dict[str, Path]) -> None:
         load(path, 4, "cpu", copy_engine="dma")
 
 
+HOLD_SECONDS = 0.002  # how long each copy is held back in the stall tests
+HOLD_CYCLES = 4_000_000  # the same on a GPU (torch.cuda._sleep): at least 2 ms at a 1.98 GHz H100/H200 clock
+
+
+def test_stall_seconds_count_the_waits_for_held_back_copies(tiny_checkpoints: dict[str, Path]) -> None:
+    """The CPU twin of the CUDA test's bound below: the copy thread holds every copy back, so compute waits for
+    the first wave's copies (up to a dozen, from a cold cache) at least one hold: the stall counts that, and never
+    more than the run's wall time."""
+    path = tiny_checkpoints["qwen3_moe"]
+    with injected_copy_delays(HOLD_SECONDS, HOLD_SECONDS):
+        model = load(path, slot_counts(path)["quarter"], "cpu", prefetch="history")
+    began = time.perf_counter()
+    run(model)
+    wall = time.perf_counter() - began
+    stats = offload.stats(model)
+    assert stats.expert_misses > 0
+    assert HOLD_SECONDS <= stats.stall_seconds <= wall
+    offload.close(model)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("prefetch", ["none", "history", "lookahead", "pre-attention"])
 def test_cuda_copy_stream_prefetch_equals_all_resident(
@@ -218,11 +238,25 @@ def test_cuda_copy_stream_prefetch_equals_all_resident(
 ) -> None:
     """The cross-stream test: prefetch copies on the copy stream while layers compute. A quarter of the experts
     in slots: enough room beside the running layer for prefetches to be issued (at top-k slots the running
-    layer holds every slot and prefill runs in waves, so nothing would be prefetched)."""
+    layer holds every slot and prefill runs in waves, so nothing would be prefetched). Every copy is held back
+    on the copy stream (torch.cuda._sleep before it), so prefetches are still in flight when later layers
+    need them, and compute waits for the first wave's demand copies at least one hold: the stall counts
+    that, and never more than the run's wall time."""
     path = tiny_checkpoints["qwen3_moe"]
     ids = prompt("cuda")
     resident = load(path, slot_counts(path)["all"], "cuda", host_compute="off")  # bitwise: copy only
     model = load(path, slot_counts(path)["quarter"], "cuda", prefetch=prefetch, host_compute="off")
+    engine = runtime_of(model).engine
+    load_copies = engine.load
+
+    def held_back(loads, keys=None):
+        if loads:
+            with torch.cuda.stream(engine.stream):
+                torch.cuda._sleep(HOLD_CYCLES)
+        load_copies(loads, keys)
+
+    engine.load = held_back  # type: ignore[method-assign]
+    began = time.perf_counter()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, resident(ids).logits)
     assert torch.equal(
@@ -230,6 +264,6 @@ def test_cuda_copy_stream_prefetch_equals_all_resident(
         resident.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False),
     )
     stats = offload.stats(model)
-    assert stats.copy_seconds > 0 and stats.stall_seconds >= 0
+    assert stats.copy_seconds > 0 and HOLD_SECONDS <= stats.stall_seconds <= time.perf_counter() - began
     if prefetch != "none":
         assert stats.prefetch_issued > 0
