@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from offload_bench.machine import free_memory, pinned_bytes, sync
+from offload_bench.machine import free_memory, sync, torch_pinned_allocator_bytes
 from offload_bench.shapes import Shape
 
 if TYPE_CHECKING:
     import torch
     import transformers
+
+    from offload.memory.host_store import HostExpertStore
 
 GB = 1e9
 PREFETCH = {
@@ -137,18 +139,22 @@ def common(timed: Timed, prompt: torch.Tensor, warmup: int, tokens: int) -> dict
     )
 
 
-def run_offloaded(
-    shape: Shape, hf_config: Any, variant: str, args: argparse.Namespace, ctx: dict[str, Any]
-) -> dict[str, Any]:
-    import torch
+def host_memory_fields(store: HostExpertStore, device: torch.device) -> dict[str, Any]:
+    """Host memory behind a run: the expert store's bytes; how many of them are page-locked, from the
+    store's own record of the layers it registered with ``cudaHostRegister`` (0 when it was not asked to pin,
+    short of the store when pinning failed part-way); and what torch's caching pinned allocator owns (None off
+    CUDA), which the store does not go through, so it is not the store's pinned memory."""
+    return dict(
+        host_store_bytes=store.nbytes,
+        host_store_pinned_bytes=store.pinned_nbytes,
+        torch_pinned_allocator_bytes=torch_pinned_allocator_bytes() if device.type == "cuda" else None,
+    )
 
-    import offload
+
+def offloaded_config(variant: str, args: argparse.Namespace, ctx: dict[str, Any]) -> Any:
+    """The OffloadConfig of an offloaded variant's run."""
     from offload.config import OffloadConfig
-    from offload.hf.install import runtime_of
-    from offload_bench.forced_routing import ForcedRouting
-    from offload_bench.synthetic import random_offloaded
 
-    device, peak, s = ctx["device"], ctx["peak"], ctx["survey"]
     options = dict(
         policy=args.policy,
         prefetch=PREFETCH[variant],
@@ -158,7 +164,21 @@ def run_offloaded(
         seed=args.seed,
         host_compute=HOST_COMPUTE.get(variant, "auto"),
     )
-    config = OffloadConfig.create(ctx["budget"], device=device, dtype=ctx["dtype"], **options)
+    return OffloadConfig.create(ctx["budget"], device=ctx["device"], dtype=ctx["dtype"], **options)
+
+
+def run_offloaded(
+    shape: Shape, hf_config: Any, variant: str, args: argparse.Namespace, ctx: dict[str, Any]
+) -> dict[str, Any]:
+    import torch
+
+    import offload
+    from offload.hf.install import runtime_of
+    from offload_bench.forced_routing import ForcedRouting
+    from offload_bench.synthetic import random_offloaded
+
+    device, peak, s = ctx["device"], ctx["peak"], ctx["survey"]
+    config = offloaded_config(variant, args, ctx)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -168,7 +188,7 @@ def run_offloaded(
     layout = runtime.survey.layout  # the variant's own format: int4 experts are ~0.28 of bf16's bytes
     if ctx["trace"] is not None:
         offload.override_routing(model, ForcedRouting(ctx["trace"], s.num_layers, s.num_experts, s.top_k))
-    pinned = pinned_bytes() if device.type == "cuda" else None
+    host_memory = host_memory_fields(runtime.store, device)
     timed = timed_generation(
         model, device, ctx["prompt"], args.warmup_tokens, args.decode_tokens, runtime.stats
     )
@@ -200,8 +220,7 @@ def run_offloaded(
         planned_bytes=runtime.budget.planned_bytes,
         peak_device_bytes=peak_device,
         within_budget=None if peak_device is None else peak_device <= runtime.budget.budget_bytes,
-        host_store_bytes=runtime.store.nbytes,
-        pinned_host_bytes=pinned,
+        **host_memory,
         build_s=build_s,
         stall_fraction=decode["stall_seconds"] / timed.decode_s,
         demand_missed_bytes_per_token=missed,

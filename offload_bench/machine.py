@@ -1,5 +1,6 @@
-"""What the benchmark machine offers and holds: host-to-device bandwidth, pinned bytes, versions; freeing
-what a finished run held. torch is imported inside each function, so importing this module is cheap."""
+"""What the benchmark machine offers and holds: host-to-device bandwidth, the bytes torch's pinned allocator
+owns, versions; freeing what a finished run held. torch is imported inside each function, so importing this
+module is cheap."""
 
 from __future__ import annotations
 
@@ -90,8 +91,11 @@ def measure_expert_copies(device: torch.device, expert_bytes: int) -> float | No
     return count * expert_bytes / best
 
 
-def pinned_bytes() -> int | None:
-    """Bytes torch's pinned allocator holds (in use and cached), where this torch reports it."""
+def torch_pinned_allocator_bytes() -> int | None:
+    """Bytes of page-locked blocks torch's caching host allocator owns (``pin_memory``, in use and cached,
+    each rounded up to a power of two), where this torch reports it. Memory registered with
+    ``cudaHostRegister`` outside that allocator is not counted: the host store's layers are not (see
+    :attr:`offload.memory.host_store.HostExpertStore.pinned_nbytes`)."""
     import torch
 
     stats = getattr(torch.cuda, "host_memory_stats", None)

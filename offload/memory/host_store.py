@@ -29,6 +29,7 @@ class HostExpertStore:
         self.num_experts = num_experts
         self.pin = pin
         self._layers: list[torch.Tensor | None] = [None] * num_layers
+        self._pinned = [False] * num_layers  # whether each layer's buffer is one this store registered
         # Page-locked memory is unregistered explicitly: by release(), or when the store goes.
         self._finalizer = weakref.finalize(self, _unpin_all, self._layers) if pin else None
 
@@ -36,7 +37,7 @@ class HostExpertStore:
         """Pack one layer from HF experts tensors (see :meth:`ExpertLayout.canonicalize`), quantizing it one
         expert at a time when the layout's format is compressed (full-precision temporaries: one expert)."""
         canonical = self.layout.canonicalize(weights)
-        buffer = self._new_buffer()
+        buffer, pinned = self._new_buffer()
         views = self.layout.views(buffer)
         if self.layout.format == "float":
             for name, tensor in canonical.items():
@@ -45,7 +46,7 @@ class HostExpertStore:
             for expert in range(self.num_experts):
                 for name, tensor in self.layout.pack(canonical, expert).items():
                     views[name][expert].copy_(tensor)
-        self._layers[layer] = buffer
+        self._layers[layer], self._pinned[layer] = buffer, pinned
 
     def fill_packed_layer(self, layer: int, fields: dict[str, torch.Tensor]) -> None:
         """Store one layer whose fields ``{name: [E, *shape]}`` are already in the layout's format (a
@@ -55,7 +56,7 @@ class HostExpertStore:
             raise ValueError(
                 f"layer {layer}: fields {sorted(fields)}, the {self.layout.format} layout has {sorted(expected)}"
             )
-        buffer = self._new_buffer()
+        buffer, pinned = self._new_buffer()
         views = self.layout.views(buffer)
         for name, tensor in fields.items():
             if tuple(tensor.shape) != expected[name]:
@@ -63,15 +64,15 @@ class HostExpertStore:
                     f"layer {layer} field {name}: shape {tuple(tensor.shape)}, expected {expected[name]}"
                 )
             views[name].copy_(tensor)
-        self._layers[layer] = buffer
+        self._layers[layer], self._pinned[layer] = buffer, pinned
 
-    def _new_buffer(self) -> torch.Tensor:
-        """A zeroed ``[experts, nbytes]`` buffer, page-locked while pinning works."""
+    def _new_buffer(self) -> tuple[torch.Tensor, bool]:
+        """A zeroed ``[experts, nbytes]`` buffer, page-locked while pinning works, and whether it is."""
         flat, pinned = host_buffer(self.num_experts * self.layout.nbytes, self.pin)
         if self.pin and not pinned:
             log.warning(pinning_error())
             self.pin = False
-        return flat.view(self.num_experts, -1)
+        return flat.view(self.num_experts, -1), pinned
 
     def layer_bytes(self, layer: int) -> torch.Tensor:
         """uint8 ``[experts, nbytes]``: one layer as stored (what the compressed-store cache writes)."""
@@ -92,6 +93,17 @@ class HostExpertStore:
         return sum(b.numel() for b in self._layers if b is not None)
 
     @property
+    def pinned_nbytes(self) -> int:
+        """Bytes of the layers held now whose buffers this store registered with CUDA (page-locked by
+        ``cudaHostRegister``), counted as :attr:`nbytes` counts them: 0 for a store built with ``pin=False``,
+        and short of :attr:`nbytes` when pinning failed part-way. Torch's pinned allocator never sees them."""
+        return sum(
+            b.numel()
+            for b, pinned in zip(self._layers, self._pinned, strict=True)
+            if b is not None and pinned
+        )
+
+    @property
     def complete(self) -> bool:
         return all(b is not None for b in self._layers)
 
@@ -101,6 +113,7 @@ class HostExpertStore:
             self._finalizer()  # runs once: unregisters the pinned buffers
         for layer in range(self.num_layers):
             self._layers[layer] = None
+            self._pinned[layer] = False
 
 
 def _unpin_all(layers: list[torch.Tensor | None]) -> None:
