@@ -50,3 +50,49 @@ def test_forced_routing_replays_the_trace() -> None:
 def test_forced_routing_refuses_a_trace_of_another_shape() -> None:
     with pytest.raises(ValueError, match="16 layers x top-8"):
         ForcedRouting(load_trace(OLMOE_TRACE), 12, 64, 8)
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_each_layer_holds_the_bank_as_loading_would_store_it(quantize: str | None) -> None:
+    """The bank packed once (quantized once, for int4) gives every layer the very bytes the store's own fill
+    from HF expert weights gives: layer l's expert e is bank expert (e + l) % 8, more experts than the bank."""
+    from transformers import AutoModelForCausalLM
+
+    from offload.hf.survey import expert_param_names, experts_modules
+    from offload.memory.host_store import HostExpertStore
+    from offload_bench.synthetic import BANK_EXPERTS, ExpertBank
+
+    config = tiny_config("olmoe", num_hidden_layers=3, num_experts=12, num_experts_per_tok=4)
+    options = dict(device="cpu", dtype="fp32", max_context=64, quantize=quantize, store_cache=False)
+    model = random_offloaded(config, OffloadConfig.create("80MB", **options), seed=3, progress=False)
+    runtime = runtime_of(model)
+    layout = runtime.survey.layout
+    assert layout.format == ("int4" if quantize else "float") and runtime.survey.num_experts > BANK_EXPERTS
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    shapes = {p: getattr(experts_modules(plain)[0][1], p).shape for p in expert_param_names(layout)}
+    bank = ExpertBank(config.initializer_range, torch.float32, 3)
+    store = HostExpertStore(layout, num_layers=3, num_experts=12, pin=False)
+    for layer in range(3):
+        store.fill_layer(layer, {p: bank.experts(p, shape, layer) for p, shape in shapes.items()})
+        for e in range(12):
+            assert torch.equal(runtime.store.expert(layer, e), store.expert(layer, e)), (layer, e)
+    assert torch.equal(store.expert(0, 1), store.expert(1, 0))  # the bank's mix, one step per layer
+
+
+def test_large_weights_repeat_one_tile_and_small_ones_are_left() -> None:
+    from offload_bench.synthetic import TILE, fill_large_weights
+
+    class Two(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.big = torch.nn.Parameter(torch.zeros(3 * TILE + 5))
+            self.small = torch.nn.Parameter(torch.zeros(10))
+
+    module = Two()
+    fill_large_weights(module, std=0.02, seed=0)  # type: ignore[arg-type]
+    big = module.big.detach()
+    assert torch.isfinite(big).all() and 0.019 < float(big[:TILE].std()) < 0.021
+    assert torch.equal(big[:TILE], big[TILE : 2 * TILE]) and torch.equal(big[3 * TILE :], big[:5])
+    assert module.big._is_hf_initialized and not hasattr(module.small, "_is_hf_initialized")
+    assert not module.small.detach().any()  # left to initialize_weights
