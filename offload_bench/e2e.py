@@ -38,19 +38,20 @@ to the depth that fits (or to ``--layers``), and the output says so. See docs/e2
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import tempfile
+import time
 import traceback
-from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from offload_bench.e2e_report import fmt, print_row, targets, write
+from offload_bench.e2e_estimate import estimate_row, measure_host_rates
+from offload_bench.e2e_report import fmt, header, print_row, targets, write
 from offload_bench.e2e_runs import GB, routing_label, run_accelerate, run_offloaded
 from offload_bench.e2e_sizing import fit_host_ram, fitting_trace, shape_budget
-from offload_bench.machine import SMOKE_LABEL, measure_expert_copies, measure_h2d_peak, versions
+from offload_bench.machine import SMOKE_LABEL, measure_expert_copies, measure_h2d_peak
 from offload_bench.shapes import SHAPES, SMOKE_SHAPES, Shape
 
 if TYPE_CHECKING:  # torch is imported when a run starts: `offload-bench --help` and `sweep` stay light
@@ -63,17 +64,6 @@ VARIANTS = ("lru", "lookahead", "pre-attention", "int4", "accelerate")  # the de
 # history prefetch; lru with host compute off (copy only): the other offloaded variants run the default,
 # host_compute="auto"
 EXTRA_VARIANTS = ("history", "lru-host-off")
-SETTINGS = (
-    "policy",
-    "prompt_tokens",
-    "warmup_tokens",
-    "decode_tokens",
-    "accelerate_decode_tokens",
-    "max_context",
-    "seed",
-    "layers",
-    "scale_budget",
-)
 CONFIG_FIELDS = (
     "hidden_size",
     "intermediate_size",
@@ -124,6 +114,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     add("--seed", type=int, default=0)
     add("--out", type=Path, help="JSON path (default bench/results/e2e-<device>.json; smoke: a temp file)")
+    add(
+        "--time-limit",
+        type=float,
+        help="seconds from the start: a row whose estimate (printed before each row) does not fit what is "
+        "left is skipped, with its estimate as the reason",
+    )
+    add(
+        "--estimate-only",
+        action="store_true",
+        help="print each row's estimated build and run time and exit, building nothing; without a GPU it "
+        "estimates a GPU run from this machine's host rates and the --assume-* link speeds",
+    )
+    add("--assume-h2d-gbps", type=float, default=50.0, help="--estimate-only without a GPU: pinned GB/s")
+    add(
+        "--assume-pageable-gbps",
+        type=float,
+        default=20.0,
+        help="--estimate-only without a GPU: pageable GB/s",
+    )
 
 
 # -- the run ----------------------------------------------------------------------------------------------
@@ -141,59 +150,13 @@ def _machine(args: argparse.Namespace) -> tuple[torch.device, dict[str, Shape], 
         args.decode_tokens = min(args.decode_tokens, 6)
         args.accelerate_decode_tokens, args.max_context = min(args.accelerate_decode_tokens, 2), 64
         return torch.device("cpu"), SMOKE_SHAPES, torch.float32  # bf16 on a CPU: slow, no more
-    if not torch.cuda.is_available():
-        return None
     dtype = resolve_dtype(args.dtype)
     assert dtype is not None
+    if not torch.cuda.is_available():
+        # --estimate-only plans a GPU run from here: budgets planned as for the CPU (no cuBLAS workspace,
+        # 32 MiB), rows estimated as for a GPU
+        return (torch.device("cpu"), SHAPES, dtype) if args.estimate_only else None
     return torch.device("cuda", torch.cuda.current_device()), SHAPES, dtype
-
-
-def _header(
-    args: argparse.Namespace,
-    prog: str,
-    argv: list[str],
-    device_name: str,
-    dtype: Any,
-    peak: dict[str, Any],
-    available: int,
-) -> dict[str, Any]:
-    import psutil
-
-    pinned = (
-        "no pinned memory (CPU)"
-        if device_name.startswith("cpu")
-        else "host store pinned at exact sizes (mmap + cudaHostRegister, offload.memory.host_memory)"
-    )
-    return dict(
-        what=f"{SMOKE_LABEL}: proves the script runs end to end; no number here is a performance figure"
-        if args.smoke
-        else "decode of random-weight offloaded MoE models of real shapes: demand LRU, lookahead and "
-        "pre-attention prefetch, and accelerate's device_map='auto' offload at the same GPU memory cap, side by side",
-        smoke=args.smoke,
-        complete=False,
-        command=" ".join([prog, *argv]),
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        device=device_name,
-        versions=versions(),
-        dtype=str(dtype).removeprefix("torch."),
-        host=dict(
-            total_bytes=psutil.virtual_memory().total,
-            available_bytes_at_start=available,
-            cpus=os.cpu_count(),
-            pinned_allocator=pinned,
-        ),
-        settings=dict(
-            vram_budget="slots for a quarter of all experts (smoke)" if args.smoke else args.vram_budget,
-            **{k: getattr(args, k) for k in SETTINGS},
-            routing_trace=None if args.routing_trace.lower() == "none" else args.routing_trace,
-        ),
-        h2d_peak=peak,
-        floor="floor_s_per_token: demand-missed bytes per decode token / the pinned host-to-device peak; "
-        "link_floor_s_per_token: every byte copied per decode token (prefetches too) / the same peak",
-        shapes={},
-        rows=[],
-        targets=[],
-    )
 
 
 def _output_path(args: argparse.Namespace, device_name: str) -> Path:
@@ -242,7 +205,9 @@ def _run_shape(
         budget_bytes=budget,
         budget=budget_note,
         routing=routing,
-        h2d_expert_sized_bytes_per_s=measure_expert_copies(device, s.layout.nbytes),
+        h2d_expert_sized_bytes_per_s=None
+        if args.estimate_only
+        else measure_expert_copies(device, s.layout.nbytes),
         host_plan=fit,
     )
     print(
@@ -261,11 +226,34 @@ def _run_shape(
         trace_path=trace_path if forced is not None else None,
     )
     for variant in variants:
+        estimate: dict[str, Any] | None = None
         try:
-            if variant == "accelerate":
-                row = run_accelerate(shape, hf_config, args, ctx)
+            estimate = estimate_row(variant, args, ctx, env)
+            left = None if env["deadline"] is None else max(0.0, env["deadline"] - time.monotonic())
+            print(
+                f"  {shape.name:14} {variant:10} estimated {estimate['build_s']:.0f} s to build, "
+                f"{estimate['run_s']:.0f} s to run" + ("" if left is None else f" ({left:.0f} s left)"),
+                flush=True,
+            )
+            row: dict[str, Any]
+            if args.estimate_only:
+                row = dict(shape=shape.name, variant=variant, status="estimated")
+                env["compiled"].add(estimate.get("format"))
+            elif left is not None and estimate["total_s"] > left:
+                row = dict(
+                    shape=shape.name,
+                    variant=variant,
+                    status="skipped",
+                    reason=f"estimated {estimate['total_s']:.0f} s, {left:.0f} s left of --time-limit",
+                )
             else:
-                row = run_offloaded(shape, hf_config, variant, args, ctx)
+                began = time.monotonic()
+                if variant == "accelerate":
+                    row = run_accelerate(shape, hf_config, args, ctx)
+                else:
+                    row = run_offloaded(shape, hf_config, variant, args, ctx)
+                    env["compiled"].add(row.get("expert_format"))
+                row["wall_s"] = round(time.monotonic() - began, 1)  # beside its estimate
         except Exception as exc:  # one failed run must not lose the others: record it, go on
             traceback.print_exc()
             message = str(exc).splitlines()[0][:300] if str(exc) else ""
@@ -273,18 +261,29 @@ def _run_shape(
                 shape=shape.name, variant=variant, status="error", error=f"{type(exc).__name__}: {message}"
             )
         free_memory(device)  # after the except block: its traceback no longer holds the failed model
-        row["shape_truncated"] = fit.get("truncated")
+        row.update(shape_truncated=fit.get("truncated"), estimate=estimate)
         result["rows"].append(row)
-        print_row(row)
+        if not args.estimate_only:
+            print_row(row)
         write(path, result)
+        if env["on_row"] is not None:
+            env["on_row"](row, result)
 
 
-def run(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
+def run(
+    args: argparse.Namespace,
+    prog: str,
+    argv: list[str],
+    on_row: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+) -> int:
+    """The whole run; ``on_row(row, result)`` is called after every row (the GPU check judges rows as they
+    come)."""
     import psutil
     import torch
 
     from cache_policies import load_trace
 
+    started = time.monotonic()
     machine = _machine(args)
     if machine is None:
         print(f"{prog}: needs a CUDA GPU; --smoke checks the script on a CPU", file=sys.stderr)
@@ -293,16 +292,34 @@ def run(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
     chosen = [shapes[name] for name in dict.fromkeys(args.shapes or shapes)]
     variants = list(dict.fromkeys(args.variants or VARIANTS))
     trace_path = None if args.routing_trace.lower() == "none" else Path(args.routing_trace)
-    device_name = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
-    )
+    planning = args.estimate_only and not torch.cuda.is_available()
+    if planning:
+        device_name = "a GPU, estimated from this machine (no GPU here)"
+    elif device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"cpu ({platform.machine()})"
     available = psutil.virtual_memory().available
-    peak = measure_h2d_peak(device)
+    if planning:
+        available = 1 << 60  # the GPU machine's RAM is not this one's: depth as --layers says
+        peak = dict(
+            bytes_per_s=args.assume_h2d_gbps * GB,
+            pageable_bytes_per_s=args.assume_pageable_gbps * GB,
+            how="assumed (--assume-h2d-gbps, --assume-pageable-gbps)",
+        )
+    else:
+        peak = measure_h2d_peak(device)
     print(f"{device_name}: pinned host-to-device peak {peak['bytes_per_s'] / GB:.1f} GB/s ({peak['how']})")
     if "pageable_bytes_per_s" in peak:
         print(f"  pageable host-to-device {peak['pageable_bytes_per_s'] / GB:.1f} GB/s")
+    rates = measure_host_rates(device, peak)
+    print(
+        f"  host rates for the estimates, GB/s: {rates.as_dict()}"
+        + (" (unpinned: no GPU)" if planning else "")
+    )
     path = _output_path(args, device_name)
-    result = _header(args, prog, argv, device_name, dtype, peak, available)
+    result = header(args, prog, argv, device_name, dtype, peak, available)
+    result["host_rates_gbps"] = rates.as_dict()
     env = dict(
         device=device,
         dtype=dtype,
@@ -310,9 +327,18 @@ def run(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
         available=available,
         trace=load_trace(trace_path) if trace_path is not None else None,
         trace_path=trace_path,
+        rates=rates,
+        deadline=None if args.time_limit is None else started + args.time_limit,
+        compiled=set(),
+        estimated_device=torch.device("cuda") if planning else device,
+        on_row=on_row,
     )
     for shape in chosen:
         _run_shape(shape, args, variants, env, result, path)
+    if args.estimate_only:
+        total = sum(r["estimate"]["total_s"] for r in result["rows"] if r.get("estimate"))
+        print(f"estimated in all: {total:.0f} s")
+        return 0
     result["targets"] = targets(result["rows"], [shape.name for shape in chosen])
     result["complete"] = True
     write(path, result)

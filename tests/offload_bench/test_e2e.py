@@ -197,3 +197,55 @@ def test_without_a_gpu_the_full_run_refuses_in_one_line(capsys: pytest.CaptureFi
     assert main(["e2e"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "offload-bench e2e: needs a CUDA GPU; --smoke checks the script on a CPU"
+
+
+def run_e2e(argv: list[str], tmp_path: Any) -> tuple[dict[str, Any], str]:
+    out = tmp_path / "e2e.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), *argv, "--out", str(out)],
+        capture_output=True, text=True, timeout=150, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_every_row_prints_its_estimate_and_a_time_limit_skips_what_would_not_fit(tmp_path: Any) -> None:
+    """A time limit too short for any build: every row is skipped, its estimate the reason, nothing built."""
+    argv = ["--smoke", "--shapes", "qwen3-30b-a3b", "--variants", "lru", "--variants", "accelerate"]
+    result, stdout = run_e2e([*argv, "--time-limit", "0"], tmp_path)
+    assert [r["status"] for r in result["rows"]] == ["skipped", "skipped"]
+    for row in result["rows"]:
+        estimate = row["estimate"]
+        assert estimate["build_s"] > 0 and close(estimate["total_s"], estimate["build_s"] + estimate["run_s"])
+        assert row["reason"] == f"estimated {estimate['total_s']:.0f} s, 0 s left of --time-limit"
+        assert "model_bytes" not in row  # accelerate's model was never built
+    assert stdout.count("estimated") >= 2 and result["host_rates_gbps"]["store_fill"] > 0
+
+
+def test_estimate_only_builds_nothing_and_plans_a_gpu_run(tmp_path: Any) -> None:
+    """Without a GPU, --estimate-only estimates the GPU run at real shapes from this machine's host rates."""
+    argv = ["--estimate-only", "--shapes", "qwen3-30b-a3b", "--layers", "2", "--routing-trace", "none",
+            "--variants", "lru", "--variants", "lookahead", "--variants", "int4", "--variants", "accelerate"]  # fmt: skip
+    result, stdout = run_e2e(argv, tmp_path)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert {r["status"] for r in rows.values()} == {"estimated"}
+    lru, look, int4 = rows["lru"]["estimate"], rows["lookahead"]["estimate"], rows["int4"]["estimate"]
+    assert lru["run_s"] > look["run_s"]  # the first bf16 row pays the kernels' compile, the next does not
+    assert int4["build_s"] < lru["build_s"]  # about 0.28 of the bytes to write
+    assert rows["accelerate"]["estimate"]["run_s"] > 0  # estimated as on a GPU: every forward copies
+    assert result["h2d_peak"]["bytes_per_s"] == 50e9 and "estimated in all" in stdout
+
+
+def test_host_compute_auto_against_off_is_a_target(tmp_path: Any) -> None:
+    argv = ["--smoke", "--shapes", "qwen3-30b-a3b", "--variants", "lru", "--variants", "lru-host-off"]
+    result, _ = run_e2e(argv, tmp_path)
+    rows = rows_of(result)
+    auto, off = rows["qwen3-tiny", "lru"], rows["qwen3-tiny", "lru-host-off"]
+    [target] = [t for t in result["targets"] if t["target"].startswith("decode tok/s with host compute auto")]
+    assert close(target["value"], auto["decode_tok_per_s"] / off["decode_tok_per_s"])
+    assert target["status"] == ("PASS" if target["value"] >= 0.95 else "FAIL")
+    assert (
+        off["host_compute"] == "off" and target["inputs"]["off_decode_tok_per_s"] == off["decode_tok_per_s"]
+    )
+    assert auto["wall_s"] > 0 and auto["estimate"]["total_s"] > 0  # what it took, beside what was estimated
