@@ -229,3 +229,78 @@ def test_a_stage_that_cannot_import_records_why(tmp_path: Path, monkeypatch: pyt
     assert stage.main(["kernels", "--part", str(part), "--smoke"]) == 1
     error = json.loads(part.read_text())["error"]
     assert error.startswith("ModuleNotFoundError: import of offload_bench.gpu_check.stage_kernels halted")
+
+
+def test_the_gpu_caps_leave_30_s_for_start_up_and_the_summary() -> None:
+    from offload_bench.gpu_check.driver import CAPS, TOTAL_SECONDS
+
+    assert set(CAPS) == set(STAGES)
+    assert sum(gpu for gpu, _ in CAPS.values()) <= TOTAL_SECONDS[False] - 30
+    assert sum(smoke for _, smoke in CAPS.values()) <= TOTAL_SECONDS[True]
+
+
+def test_the_committed_e2e_plan_is_the_stage_s_and_fits_its_cap() -> None:
+    """The estimates docs/e2e.md shows were made for exactly the rows the stage runs, and they fit its cap
+    with its margin and 15 s for start-up and each run's link measurement."""
+    from offload_bench.gpu_check.driver import CAPS
+    from offload_bench.gpu_check.stage_e2e import MARGIN_S, runs
+
+    total = 0.0
+    for argv in runs(False):
+        shape = argv[argv.index("--shapes") + 1]
+        plan = json.loads((ROOT / f"bench/results/gpu_check_e2e_estimate-{shape}.json").read_text())
+        assert plan["command"].split(" --estimate-only")[0] == " ".join(["python bench/e2e.py", *argv])
+        total += sum(r["estimate"]["total_s"] for r in plan["rows"])
+    assert total + 15 <= CAPS["e2e"][0] - MARGIN_S[False]
+
+
+def _part(tmp_path: Path) -> Any:
+    from offload_bench.gpu_check.part import Part
+
+    part = Part(tmp_path / "part.json", smoke=False)
+    part.set(rows=[])
+    return part
+
+
+def test_kernel_rows_are_judged_as_they_come_and_a_wrong_or_failed_cell_fails(tmp_path: Path) -> None:
+    from offload_bench.gpu_check import stage_kernels
+    from offload_bench.gpu_check.part import failures_of
+
+    part = _part(tmp_path)
+    row = dict(model="m", tokens=1, impl="triton", format="float", pct_peak=80.0, kernel_us=1.0, call_us=2.0)
+    part.add("rows", dict(row, within_tolerance=True, max_abs_err_vs_torch=1e-3))
+    stage_kernels.judge(part)
+    verdicts = {t["target"]: t["status"] for t in part.data["targets"]}
+    assert verdicts["Triton bf16 output within tolerance of the torch reference"] == "PASS"
+    assert verdicts[">= 75% of measured HBM peak (m, 1 tokens)"] == "PASS" and not failures_of(part.data)
+    part.add("rows", dict(row, tokens=256, error="RuntimeError: launch failed"))  # a cell that raised
+    stage_kernels.judge(part)
+    tolerance = part.data["targets"][0]  # judged again, in place
+    assert tolerance["status"] == "FAIL" and tolerance["value"] == "1 of 2 cells" and tolerance["invariant"]
+    assert failures_of(part.data) == [
+        "Triton bf16 output within tolerance of the torch reference: 1 of 2 cells"
+    ]
+
+
+def test_e2e_rows_are_judged_as_they_come_and_a_peak_over_budget_fails(tmp_path: Path) -> None:
+    from offload_bench.gpu_check import stage_e2e
+    from offload_bench.gpu_check.part import failures_of
+
+    lru = dict(
+        shape="s", variant="lru", status="ran", time_over_floor=1.1, s_per_token=0.11,
+        demand_missed_bytes_per_token=1e9, floor_s_per_token=0.1, notes=[], decode_tok_per_s=9.0,
+        budget_bytes=100, peak_device_bytes=90,
+    )  # fmt: skip
+    part = _part(tmp_path)
+    stage_e2e.judge(part, [dict(rows=[lru])])  # after the first row: its own targets, none needing others
+    assert {t["target"] for t in part.data["targets"]} == {
+        "decode time per token <= 1.2 x floor (s, lru)",
+        "peak device memory <= budget (s, lru)",
+    }
+    assert not failures_of(part.data)
+    over = dict(lru, variant="pre-attention", peak_device_bytes=101)
+    peer = dict(shape="s", variant="accelerate", status="ran", decode_tok_per_s=1.0, cap_bytes=100)
+    stage_e2e.judge(part, [dict(rows=[lru, over, peer])])
+    verdicts = {t["target"]: t["status"] for t in part.data["targets"]}
+    assert verdicts["decode tok/s >= 4 x accelerate's (s, lru)"] == "PASS"
+    assert failures_of(part.data) == ["peak device memory <= budget (s, pre-attention): 1.01"]
