@@ -77,9 +77,11 @@ def take_over_experts(
 
 def attach_runtime(model: nn.Module, runtime: OffloadRuntime) -> None:
     """The last step of every builder: the router predictors (they need the model's routers; pre-attention
-    also its norms and a hook on each decoder layer) and the handle that offload.stats and friends find the
+    also its norms and a hook on each decoder layer), host compute's kernel and rates (probed now, while no
+    forward holds the memory the probes borrow), and the handle that offload.stats and friends find the
     runtime by."""
     install_predictor(model, runtime)
+    runtime.prepare_host()
     setattr(model, RUNTIME_ATTR, runtime)
 
 

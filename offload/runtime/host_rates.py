@@ -39,6 +39,7 @@ from offload.user_cache import user_cache_dir
 
 PROBE_TOKENS = (1, 4, 16)
 _PROBE_BYTES = 64 << 20  # synthetic experts per host probe: more than a last-level cache holds
+_LINK_CHUNK, _LINK_CHUNKS = 4 << 20, 16  # the link probe: 16 back-to-back copies of 4 MiB
 
 
 def rates_path() -> Path:
@@ -76,10 +77,12 @@ def resolve(
     activation: ExpertActivation,
     need_rates: bool,
     int4pack: bool = False,
+    device_room: int | None = None,
 ) -> tuple[str, HostRates | None]:
     """(host kernel, measured rates or None): from the cache where it has them, else probed and cached.
     ``threads`` host workers, each on ``torch_threads`` intra-op threads (None: as the process); ``int4pack``:
-    the experts have a converted copy for that kernel (:mod:`offload.memory.int4pack`)."""
+    the experts have a converted copy for that kernel (:mod:`offload.memory.int4pack`); ``device_room``: the
+    device bytes the link and device probes may take between them (None: what they ask for)."""
     if device.type != "cuda":
         return "reference", None  # the device's own kernel; no link to weigh
     candidates = host_kernel_candidates(layout, int4pack)
@@ -88,7 +91,8 @@ def resolve(
         kernel, host = probe_host(layout, activation, candidates, torch_threads=torch_threads)
         entry: dict[str, Any] = {"kernel": kernel, "host_gbps": host}
         if need_rates:
-            entry.update(link_gbps=probe_link(device), device_s=probe_device(layout, device))
+            half = None if device_room is None else device_room // 2  # one after the other, each within half
+            entry.update(link_gbps=probe_link(device, half), device_s=probe_device(layout, device, half))
         return entry
 
     needed = ("kernel", "host_gbps", "link_gbps", "device_s") if need_rates else ("kernel", "host_gbps")
@@ -206,11 +210,12 @@ def host_seconds(
     return best
 
 
-def probe_link(device: torch.device) -> float:
-    """Pinned host-to-device GB/s of back-to-back 4 MiB copies, 64 MiB in all, best of 3."""
-    chunk, count = 4 << 20, 16
-    src = torch.empty((count, chunk), dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty((count, chunk), dtype=torch.uint8, device=device)
+def probe_link(device: torch.device, room: int | None = None) -> float:
+    """Pinned host-to-device GB/s of back-to-back 4 MiB copies, 64 MiB in all (fewer where ``room`` device
+    bytes are all the probe may take), best of 3."""
+    count = link_chunks(room)
+    src = torch.empty((count, _LINK_CHUNK), dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty((count, _LINK_CHUNK), dtype=torch.uint8, device=device)
     best = math.inf
     for _ in range(3):
         torch.cuda.synchronize(device)
@@ -219,23 +224,44 @@ def probe_link(device: torch.device) -> float:
             dst[i].copy_(src[i], non_blocking=True)
         torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - began)
-    return count * chunk / best / 1e9
+    return count * _LINK_CHUNK / best / 1e9
 
 
-def probe_device(layout: ExpertLayout, device: torch.device) -> float:
-    """Seconds of one expert's two matmuls at 1 token on the device, in the compute dtype, best of 5."""
-    gate_up = torch.randn(layout.gate_up_rows, layout.hidden_size, device=device).to(layout.dtype)
-    down = torch.randn(layout.hidden_size, layout.intermediate_size, device=device).to(layout.dtype)
-    x = torch.randn(1, layout.hidden_size, device=device).to(layout.dtype)
+def link_chunks(room: int | None) -> int:
+    """How many 4 MiB chunks the link probe copies: 16, or as many as ``room`` bytes hold (at least one)."""
+    return _LINK_CHUNKS if room is None else max(1, min(_LINK_CHUNKS, room // _LINK_CHUNK))
+
+
+def probe_device(layout: ExpertLayout, device: torch.device, room: int | None = None) -> float:
+    """Seconds of one expert's two matmuls at 1 token on the device, in the compute dtype, best of 5. Where
+    the expert's matrices do not fit ``room`` bytes, an expert with fewer intermediate rows is timed and its
+    time scaled up by the bytes: at one token the matmuls read their weights, so time follows bytes."""
+    inter = probe_intermediate(layout, room)
+    per_row = layout.gate_up_rows // layout.intermediate_size  # gate and up rows per intermediate row
+    dtype, hidden = layout.dtype, layout.hidden_size  # drawn in the compute dtype: no fp32 temporaries
+    gate_up = torch.randn(per_row * inter, hidden, device=device, dtype=dtype)
+    down = torch.randn(hidden, inter, device=device, dtype=dtype)
+    x = torch.randn(1, hidden, device=device, dtype=dtype)
     best = math.inf
     for _ in range(6):
         torch.cuda.synchronize(device)
         began = time.perf_counter()
-        h = torch.nn.functional.linear(x, gate_up)[:, : layout.intermediate_size]
+        h = torch.nn.functional.linear(x, gate_up)[:, :inter]
         torch.nn.functional.linear(h, down)
         torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - began)
-    return best
+    return best * layout.intermediate_size / inter
+
+
+def probe_intermediate(layout: ExpertLayout, room: int | None) -> int:
+    """The intermediate size the device probe times: the expert's own, or as much of it as ``room`` holds."""
+    if room is None:
+        return layout.intermediate_size
+    itemsize = torch.empty((), dtype=layout.dtype).element_size()
+    per_row = layout.gate_up_rows // layout.intermediate_size  # gate and up rows per intermediate row
+    per_inter = (per_row + 1) * layout.hidden_size * itemsize  # its gate/up rows and its column of down
+    rows = (room - 4 * layout.hidden_size * itemsize) // per_inter  # less the input and outputs
+    return max(1, min(layout.intermediate_size, rows))
 
 
 # -- the cache file ----------------------------------------------------------------------------------------

@@ -161,8 +161,17 @@ class OffloadRuntime:
             self._setup_host(activation)
         return self.step(layer, activation, hidden_states, top_k_index, top_k_weights)
 
-    def _setup_host(self, activation: ExpertActivation) -> None:
-        """The host kernel and the rule's rates: given, or measured once per machine (offload.runtime.host_rates)."""
+    def prepare_host(self) -> None:
+        """Set host compute up now, at the end of the load, rather than in the first layer call: its probes'
+        device buffers (a copy target, one expert's matrices) then come out of the workspace and KV cache the
+        plan reserves for a forward, which no forward holds yet (invariant *within-budget*)."""
+        activation = self.activations[0]
+        if not self._host_ready and activation is not None:
+            self._setup_host(activation, self.budget.workspace_bytes + self.budget.kv_cache_bytes)
+
+    def _setup_host(self, activation: ExpertActivation, device_room: int | None = None) -> None:
+        """The host kernel and the rule's rates: given, or measured once per machine (offload.runtime.host_rates).
+        ``device_room``: the device bytes the probes may take (None: what they ask for)."""
         host = self.step.host
         assert host is not None
         layout = self.survey.layout
@@ -176,6 +185,7 @@ class OffloadRuntime:
             activation,
             need,
             int4pack=self.int4pack is not None,
+            device_room=device_room,
         )
         host.kernel, host.kernel_name = host_kernel(name), name
         self.step.rule = CopyOrCompute(self.host_mode, layout.nbytes, given or measured)

@@ -146,8 +146,12 @@ def long_prompt_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prefetch", ["none", "lookahead"])
-def test_cuda_peak_memory_stays_within_the_budget(prefetch: str, long_prompt_checkpoint: Path) -> None:
+@pytest.mark.parametrize(
+    ("prefetch", "host_compute"), [("none", "off"), ("lookahead", "off"), ("none", "auto")]
+)
+def test_cuda_peak_memory_stays_within_the_budget(
+    prefetch: str, host_compute: str, long_prompt_checkpoint: Path, tmp_path: Path, monkeypatch
+) -> None:
     """Invariant *within-budget* on a real device, where the workspace estimate decides: generating from a
     prompt that fills the KV-cache reserve. Since loading (the test resets the process-wide peak counters; the
     runtime leaves them alone), torch.cuda.max_memory_allocated and max_memory_reserved stay within the budget.
@@ -155,11 +159,12 @@ def test_cuda_peak_memory_stays_within_the_budget(prefetch: str, long_prompt_che
     than the slack: the activations outgrew the slack, so the estimate's activation terms were needed. (At
     the last MoE layer's sum over k alone these are live, 208 MiB beside the 52 MiB loaded: the per-pair rows
     in fp32 [T*k, H] (64 MiB), their sum (32) and its cast (16), the layer's input and the residual (16 each),
-    the whole KV cache (64); the bound needs 128.) Host compute off: its first call probes the link with 64
-    MiB of device memory the plan does not count (offload.runtime.host_rates)."""
+    the whole KV cache (64); the bound needs 128.) With host compute auto and no rates cached yet, the load
+    probes the link and the device too, in memory the plan reserves for a forward (runtime.prepare_host)."""
+    monkeypatch.setenv("MOE_OFFLOAD_CACHE", str(tmp_path))  # no cached rates: auto probes while loading
     survey = survey_checkpoint(str(long_prompt_checkpoint), torch.bfloat16)
     options = dict(
-        device="cuda", dtype="bf16", max_context=LONG_CONTEXT, prefetch=prefetch, host_compute="off"
+        device="cuda", dtype="bf16", max_context=LONG_CONTEXT, prefetch=prefetch, host_compute=host_compute
     )
     budget = budget_for_slots(survey, OffloadConfig.create(1, **options), 8)
     plan = plan_budget(survey, OffloadConfig.create(budget, **options))
@@ -180,6 +185,8 @@ def test_cuda_peak_memory_stays_within_the_budget(prefetch: str, long_prompt_che
     label = f"peaks {mib} MiB, budget {budget / MiB:.1f} MiB ({plan.describe()})"
     assert rest + SLACK < peak_allocated <= budget, label
     assert peak_reserved <= budget, label
+    if host_compute == "auto":
+        assert offload.stats(model).host_kernel and (tmp_path / "rates.json").is_file()  # it did probe
     offload.close(model)
 
 

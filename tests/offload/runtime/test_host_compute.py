@@ -146,3 +146,43 @@ def test_bad_options(tiny_checkpoints: dict[str, Path]) -> None:
         load(tiny_checkpoints["mixtral"], 4, "cpu", host_compute="sometimes")
     with pytest.raises(offload.OffloadError, match="host_threads"):
         load(tiny_checkpoints["mixtral"], 4, "cpu", host_threads=0)
+
+
+def test_host_compute_is_set_up_at_load_within_the_memory_a_forward_reserves(
+    tiny_checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel and rates are resolved once, while loading, before any forward: the probes' device buffers
+    get the workspace and KV cache the plan reserves for a forward (which nothing holds yet), so a first
+    forward on CUDA never has them on top of its own activations."""
+    from offload.runtime import host_rates
+
+    seen: list[int | None] = []
+    resolve = host_rates.resolve
+
+    def recording(*args, device_room: int | None = None, **kwargs):
+        seen.append(device_room)
+        return resolve(*args, device_room=device_room, **kwargs)
+
+    monkeypatch.setattr(host_rates, "resolve", recording)
+    path = tiny_checkpoints["qwen3_moe"]
+    model = load(path, slot_counts(path)["quarter"], "cpu", host_compute="always")
+    plan = runtime_of(model).budget
+    assert seen == [plan.workspace_bytes + plan.kv_cache_bytes]
+    with torch.no_grad():
+        model(prompt("cpu"))
+    assert len(seen) == 1 and offload.stats(model).host_expert_calls > 0
+
+
+def test_the_device_probes_fit_the_room_they_are_given() -> None:
+    """Half the room each: the link probe copies fewer 4 MiB chunks, the device probe a narrower expert."""
+    from offload.memory.layout import ExpertLayout
+    from offload.runtime.host_rates import link_chunks, probe_intermediate
+
+    mib = 1 << 20
+    assert link_chunks(None) == 16 and link_chunks(1 << 30) == 16 and link_chunks(10 * mib) == 2
+    assert link_chunks(1) == 1
+    mixtral = ExpertLayout(4096, 14336, True, False, torch.bfloat16)  # 336 MiB of dense matrices
+    assert probe_intermediate(mixtral, None) == probe_intermediate(mixtral, 1 << 30) == 14336
+    narrow = probe_intermediate(mixtral, 48 * mib)
+    assert 0 < narrow < 14336 and (2 * narrow + narrow) * 4096 * 2 + 4 * 4096 * 2 <= 48 * mib
+    assert (2 * (narrow + 1) + narrow + 1) * 4096 * 2 + 4 * 4096 * 2 > 48 * mib  # the most that fits
