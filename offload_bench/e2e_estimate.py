@@ -6,9 +6,9 @@ Building dominates: a random model's experts are written once into fresh host me
 plain model's weights into fresh pageable memory, at rates this very machine shows in a quick calibration
 (:func:`measure_host_rates`: the same kind of buffer, written the same way). Running is estimated from the
 copies a decode token makes at the measured host-to-device peak (random routing with an LRU cache hits about
-the share of experts in slots) plus a per-layer overhead, and the first use of each expert format pays a
-kernel compile. The constants below are stated assumptions, not measurements; a row's record keeps its
-estimate beside its measured ``build_s`` and times, so each run shows how far off they were.
+the share of experts in slots) plus a per-layer overhead, and the first use of each expert format pays
+kernel compiles and host compute's probes. The constants below are stated assumptions, not measurements; a
+row's record keeps its estimate beside what it took (``wall_s``), so each run shows how far off they were.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 GB = 1e9
 FIXED_BUILD_S = 2.0  # meta model, survey, the expert bank's draw: measured 1-2 s on a 2-core VM
 LAYER_OVERHEAD_S = {"cuda": 2e-3, "cpu": 5e-3}  # per MoE layer call besides copies: launches, Python, routing
-COMPILE_S = {"cuda": 10.0, "cpu": 1.0}  # an expert format's first forward in the process: Triton compiles
+# An expert format's first row in the process: Triton compiles, and host compute's probes at load (once per
+# machine and expert shape, then cached)
+COMPILE_S = {"cuda": 10.0, "cpu": 1.0}
 ACCELERATE_LAYER_S = 5e-3  # per decoder layer of accelerate's forward besides its copies: hooks, launches
 CALIBRATION_BYTES = 256 << 20
 
