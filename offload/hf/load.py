@@ -38,9 +38,9 @@ from offload.hf.checkpoint import Checkpoint, close_shards, open_shards, resolve
 from offload.hf.expert_formats import canonical_biases, is_native_key, pack_layer
 from offload.hf.install import RUNTIME_ATTR, attach_runtime, new_runtime, take_over_experts
 from offload.hf.skeleton import build_skeleton
+from offload.memory.disk_store import DiskStore
 from offload.memory.formats import NATIVE_FORMATS
 from offload.memory.host_memory import release_freed_host_memory
-from offload.memory.store_cache import StoreCache
 from offload.runtime.runtime import OffloadRuntime
 from offload.user_cache import user_cache_dir
 
@@ -146,7 +146,7 @@ def _load_weights(
         info = type(model)._finalize_model_loading(model, load_config, info)
         if cache is not None:
             cache.commit()
-            runtime.store_source = cache.describe()
+            runtime.store_source = cache.describe("compressed-store cache", "quantized while loading")
         elif runtime.config.quantize is not None:
             runtime.store_source = "quantized while loading (the store cache is off)"
     _raise_on_errors(info, checkpoint, check_missing=True)
@@ -157,7 +157,7 @@ def _load_weights(
         )
 
 
-def _store_cache(checkpoint: Checkpoint, runtime: OffloadRuntime) -> StoreCache | None:
+def _store_cache(checkpoint: Checkpoint, runtime: OffloadRuntime) -> DiskStore | None:
     """The compressed-store cache of this load: only experts quantized while loading are worth caching
     (float and native formats are read from the checkpoint as fast as from a cache)."""
     config, model_survey = runtime.config, runtime.survey
@@ -175,11 +175,11 @@ def _store_cache(checkpoint: Checkpoint, runtime: OffloadRuntime) -> StoreCache 
         "dtype": str(layout.dtype),
     }
     root = user_cache_dir("stores")
-    return StoreCache.open(root, identity, layout, model_survey.num_layers, model_survey.num_experts)
+    return DiskStore.open(root, identity, layout, model_survey.num_layers, model_survey.num_experts)
 
 
 @contextmanager
-def _dropped_on_failure(cache: StoreCache | None):
+def _dropped_on_failure(cache: DiskStore | None):
     """A load that fails leaves no half-written store behind."""
     try:
         yield

@@ -75,7 +75,7 @@ class HostExpertStore:
         return flat.view(self.num_experts, -1), pinned
 
     def layer_bytes(self, layer: int) -> torch.Tensor:
-        """uint8 ``[experts, nbytes]``: one layer as stored (what the compressed-store cache writes)."""
+        """uint8 ``[experts, nbytes]``: one layer as stored (what the disk store writes)."""
         buffer = self._layers[layer]
         if buffer is None:
             raise RuntimeError(f"MoE layer {layer} has not been loaded into the host store")

@@ -100,7 +100,7 @@ def test_quantize_reads_the_cached_store_the_second_time(
         outputs.append(out)
         after = set(stores.iterdir()) if stores.is_dir() else set()
         assert len(after - before) == (1 if len(sources) == 1 else 0)
-    assert "quantized while loading" in sources[0] and "cached" in sources[0]
+    assert "quantized while loading" in sources[0] and "stored on disk" in sources[0]
     assert "read from the compressed-store cache" in sources[1]
     assert sources[2] == "store   : quantized while loading (the store cache is off)"
     assert outputs[0] == outputs[1] == outputs[2]
