@@ -21,7 +21,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,15 +31,8 @@ from typing import Any
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 RESULTS = Path(__file__).resolve().parent / "results" / "load_memory.json"
 
+from offload_bench.machine import rss_anon, sampled_rss_anon  # noqa: E402  (light: torch imported inside)
 from offload_bench.results import write_json  # noqa: E402  (light: json and pathlib only)
-
-
-def rss_anon() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
 
 
 def measure(loader: str, path: str, budget: str, quantize: str = "none") -> dict[str, Any]:
@@ -52,28 +44,16 @@ def measure(loader: str, path: str, budget: str, quantize: str = "none") -> dict
         from offload.hf.install import runtime_of
     else:
         import transformers
-    peak = baseline = rss_anon()
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_anon())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    if loader == "offload":
-        model = offload.from_pretrained(
-            path, vram_budget=budget, device="cpu", max_context=64, progress=False, quantize=quantize
-        )
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    out = {"baseline": baseline, "peak": max(peak, rss_anon()), "after": rss_anon(), "seconds": seconds}
+    with sampled_rss_anon() as rss:
+        start = time.perf_counter()
+        if loader == "offload":
+            model = offload.from_pretrained(
+                path, vram_budget=budget, device="cpu", max_context=64, progress=False, quantize=quantize
+            )
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        seconds = time.perf_counter() - start
+    out = {**rss, "after": rss_anon(), "seconds": seconds}
     if loader == "offload":
         from offload.runtime.host_plan import plan_host
 

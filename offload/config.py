@@ -92,6 +92,11 @@ class OffloadConfig:
     host_threads: int = 2  # worker threads computing host experts (one expert each at a time)
     host_rates: HostRates | None = None  # the cost model's inputs, given instead of measured
     store_cache: bool = True  # keep a quantized store on disk (offload.user_cache) and read it next time
+    disk_tier: Literal["auto", "off", "always"] = "auto"  # auto: experts that do not fit host RAM stay on
+    # disk, under a cache of host slots (offload.runtime.host_tier); off: such a model is refused
+    # (HostMemoryError); always: on disk under as many host slots as the limit allows, even if all would fit
+    store_dir: str | None = None  # where disk stores live (the disk tier's, the compressed-store cache);
+    # None: the user cache folder's "stores" (offload.user_cache)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -137,6 +142,8 @@ class OffloadConfig:
             )
         if self.host_rates is not None and not isinstance(self.host_rates, HostRates):
             raise OffloadError("host_rates must be a cache_policies.HostRates")
+        if self.disk_tier not in ("auto", "off", "always"):
+            raise OffloadError(f"disk_tier must be auto, off or always, got {self.disk_tier!r}")
         if self.kernel not in ("auto", "torch", "triton"):
             raise OffloadError(f"kernel must be auto, torch or triton, got {self.kernel!r}")
         if self.extra:

@@ -37,8 +37,14 @@ class OffloadStats:
     host_kernel: str = ""  # the host kernel (offload.kernels.host_experts), "" when off
     host_kernel_copy_bytes: int = 0  # host RAM of the experts' copy for the int4pack kernel, 0: none
     store_source: str = (
-        ""  # quantized experts: quantized while loading, or read from the compressed-store cache
+        ""  # quantized experts or the disk tier: written while loading, or read from a disk store
     )
+    host_tier_slots: int = 0  # the disk tier's host slots; 0: every expert is in host RAM
+    host_tier_hits: int = 0  # device copies (and host-computed experts) whose expert was in a host slot
+    host_tier_misses: int = 0  # those read from disk first
+    disk_reads: int = 0  # experts read from disk
+    disk_bytes: int = 0  # bytes read (whole 4 KiB-aligned rows)
+    disk_seconds: float = 0.0  # wall time of the reads (reads in flight together count once)
 
     @property
     def expert_uses(self) -> int:
@@ -52,7 +58,12 @@ class OffloadStats:
     def copy_gb_per_s(self) -> float:
         return self.bytes_host_to_device / self.copy_seconds / 1e9 if self.copy_seconds > 0 else 0.0
 
+    @property
+    def disk_gb_per_s(self) -> float:
+        return self.disk_bytes / self.disk_seconds / 1e9 if self.disk_seconds > 0 else 0.0
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.update(expert_uses=self.expert_uses, hit_rate=self.hit_rate, copy_gb_per_s=self.copy_gb_per_s)
+        out.update(disk_gb_per_s=self.disk_gb_per_s)
         return out

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import transformers
 
     from offload.memory.host_store import HostExpertStore
+    from offload.runtime.host_tier import HostTier
 
 GB = 1e9
 PREFETCH = {
@@ -139,7 +140,7 @@ def common(timed: Timed, prompt: torch.Tensor, warmup: int, tokens: int) -> dict
     )
 
 
-def host_memory_fields(store: HostExpertStore, device: torch.device) -> dict[str, Any]:
+def host_memory_fields(store: HostExpertStore | HostTier, device: torch.device) -> dict[str, Any]:
     """Host memory behind a run: the expert store's bytes; how many of them are page-locked, from the
     store's own record of the layers it registered with ``cudaHostRegister`` (0 when it was not asked to pin,
     short of the store when pinning failed part-way); and what torch's caching pinned allocator owns (None off
@@ -188,7 +189,7 @@ def run_offloaded(
     layout = runtime.survey.layout  # the variant's own format: int4 experts are ~0.28 of bf16's bytes
     if ctx["trace"] is not None:
         offload.override_routing(model, ForcedRouting(ctx["trace"], s.num_layers, s.num_experts, s.top_k))
-    host_memory = host_memory_fields(runtime.store, device)
+    host_memory = host_memory_fields(runtime.host_memory, device)
     timed = timed_generation(
         model, device, ctx["prompt"], args.warmup_tokens, args.decode_tokens, runtime.stats
     )

@@ -4,10 +4,13 @@ module is cheap."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import platform
+import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -134,3 +137,36 @@ def versions() -> dict[str, Any]:
         cuda=torch.version.cuda,
         python=platform.python_version(),
     )
+
+
+def rss_anon() -> int:
+    """This process's anonymous resident memory (``RssAnon``, Linux): what it allocated, leaving out
+    memory-mapped file pages (a checkpoint read through mmap), which are file-backed and reclaimable."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+@contextlib.contextmanager
+def sampled_rss_anon(interval: float = 0.001) -> Iterator[dict[str, int]]:
+    """``{"baseline", "peak"}`` of :func:`rss_anon` over the block, sampled every ``interval`` seconds on a
+    side thread (and once more at the end)."""
+    seen = {"baseline": rss_anon()}
+    seen["peak"] = seen["baseline"]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            seen["peak"] = max(seen["peak"], rss_anon())
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        sampler.join()
+        seen["peak"] = max(seen["peak"], rss_anon())

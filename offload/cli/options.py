@@ -118,6 +118,18 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--host-memory-limit", help="host RAM the model may take, e.g. 48GB (default: what is available)"
     )
     p.add_argument(
+        "--disk-tier",
+        choices=("auto", "off", "always"),
+        default="auto",
+        help="auto (default): experts that do not fit host RAM stay on disk, read into a cache of host slots "
+        "as the model runs; off: refuse such a model; always: on disk even when they would fit",
+    )
+    p.add_argument(
+        "--store-dir",
+        help="folder for disk stores (the disk tier's, the compressed-store cache); default: the user cache "
+        "folder's stores/ (put it on your fastest drive)",
+    )
+    p.add_argument(
         "--host-compute",
         choices=("auto", "off", "always"),
         default="auto",
@@ -226,6 +238,8 @@ def choose_model(args: argparse.Namespace) -> ModelChoice:
         dequantize=args.dequantize,
         store_cache=not args.no_store_cache,
         host_memory_limit=args.host_memory_limit,
+        disk_tier=args.disk_tier,
+        store_dir=args.store_dir,
         host_compute=args.host_compute,
         host_threads=args.host_threads,
     )

@@ -113,7 +113,21 @@ def _summary(result: dict[str, Any], stats: Any) -> str:
             ),
             f"copied  : {stats.bytes_host_to_device / 1e9:.3f} GB at {stats.copy_gb_per_s:.2f} GB/s achieved",
             f"slots   : {stats.slots} / {stats.total_experts} experts, {stats.expert_format}, "
-            f"{format_size(stats.expert_bytes)} each (in host RAM and in a slot)",
+            f"{format_size(stats.expert_bytes)} each "
+            + (
+                "(on disk, in a host slot, in a slot)"
+                if stats.host_tier_slots
+                else "(in host RAM and in a slot)"
+            ),
+            *(
+                [
+                    f"disk    : {stats.disk_bytes / 1e9:.3f} GB read at {stats.disk_gb_per_s:.2f} GB/s achieved "
+                    f"({stats.disk_reads} reads); {stats.host_tier_slots} / {stats.total_experts} experts in "
+                    f"host RAM, hit rate {stats.host_tier_hits / max(1, stats.host_tier_hits + stats.host_tier_misses):.1%}"
+                ]
+                if stats.host_tier_slots
+                else []
+            ),
             *([f"store   : {stats.store_source}"] if stats.store_source else []),
             f"prefetch: {stats.prefetch}"
             + (

@@ -37,14 +37,25 @@ def new_runtime(
     RAM is checked too before any is."""
     model_survey = with_format(survey(model, dtype), config, model.config if reading else None)
     budget = plan_budget(model_survey, config)
+    host_tier_slots, plan = None, None
     if reading:
         plan = check_host_memory(model_survey, config, budget.planned_bytes, slots=budget.slots)
         int4pack = plan.int4pack_bytes > 0
+        host_tier_slots = plan.host_tier_slots
     else:
         int4pack = int4pack_copy_fits(int4pack_copy_bytes(model_survey, config, budget.slots), config)
     # One mode, known before the runtime is built (its copy engine overlaps copies with compute or not)
     config = dataclasses.replace(config, prefetch=resolve_prefetch(model, model_survey, budget, config))
-    return OffloadRuntime(config, model_survey, budget, model_name=model_name, int4pack_copy=int4pack)
+    runtime = OffloadRuntime(
+        config,
+        model_survey,
+        budget,
+        model_name=model_name,
+        int4pack_copy=int4pack,
+        host_tier_slots=host_tier_slots,
+    )
+    runtime.host_plan = plan
+    return runtime
 
 
 def take_over_experts(
@@ -53,14 +64,18 @@ def take_over_experts(
     layer: int,
     name: str,
     packed: dict[str, torch.Tensor] | None = None,
+    stored: bool = False,
 ) -> None:
     """Pack the experts module ``name`` into the host store, free its weights, and put ours in its place.
     ``packed``: the layer's fields already in the layout's format (a native MXFP4/FP8 checkpoint's experts,
-    read by the loader; the module then holds only its biases)."""
+    read by the loader; the module then holds only its biases). ``stored``: the disk tier's store holds the
+    layer from an earlier load already."""
     module = model.get_submodule(name)
     param_names = expert_param_names(runtime.survey.layout)
     weights = {p: getattr(module, p) for p in param_names}
-    if packed is None:
+    if stored:
+        runtime.attach_stored_layer(layer, activation_of(module))
+    elif packed is None:
         unloaded = [p for p, t in weights.items() if t is None or t.is_meta]
         if unloaded:
             raise CheckpointError(f"the checkpoint has no {unloaded[0]} for {name}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from transformers.utils import logging as hf_logging
 from transformers.utils.loading_report import LoadStateDictInfo
 
 from offload.config import OffloadConfig
-from offload.errors import CheckpointError, UnsupportedModelError
+from offload.errors import CheckpointError, OffloadError, UnsupportedModelError
 from offload.hf.checkpoint import Checkpoint, close_shards, open_shards, resolve
 from offload.hf.expert_formats import canonical_biases, is_native_key, pack_layer
 from offload.hf.install import RUNTIME_ATTR, attach_runtime, new_runtime, take_over_experts
@@ -115,12 +116,20 @@ def _load_weights(
 
     layout = runtime.survey.layout
     native = layout.format if layout.format in NATIVE_FORMATS else None
+    tier = runtime.tier
     cache = _store_cache(checkpoint, runtime)
+    if tier is not None:
+        assert cache is not None
+        tier.use_store(cache)
     with _quiet_transformers_progress(), _dropped_on_failure(cache):
         bar = tqdm(layer_names, desc="Loading experts", unit="layer", disable=not progress)
         for layer, name in enumerate(bar):
             if cache is not None and cache.state == "read":  # every field of the layer: no expert key read
-                take_over_experts(model, runtime, layer, name, packed=layout.views(cache.read_layer(layer)))
+                if tier is not None:  # read from disk as the model runs
+                    take_over_experts(model, runtime, layer, name, stored=True)
+                else:
+                    views = layout.views(cache.read_layer(layer))
+                    take_over_experts(model, runtime, layer, name, packed=views)
                 continue
             # A checkpoint's own MXFP4/FP8 expert bytes are read as they are; transformers loads the rest.
             kept: list[str] = []
@@ -137,14 +146,20 @@ def _load_weights(
                 except KeyError as exc:
                     raise CheckpointError(f"checkpoint {checkpoint.directory}: {exc.args[0]}") from None
                 packed.update(canonical_biases(model.get_submodule(name), layout))
-            take_over_experts(model, runtime, layer, name, packed=packed)
-            if cache is not None:
+            take_over_experts(model, runtime, layer, name, packed=packed)  # the disk tier writes it to disk
+            if cache is not None and runtime.store is not None:
                 cache.write_layer(layer, runtime.store.layer_bytes(layer))
             release_freed_host_memory()
         load_config = chunk_config(runtime.config.device)
         info, _ = convert_and_load_state_dict_in_model(model, slices(rest), load_config)
         info = type(model)._finalize_model_loading(model, load_config, info)
-        if cache is not None:
+        if tier is not None:
+            assert cache is not None
+            written = "quantized while loading" if runtime.config.quantize else "written from the checkpoint"
+            source = cache.describe("disk store", written)  # before ready() makes it readable
+            tier.ready()
+            runtime.store_source = source
+        elif cache is not None:
             cache.commit()
             runtime.store_source = cache.describe("compressed-store cache", "quantized while loading")
         elif runtime.config.quantize is not None:
@@ -158,10 +173,11 @@ def _load_weights(
 
 
 def _store_cache(checkpoint: Checkpoint, runtime: OffloadRuntime) -> DiskStore | None:
-    """The compressed-store cache of this load: only experts quantized while loading are worth caching
-    (float and native formats are read from the checkpoint as fast as from a cache)."""
+    """The disk store of this load. With the disk tier, the store the experts live in (any format: a later
+    load reads it as it is). Otherwise the compressed-store cache: only experts quantized while loading are
+    worth caching (float and native formats are read from the checkpoint as fast as from a cache)."""
     config, model_survey = runtime.config, runtime.survey
-    if config.quantize is None or not config.store_cache:
+    if runtime.tier is None and (config.quantize is None or not config.store_cache):
         return None
     files = []
     for path in checkpoint.files:
@@ -174,8 +190,11 @@ def _store_cache(checkpoint: Checkpoint, runtime: OffloadRuntime) -> DiskStore |
         "group": layout.group_size,
         "dtype": str(layout.dtype),
     }
-    root = user_cache_dir("stores")
-    return DiskStore.open(root, identity, layout, model_survey.num_layers, model_survey.num_experts)
+    root = Path(config.store_dir) if config.store_dir else user_cache_dir("stores")
+    store = DiskStore.open(root, identity, layout, model_survey.num_layers, model_survey.num_experts)
+    if runtime.tier is not None and store.state == "off":
+        raise OffloadError(f"the disk tier cannot keep this model's experts in {root}: see the warning above")
+    return store
 
 
 @contextmanager

@@ -28,7 +28,7 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -76,6 +76,11 @@ class CopyEngine(ABC):
         """Whether every copy issued into ``slot`` has landed, right now (does not wait)."""
 
     @abstractmethod
+    def mark(self) -> Callable[[], None]:
+        """A wait for every copy issued so far to have read its source: the disk tier calls it before it
+        overwrites a host slot a copy read from (invariant *slot-safety* in the host tier)."""
+
+    @abstractmethod
     def synchronize(self) -> None:
         """Wait for every copy issued so far."""
 
@@ -119,6 +124,9 @@ class SyncCopyEngine(CopyEngine):
     def landed(self, slot: int) -> bool:
         return True
 
+    def mark(self) -> Callable[[], None]:
+        return _nothing  # every copy finished before load returned
+
     def synchronize(self) -> None:
         pass
 
@@ -149,6 +157,7 @@ class ThreadedCopyEngine(CopyEngine):
         self._random = random.Random(seed)
         self._pending = [0] * pool.num_slots
         self._in_use = [False] * pool.num_slots
+        self._issued = self._done = 0  # copies queued, and copies finished (in issue order)
         self._state = threading.Condition()
         self._jobs: queue.Queue[tuple[int, torch.Tensor, int] | None] = queue.Queue()
         self._copy_seconds = 0.0
@@ -161,6 +170,7 @@ class ThreadedCopyEngine(CopyEngine):
         with self._state:
             for slot, _ in loads:
                 self._pending[slot] += 1
+            self._issued += len(loads)
         for i, (slot, src) in enumerate(loads):
             self._jobs.put((slot, src, -1 if keys is None else keys[i]))
         self.copies += len(loads)
@@ -183,6 +193,17 @@ class ThreadedCopyEngine(CopyEngine):
     def landed(self, slot: int) -> bool:
         with self._state:
             return self._pending[slot] == 0
+
+    def mark(self) -> Callable[[], None]:
+        with self._state:
+            issued = self._issued
+
+        def wait() -> None:
+            with self._state:
+                self._state.wait_for(lambda: self._error is not None or self._done >= issued)
+                self._raise()
+
+        return wait
 
     def synchronize(self) -> None:
         with self._state:
@@ -215,6 +236,7 @@ class ThreadedCopyEngine(CopyEngine):
                 self._copy_seconds += seconds
                 self.bytes_copied += src.numel()
                 self._pending[slot] -= 1
+                self._done += 1
                 self._state.notify_all()
 
     def _raise(self) -> None:
@@ -299,6 +321,11 @@ class CudaCopyEngine(CopyEngine):
     def landed(self, slot: int) -> bool:
         return self._landed[slot].query()
 
+    def mark(self) -> Callable[[], None]:
+        event = torch.cuda.Event()
+        event.record(self.stream)  # after every copy issued on the stream so far
+        return event.synchronize
+
     def synchronize(self) -> None:
         self.stream.synchronize()
 
@@ -331,6 +358,10 @@ class CudaCopyEngine(CopyEngine):
     def stall_seconds(self) -> float:
         self._collect(block=True)
         return self._seconds["stall"]
+
+
+def _nothing() -> None:
+    pass
 
 
 def make_copy_engine(pool: SlotPool, kind: str = "auto", overlap: bool = False) -> CopyEngine:

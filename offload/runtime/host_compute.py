@@ -30,8 +30,8 @@ import torch
 from offload.kernels import ExpertActivation, RoutedTokens
 from offload.kernels.host_experts import HostKernel
 from offload.kernels.routing import read_tensors_to_host
-from offload.memory.host_store import HostExpertStore
 from offload.memory.int4pack import Int4PackCopy
+from offload.runtime.expert_source import ExpertSource
 from offload.torch_threads import torch_thread_pool
 
 
@@ -57,7 +57,7 @@ class HostJobs:
 class HostCompute:
     def __init__(
         self,
-        store: HostExpertStore,
+        store: ExpertSource,
         kernel: HostKernel,
         kernel_name: str,
         threads: int,

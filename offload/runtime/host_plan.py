@@ -11,7 +11,12 @@ A load needs, at its peak::
 
 It is compared with what psutil says is available and with ``host_memory_limit`` when given. The int4pack
 copy is a speed-up, not a need: when the plan does not fit with it but fits without, the load goes on without
-it, with a warning (host experts then run the dequantizing kernel). Non-expert
+it, with a warning (host experts then run the dequantizing kernel).
+
+When the store does not fit and ``disk_tier`` is ``auto``, the experts stay on disk and host RAM holds a
+fixed pool of host slots instead of the store (:mod:`offload.runtime.host_tier`): as many as the limit leaves
+beside one layer in flight and the CPU device's budget (and, when the limit is psutil's, ``TIER_HEADROOM``
+for everything else), at least one access's worth (``top_k``, per layer with ``cache_scope="layer"``). Non-expert
 weights bound for a GPU pass through host RAM one tensor at a time and are not counted; nor is the Python
 process itself (a few hundred MB): keep that much headroom.
 """
@@ -25,6 +30,7 @@ import psutil
 
 from offload.config import OffloadConfig
 from offload.errors import HostMemoryError
+from offload.memory.disk_store import row_stride
 from offload.memory.formats import NATIVE_FORMATS
 from offload.memory.int4pack import int4pack_expert_bytes, int4pack_unsupported
 from offload.memory.layout import ExpertLayout
@@ -32,6 +38,8 @@ from offload.runtime.model_survey import ModelSurvey
 from offload.units import format_size
 
 log = logging.getLogger(__name__)
+
+TIER_HEADROOM = 1 << 30  # host RAM the disk tier leaves to the process and the OS when no limit is given
 
 
 @dataclass(frozen=True)
@@ -41,13 +49,21 @@ class HostPlan:
     device_bytes: int  # what the device budget plans, when the device is the CPU (else 0)
     format_name: str
     int4pack_bytes: int = 0  # the int4/MXFP4 experts' copy for the int4pack host kernel, when made
+    host_tier_slots: int | None = None  # the disk tier's host slots (store_bytes is theirs); None: all in RAM
+    total_experts: int = 0
 
     @property
     def total_bytes(self) -> int:
         return self.store_bytes + self.loading_bytes + self.device_bytes + self.int4pack_bytes
 
     def describe(self) -> str:
-        parts = [f"experts {format_size(self.store_bytes)} in {self.format_name}"]
+        if self.host_tier_slots is None:
+            parts = [f"experts {format_size(self.store_bytes)} in {self.format_name}"]
+        else:
+            parts = [
+                f"{self.host_tier_slots} of {self.total_experts} experts in host slots "
+                f"({format_size(self.store_bytes)} in {self.format_name}), the rest on disk"
+            ]
         parts.append(f"one layer being loaded {format_size(self.loading_bytes)}")
         if self.device_bytes:
             parts.append(f"the CPU device's budget {format_size(self.device_bytes)}")
@@ -130,19 +146,65 @@ def check_host_memory(
     copy_bytes = int4pack_copy_bytes(model_survey, config, slots)
     plan = plan_host(model_survey, device_bytes if config.device.type == "cpu" else 0, copy_bytes)
     free, limit = _host_limit(config, available)
-    if plan.total_bytes <= limit:
+    given = config.host_memory_limit is not None and config.host_memory_limit <= free
+    if config.disk_tier == "always":  # on disk whatever fits: as many host slots as the limit allows
+        tier, fits = plan_disk_tier(model_survey, config, plan, limit if given else limit - TIER_HEADROOM)
+        if fits:
+            return tier
+    elif plan.total_bytes <= limit:
         return plan
-    if copy_bytes and plan.total_bytes - copy_bytes <= limit:
+    if copy_bytes and plan.total_bytes - copy_bytes <= limit and config.disk_tier != "always":
         _warn_no_int4pack(copy_bytes, limit - (plan.total_bytes - copy_bytes))
         return replace(plan, int4pack_bytes=0)
     plan = replace(plan, int4pack_bytes=0)  # what the model needs; the copy is never why it does not fit
-    what = (
-        f"{format_size(limit)} available"
-        if config.host_memory_limit is None or config.host_memory_limit > free
-        else f"host_memory_limit is {format_size(limit)}"
-    )
+    what = f"host_memory_limit is {format_size(limit)}" if given else f"{format_size(limit)} available"
     message = f"host RAM: the model needs {format_size(plan.total_bytes)} ({plan.describe()}), {what}"
-    raise HostMemoryError(message + _what_would_fit(model_survey, config, plan, limit), plan.total_bytes)
+    message += _what_would_fit(model_survey, config, plan, limit)
+    if config.disk_tier == "off":
+        raise HostMemoryError(message + "; disk_tier='auto' would keep the experts on disk", plan.total_bytes)
+    tier, fits = plan_disk_tier(model_survey, config, plan, limit if given else limit - TIER_HEADROOM)
+    if not fits:  # tier holds the minimum
+        minimum = tier.total_bytes + (0 if given else TIER_HEADROOM)
+        raise HostMemoryError(
+            f"{message}; keeping the experts on disk needs at least {format_size(minimum)} ({tier.describe()})",
+            minimum,
+        )
+    if config.disk_tier == "always":
+        return tier
+    log.warning(
+        "host RAM: the experts take %s, %s: keeping them on disk, %s (disk_tier='off' refuses instead)",
+        format_size(plan.store_bytes),
+        what,
+        tier.describe(),
+    )
+    return tier
+
+
+def plan_disk_tier(
+    model_survey: ModelSurvey, config: OffloadConfig, plan: HostPlan, room: int
+) -> tuple[HostPlan, bool]:
+    """The disk tier's plan in ``room`` bytes, and whether it fits: as many host slots as fit beside ``plan``'s
+    layer in flight and device bytes, or (not fitting) the minimum, one access's worth of slots."""
+    stride = row_stride(model_survey.layout)
+    per_layer = config.cache_scope == "layer"
+    layers = model_survey.num_layers
+    minimum = model_survey.top_k * (layers if per_layer else 1)
+    # Loading packs each layer into a staging buffer before writing it to disk, beside the layer in flight.
+    loading = plan.loading_bytes + model_survey.num_experts * model_survey.layout.nbytes
+    slots = min(max(0, room - loading - plan.device_bytes) // stride, model_survey.total_experts)
+    if per_layer:
+        slots -= slots % layers  # every layer gets the same share
+    fits = slots >= minimum
+    slots = slots if fits else minimum
+    tier = replace(
+        plan,
+        store_bytes=slots * stride,
+        loading_bytes=loading,
+        host_tier_slots=slots,
+        total_experts=model_survey.total_experts,
+        int4pack_bytes=0,
+    )
+    return tier, fits
 
 
 def _what_would_fit(model_survey: ModelSurvey, config: OffloadConfig, plan: HostPlan, limit: int) -> str:

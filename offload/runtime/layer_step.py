@@ -25,7 +25,7 @@ belongs in ``serve``. The runtime (:mod:`offload.runtime.runtime`) builds the pa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,8 +35,8 @@ from offload.kernels import ExpertActivation, RoutedTokens
 from offload.kernels.routing import read_to_host
 from offload.kernels.selection import ExpertKernel
 from offload.memory.copy_engines import CopyEngine
-from offload.memory.host_store import HostExpertStore
 from offload.memory.slot_pool import SlotPool
+from offload.runtime.expert_source import ExpertSource
 from offload.runtime.host_compute import HostCompute
 from offload.runtime.recorder import RoutingRecorder
 from offload.runtime.router_predictors import PreAttentionPredictor, RouterPredictor
@@ -52,7 +52,7 @@ class LayerStep:
     def __init__(
         self,
         cache: ExpertCache,
-        store: HostExpertStore,
+        source: ExpertSource,
         pool: SlotPool,
         engine: CopyEngine,
         kernel: ExpertKernel,
@@ -60,7 +60,7 @@ class LayerStep:
         recorder: RoutingRecorder | None = None,
     ) -> None:
         self.cache = cache
-        self.store = store
+        self.source = source
         self.pool = pool
         self.engine = engine
         self.kernel = kernel
@@ -100,7 +100,12 @@ class LayerStep:
         jobs = None
         if plan.host:  # started first: the host works while the link copies and the device computes
             assert self.host is not None
-            jobs = self.host.submit(layer, routed, plan.host, activation, out_dtype)
+            self.source.hold(layer, plan.host)  # in RAM until joined: the host tier must not reuse them
+            try:
+                jobs = self.host.submit(layer, routed, plan.host, activation, out_dtype)
+            except BaseException:
+                self.source.unhold(layer, plan.host)
+                raise
         try:
             for i, wave in enumerate(plan.waves):
                 self.serve(layer, wave)
@@ -111,7 +116,10 @@ class LayerStep:
         finally:
             if jobs is not None:  # joined even when the device side failed: no worker outlives the call
                 assert self.host is not None
-                self.host.join(jobs, pairs_out)
+                try:
+                    self.host.join(jobs, pairs_out)
+                finally:
+                    self.source.unhold(layer, plan.host)
         self.layer_calls += 1
         # The sum over k; for one token the same reduction (bitwise) without the view's dispatch.
         out = (
@@ -145,7 +153,7 @@ class LayerStep:
         return routed
 
     def plan(self, layer: int, routed: RoutedTokens) -> AccessPlan:
-        plan = self.cache.access(layer, routed.experts, self._host_choice(routed))
+        plan = self.cache.access(layer, routed.experts, self._host_choice(layer, routed))
         if self.prefetcher is not None:
             self.prefetcher.settle(plan, lambda expert: self._landed(layer, expert))
         return plan
@@ -153,11 +161,19 @@ class LayerStep:
     def serve(self, layer: int, wave: Wave) -> None:
         """Copy the wave's misses into their slots (asynchronously where the engine can)."""
         if wave.loads:
-            base = layer * self.num_experts
+            self._copy(layer, [wave.experts[i] for i in wave.loads], [wave.slots[i] for i in wave.loads])
+
+    def _copy(self, layer: int, experts: list[int], slots: list[int]) -> None:
+        """Copy ``experts`` of ``layer`` (ascending) into ``slots`` from the source's host rows, at most the
+        source's batch at a time (the host tier reads missing ones from disk first)."""
+        base, batch = layer * self.num_experts, self.source.batch
+        for start in range(0, len(experts), batch):
+            chunk = experts[start : start + batch]
+            rows = self.source.rows(layer, chunk)
             self.engine.load(
-                [(wave.slots[i], self.store.expert(layer, wave.experts[i])) for i in wave.loads],
-                keys=[base + wave.experts[i] for i in wave.loads],
+                list(zip(slots[start : start + batch], rows, strict=True)), [base + e for e in chunk]
             )
+            self.source.copied(layer, chunk, self.engine.mark)
 
     def guess(self, layer: int, routed: RoutedTokens, plan: AccessPlan) -> Prefetch | None:
         if self.prefetcher is None:
@@ -167,15 +183,8 @@ class LayerStep:
 
     def serve_prefetch(self, prefetch: Prefetch | None) -> None:
         """Copy a prefetch in behind the demand copies: it lands while this layer computes."""
-        if prefetch is not None:
-            base = prefetch.layer * self.num_experts
-            self.engine.load(
-                [
-                    (slot, self.store.expert(prefetch.layer, expert))
-                    for expert, slot in zip(prefetch.experts, prefetch.slots, strict=True)
-                ],
-                keys=[base + expert for expert in prefetch.experts],
-            )
+        if prefetch is not None and prefetch.experts:
+            self._copy(prefetch.layer, list(prefetch.experts), list(prefetch.slots))
 
     def compute(
         self,
@@ -212,12 +221,17 @@ class LayerStep:
             buffer.zero_()
         return buffer
 
-    def _host_choice(self, routed: RoutedTokens) -> HostChoice | None:
+    def _host_choice(self, layer: int, routed: RoutedTokens) -> HostChoice | None:
         rule = self.rule
         if rule is None:
             return None
-        spans = routed.spans
-        return lambda missing, hits: rule.choose(missing, [spans[e][1] - spans[e][0] for e in missing], hits)
+        spans, source = routed.spans, self.source
+
+        def choose(missing: Sequence[int], hits: int) -> list[int]:
+            in_ram = [e for e in missing if source.in_ram(layer, e)]  # the host tier: no disk read for these
+            return rule.choose(in_ram, [spans[e][1] - spans[e][0] for e in in_ram], hits)
+
+        return choose
 
     def _landed(self, layer: int, expert: int) -> bool:
         slot = self.cache.slot_of(layer, expert)

@@ -9,6 +9,7 @@ optionally a routing recorder and a prefetcher. Every MoE layer call goes throug
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 
@@ -24,7 +25,10 @@ from offload.memory.slot_pool import SlotPool
 from offload.offload_stats import OffloadStats
 from offload.runtime import host_rates
 from offload.runtime.budget import BudgetPlan
+from offload.runtime.expert_source import ExpertSource, InRam
 from offload.runtime.host_compute import HostCompute, torch_threads_per_worker
+from offload.runtime.host_plan import HostPlan
+from offload.runtime.host_tier import HostTier
 from offload.runtime.layer_step import LayerStep, RoutingOverride
 from offload.runtime.model_survey import ModelSurvey
 from offload.runtime.policy import build_cache
@@ -39,9 +43,12 @@ class OffloadRuntime:
         budget: BudgetPlan,
         model_name: str = "",
         int4pack_copy: bool = False,
+        host_tier_slots: int | None = None,
     ) -> None:
         """``int4pack_copy``: keep the int4/MXFP4 experts' copy for the int4pack host kernel as layers are stored
-        (host RAM planned for it by the caller, :mod:`offload.runtime.host_plan`); unused with host compute off."""
+        (host RAM planned for it by the caller, :mod:`offload.runtime.host_plan`); unused with host compute off.
+        ``host_tier_slots``: keep the experts on disk under that many host slots (the disk tier,
+        :mod:`offload.runtime.host_tier`; the loader gives it its disk store) instead of all in host RAM."""
         if config.prefetch == "auto":
             raise ValueError(
                 "prefetch='auto' is resolved per model by offload.hf.prefetch.resolve_prefetch first"
@@ -53,10 +60,20 @@ class OffloadRuntime:
         )
         self.survey = survey
         self.budget = budget
+        self.host_plan: HostPlan | None = (
+            None  # the loader's host RAM plan (None: wrapped, or a random model)
+        )
         device = config.device
         if device.type == "cuda":
             self._memory_baseline = torch.cuda.memory_allocated(device)
-        self.store = HostExpertStore(survey.layout, survey.num_layers, survey.num_experts, pin=config.pin)
+        self.store: HostExpertStore | None = None
+        self.tier: HostTier | None = None
+        if host_tier_slots is None:
+            self.store = HostExpertStore(survey.layout, survey.num_layers, survey.num_experts, pin=config.pin)
+            self.source: ExpertSource = InRam(self.store)
+        else:
+            self.tier = HostTier(survey.layout, build_cache(config, survey, host_tier_slots), pin=config.pin)
+            self.source = self.tier
         self.pool = SlotPool(
             survey.layout, budget.slots, device, table_shape=(survey.num_layers, survey.num_experts)
         )
@@ -67,7 +84,7 @@ class OffloadRuntime:
         )
         self.step = LayerStep(
             self.cache,
-            self.store,
+            self.source,
             self.pool,
             self.engine,
             select_kernel(config.kernel, device),
@@ -82,14 +99,14 @@ class OffloadRuntime:
         if self.host_mode == "auto" and device.type != "cuda" and config.host_rates is None:
             self.host_mode = "off"
         self._host_ready = self.host_mode == "off"
-        self.int4pack = (
+        self.int4pack = (  # a copy of every expert: not for experts that do not fit in RAM once
             Int4PackCopy(survey.layout, survey.num_layers, survey.num_experts)
-            if int4pack_copy and self.host_mode != "off"
+            if int4pack_copy and self.host_mode != "off" and self.store is not None
             else None
         )
         if self.host_mode != "off":
             self.step.host = HostCompute(
-                self.store,
+                self.source,
                 host_kernel("reference"),
                 "reference",
                 config.host_threads,
@@ -101,25 +118,42 @@ class OffloadRuntime:
         # slots and the pinned store they touch are released (invariant *slot-safety*); host workers finish
         # their reads of the store first too.
         self._release = weakref.finalize(
-            self, _release, self.engine, self.pool, self.store, self.step.host, self.int4pack
+            self, _release, self.engine, self.pool, self.host_memory, self.step.host, self.int4pack
         )
 
     def attach_layer(
         self, layer: int, weights: dict[str, torch.Tensor], activation: ExpertActivation
     ) -> None:
-        """Pack one MoE layer's HF expert tensors into the host store."""
-        self.store.fill_layer(layer, weights)
+        """Pack one MoE layer's HF expert tensors into the host store (the disk store with the disk tier)."""
+        (self.store or self._tier()).fill_layer(layer, weights)
         self._stored(layer, activation)
 
     def attach_packed_layer(
         self, layer: int, fields: dict[str, torch.Tensor], activation: ExpertActivation
     ) -> None:
         """Store one MoE layer whose fields ``[E, ...]`` are already in the layout's format."""
-        self.store.fill_packed_layer(layer, fields)
+        (self.store or self._tier()).fill_packed_layer(layer, fields)
         self._stored(layer, activation)
 
+    def attach_stored_layer(self, layer: int, activation: ExpertActivation) -> None:
+        """One MoE layer the disk tier's store already holds from an earlier load: nothing to write."""
+        self._tier()
+        self._stored(layer, activation)
+
+    @property
+    def host_memory(self) -> HostExpertStore | HostTier:
+        """Where the experts are in host memory: the store, or the host tier's slots."""
+        held = self.store if self.store is not None else self.tier
+        assert held is not None
+        return held
+
+    def _tier(self) -> HostTier:
+        if self.tier is None:
+            raise RuntimeError("this runtime keeps every expert in host RAM: it has no disk tier")
+        return self.tier
+
     def _stored(self, layer: int, activation: ExpertActivation) -> None:
-        if self.int4pack is not None:
+        if self.int4pack is not None and self.store is not None:
             self.int4pack.fill_layer(
                 layer, [self.store.views(layer, e) for e in range(self.survey.num_experts)]
             )
@@ -245,19 +279,34 @@ class OffloadRuntime:
             host_kernel="" if host is None else host.kernel_name,
             host_kernel_copy_bytes=0 if self.int4pack is None else self.int4pack.nbytes,
             store_source=self.store_source,
+            **self._tier_counters(),
+        )
+
+    def _tier_counters(self) -> dict[str, Any]:
+        tier = self.tier
+        if tier is None:
+            return {}
+        reader = tier.reader
+        return dict(
+            host_tier_slots=tier.pool.num_slots,
+            host_tier_hits=tier.cache.hits,
+            host_tier_misses=tier.cache.misses,
+            disk_reads=0 if reader is None else reader.reads,
+            disk_bytes=0 if reader is None else reader.bytes_read,
+            disk_seconds=0.0 if reader is None else reader.seconds,
         )
 
 
 def _release(
     engine: CopyEngine,
     pool: SlotPool,
-    store: HostExpertStore,
+    store: HostExpertStore | HostTier,
     host: HostCompute | None,
     int4pack: Int4PackCopy | None,
 ) -> None:
     if host is not None:
         host.close()  # waits for host jobs in flight: they read the store
-    engine.close()  # waits for every copy in flight
+    engine.close()  # waits for every copy in flight: none reads the host slots or store any more
     pool.release()
     store.release()
     if int4pack is not None:

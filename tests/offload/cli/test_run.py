@@ -397,3 +397,28 @@ def test_list_architectures(capsys: pytest.CaptureFixture[str]) -> None:
     for model_type in ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v2", "gpt_oss", "phimoe"):
         assert f"  {model_type} " in supported
     assert "  jetmoe " in unsupported and "experts interface" in unsupported
+
+
+def test_the_disk_tier_in_the_summary_and_off_in_one_line(
+    cli_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A host limit the experts do not fit: the run keeps them on disk and its summary says so in a `disk`
+    line; --disk-tier off refuses in one line."""
+    from offload.hf.install import runtime_of
+    from tests.helpers import slot_counts
+    from tests.offload.runtime.test_host_tier import load
+
+    monkeypatch.setenv("MOE_OFFLOAD_CACHE", str(tmp_path))
+    host_slots = slot_counts(cli_checkpoint)["all"] // 3
+    config = runtime_of(load(cli_checkpoint, slot_counts(cli_checkpoint)["quarter"], host_slots)).config
+    argv = ["--model", str(cli_checkpoint), "--device", "cpu", "--dtype", "fp32", "--max-context", "64"]
+    argv += ["--vram-budget", str(config.vram_budget), "--host-memory-limit", str(config.host_memory_limit)]
+    argv += ["--prompt", "abc", "--max-new-tokens", "3"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    [disk] = [line for line in err.splitlines() if line.startswith("disk    : ")]
+    total = slot_counts(cli_checkpoint)["all"]
+    assert "GB read at" in disk and f"{host_slots} / {total} experts in host RAM" in disk
+    assert "(on disk, in a host slot, in a slot)" in err
+    code, _, err = run([*argv, "--disk-tier", "off"], capsys)
+    assert_usage_error(code, err, "disk_tier='auto' would keep the experts on disk")

@@ -16,6 +16,7 @@ from offload.kernels.host_experts import dequantized, host_kernel, host_kernel_c
 from offload.memory.host_store import HostExpertStore
 from offload.memory.layout import ExpertLayout
 from offload.runtime import host_rates
+from offload.runtime.expert_source import InRam
 from offload.runtime.host_compute import HostCompute, torch_threads_per_worker
 
 SILU = ExpertActivation("silu", True, GateTimesUp(F.silu))
@@ -114,7 +115,9 @@ def test_host_workers_run_their_share_of_torch_threads() -> None:
     before = torch.get_num_threads()
     layout = ExpertLayout(64, 96, True, False, torch.float32)
     store = HostExpertStore(layout, num_layers=1, num_experts=1, pin=False)
-    host = HostCompute(store, host_kernel("reference"), "reference", threads=2, torch_threads=before + 1)
+    host = HostCompute(
+        InRam(store), host_kernel("reference"), "reference", threads=2, torch_threads=before + 1
+    )
     try:
         seen = {host._pool.submit(torch.get_num_threads).result() for _ in range(4)}
     finally:

@@ -161,7 +161,7 @@ def test_a_layout_that_is_not_the_documented_one_is_left_to_torch(
 def _cuda_config(**options: object) -> SimpleNamespace:
     """What the host plan reads of an OffloadConfig on a CUDA device (none here to build one for)."""
     values = {"device": torch.device("cuda"), "host_compute": "auto", "host_memory_limit": None}
-    values.update(dequantize=False, quantize_group=64)
+    values.update(dequantize=False, quantize_group=64, disk_tier="auto", cache_scope="global")
     values.update(options)
     return SimpleNamespace(**values)
 

@@ -15,6 +15,7 @@ from offload.memory.copy_engines import SyncCopyEngine
 from offload.memory.host_store import HostExpertStore
 from offload.memory.layout import ExpertLayout
 from offload.memory.slot_pool import SlotPool
+from offload.runtime.expert_source import InRam
 from offload.runtime.layer_step import LayerStep
 
 LAYERS, EXPERTS, H, I = 2, 6, 8, 4  # noqa: E741
@@ -66,7 +67,7 @@ def build(slots: int) -> tuple[LayerStep, list[tuple[str, Any]], HostExpertStore
         )
     pool = SlotPool(LAYOUT, slots, torch.device("cpu"), table_shape=(LAYERS, EXPERTS))
     cache = ExpertCache(LAYERS, EXPERTS, slots, make_policy_factory("lru"))
-    step = LayerStep(cache, store, pool, LoggingEngine(pool, log), expert_pairs_torch, EXPERTS)
+    step = LayerStep(cache, InRam(store), pool, LoggingEngine(pool, log), expert_pairs_torch, EXPERTS)
     step.prefetcher = Prefetcher(cache, NextLayerGuess(log), top_k=2)
     return step, log, store
 
