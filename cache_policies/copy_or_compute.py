@@ -105,8 +105,12 @@ class CopyOrCompute:
         self._host_cache[tokens] = seconds
         return seconds
 
-    def choose(self, missing: Sequence[int], tokens: Sequence[int], hits: int) -> list[int]:
-        """Which of ``missing`` (ascending experts, ``tokens[i]`` tokens each) to compute on the host."""
+    def choose(
+        self, missing: Sequence[int], tokens: Sequence[int], hits: int, busy_s: float = 0.0
+    ) -> list[int]:
+        """Which of ``missing`` (ascending experts, ``tokens[i]`` tokens each) to compute on the host.
+        ``busy_s``: device-path time besides these experts and the hits (the disk tier: experts that are
+        not candidates, being on disk, read and copied meanwhile)."""
         if self.mode == "off" or not missing:
             return []
         if self.mode == "always":
@@ -114,7 +118,7 @@ class CopyOrCompute:
         assert self.rates is not None
         copy_s, device_s = self.copy_s, self.rates.device_s
         copies = len(missing)
-        device = copies * copy_s + (hits + copies) * device_s
+        device = busy_s + copies * copy_s + (hits + copies) * device_s
         host = 0.0
         chosen: list[int] = []
         for seconds, expert in sorted((self.host_s(n), e) for e, n in zip(missing, tokens, strict=True)):

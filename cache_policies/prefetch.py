@@ -16,6 +16,11 @@ For every layer access, in order::
         cache.prefetch(guess.layer, guess.experts, running_layer=layer, running=experts)
     ...                                             the caller copies the prefetch in, behind the demand copies
 
+Under a lower tier (the RAM tier of the disk tier, :class:`LowerTier`), ``cache.prefetch`` reserves slots
+only for guessed experts the lower tier holds now: their copies cannot wait on a disk read. The others are
+handed to ``lower.read_ahead``, which starts their disk reads at once, a layer or more before their demand
+copies (which then find them in RAM).
+
 A predictor is anything with ``observe`` and ``guess`` (:class:`Predictor`): the history predictor
 (:mod:`cache_policies.predictors`) needs only routing; the runtime's router predictors need the hidden state,
 passed as ``hint``. A guess steers copies only: a wrong one costs bandwidth, never correctness.
@@ -57,14 +62,28 @@ class Predictor(Protocol):
         answers None where it has nothing to say."""
 
 
+class LowerTier(Protocol):
+    """The tier a cache's misses are served from, when it is itself a cache (the disk tier's RAM tier)."""
+
+    def ready(self, layer: int, expert: int) -> bool:
+        """Whether a copy of the expert could start now, without a read from the tier below."""
+
+    def read_ahead(self, layer: int, experts: Sequence[int]) -> None:
+        """Start bringing ``experts`` (ascending, none :meth:`ready`) in from the tier below; return at once."""
+
+
 class Prefetcher:
     """Runs a predictor against one :class:`ExpertCache` by the protocol above, and counts the outcome."""
 
-    def __init__(self, cache: ExpertCache, predictor: Predictor, top_k: int) -> None:
+    def __init__(
+        self, cache: ExpertCache, predictor: Predictor, top_k: int, lower: LowerTier | None = None
+    ) -> None:
         self.cache = cache
         self.predictor = predictor
         self.top_k = top_k
+        self.lower = lower
         self.late = 0
+        self.read_ahead = 0  # guessed experts handed to the lower tier instead of copied
         self.score = GuessScore(cache.num_layers)
 
     def settle(self, plan: AccessPlan, landed: Callable[[int], bool] | None) -> None:
@@ -85,7 +104,8 @@ class Prefetcher:
             return None
         if guess.experts:  # an empty guess abstains (history with nothing seen yet)
             self.score.guess(guess.layer, guess.experts)
-        prefetch = self.cache.prefetch(guess.layer, guess.experts, running_layer=layer, running=experts)
+        ready = self._split(guess)
+        prefetch = self.cache.prefetch(guess.layer, ready, running_layer=layer, running=experts)
         return prefetch if prefetch.experts else None
 
     def before_layer(self, layer: int, hint: Any) -> Prefetch | None:
@@ -96,8 +116,25 @@ class Prefetcher:
             return None
         if guess.experts:  # an empty guess abstains (history with nothing seen yet)
             self.score.guess(guess.layer, guess.experts)
-        prefetch = self.cache.prefetch(guess.layer, guess.experts, running_layer=guess.layer)
+        prefetch = self.cache.prefetch(guess.layer, self._split(guess), running_layer=guess.layer)
         return prefetch if prefetch.experts else None
+
+    def _split(self, guess: Guess) -> list[int]:
+        """The guessed experts to copy now; under a lower tier, the rest (not resident here, not ready
+        there) start their reads below instead."""
+        lower = self.lower
+        if lower is None:
+            return guess.experts
+        ready, later = [], []
+        for expert in guess.experts:
+            if lower.ready(guess.layer, expert):
+                ready.append(expert)
+            elif self.cache.slot_of(guess.layer, expert) is None:
+                later.append(expert)
+        if later:
+            self.read_ahead += len(later)
+            lower.read_ahead(guess.layer, later)
+        return ready
 
     @property
     def issued(self) -> int:

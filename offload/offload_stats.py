@@ -41,7 +41,9 @@ class OffloadStats:
     )
     host_tier_slots: int = 0  # the disk tier's host slots; 0: every expert is in host RAM
     host_tier_hits: int = 0  # device copies (and host-computed experts) whose expert was in a host slot
-    host_tier_misses: int = 0  # those read from disk first
+    host_tier_misses: int = 0  # those read from disk first (on demand, or ahead)
+    host_tier_read_ahead: int = 0  # experts whose reads started before their copy was issued (a guess, or a
+    # wave's misses read while the rest of the wave computed); disk_reads = demand reads + these
     disk_reads: int = 0  # experts read from disk
     disk_bytes: int = 0  # bytes read (whole 4 KiB-aligned rows)
     disk_seconds: float = 0.0  # wall time of the reads (reads in flight together count once)

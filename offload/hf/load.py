@@ -156,8 +156,8 @@ def _load_weights(
         if tier is not None:
             assert cache is not None
             written = "quantized while loading" if runtime.config.quantize else "written from the checkpoint"
-            source = cache.describe("disk store", written)  # before ready() makes it readable
-            tier.ready()
+            source = cache.describe("disk store", written)  # before loaded() makes it readable
+            tier.loaded()
             runtime.store_source = source
         elif cache is not None:
             cache.commit()

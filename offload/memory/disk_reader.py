@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -59,21 +59,43 @@ class DiskReader:
         self._random = random.Random(0 if injected is None else injected[2])
         self.reads = 0
         self.bytes_read = 0
-        self.seconds = 0.0  # wall time of the batches: reads in flight together count once
+        self._seconds = 0.0  # wall time with at least one read in flight
+        self._in_flight = 0
+        self._since = 0.0
+
+    def submit(self, layer: int, expert: int, row: torch.Tensor) -> Future[None]:
+        """Read ``expert`` of ``layer`` into ``row`` (uint8 ``[stride]``, 4 KiB-aligned) on an I/O worker."""
+        return self._pool.submit(self.read, layer, expert, row)
 
     def read_batch(self, jobs: Sequence[tuple[int, int, torch.Tensor]]) -> None:
-        """Read every ``(layer, expert, row)`` (``row``: uint8 ``[stride]``, 4 KiB-aligned), in parallel; return
-        when all have landed, raising the first failure."""
-        if not jobs:
-            return
-        began = time.perf_counter()
-        futures = [self._pool.submit(self.read, layer, expert, row) for layer, expert, row in jobs]
+        """Read every ``(layer, expert, row)`` in parallel; return when all have landed, raising the first
+        failure (after all have ended: none still writes its row)."""
+        futures = [self.submit(layer, expert, row) for layer, expert, row in jobs]
+        wait(futures)
         for future in futures:
             future.result()
-        self.seconds += time.perf_counter() - began
+
+    @property
+    def seconds(self) -> float:
+        """Wall time with at least one read in flight: reads in flight together count once."""
+        with self._lock:
+            return self._seconds + (time.perf_counter() - self._since if self._in_flight else 0.0)
 
     def read(self, layer: int, expert: int, row: torch.Tensor) -> None:
         """One expert's row into ``row``, on the calling thread."""
+        with self._lock:
+            if self._in_flight == 0:
+                self._since = time.perf_counter()
+            self._in_flight += 1
+        try:
+            self._read(layer, expert, row)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._seconds += time.perf_counter() - self._since
+
+    def _read(self, layer: int, expert: int, row: torch.Tensor) -> None:
         stride = self.store.stride
         if row.numel() != stride or row.dtype != torch.uint8:
             raise ValueError(

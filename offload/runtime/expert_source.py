@@ -19,6 +19,11 @@ class ExpertSource(Protocol):
     layout: ExpertLayout
     batch: int  # at most this many experts per :meth:`rows` call
 
+    @property
+    def read_seconds(self) -> float:
+        """What reading one expert from disk has taken on average (0: none was read from disk)."""
+        ...
+
     def rows(self, layer: int, experts: Sequence[int]) -> list[torch.Tensor]:
         """uint8 ``[nbytes]`` host rows of ``experts`` (ascending, unique), for copies issued right after;
         they stay put until :meth:`copied` says the copies are issued."""
@@ -30,6 +35,11 @@ class ExpertSource(Protocol):
 
     def in_ram(self, layer: int, expert: int) -> bool:
         """Whether the expert can be computed on the host without a disk read."""
+        ...
+
+    def start_reads(self, layer: int, experts: Sequence[int]) -> list[int]:
+        """Of ``experts`` (ascending, about to be copied), those whose bytes are not in RAM, with their reads
+        started; return at once."""
         ...
 
     def hold(self, layer: int, experts: Sequence[int]) -> None:
@@ -47,6 +57,7 @@ class InRam:
     """Every expert in the host store: rows are the store's, nothing is ever evicted."""
 
     batch = 1 << 30
+    read_seconds = 0.0
 
     def __init__(self, store: HostExpertStore) -> None:
         self.store = store
@@ -60,6 +71,9 @@ class InRam:
 
     def in_ram(self, layer: int, expert: int) -> bool:
         return True
+
+    def start_reads(self, layer: int, experts: Sequence[int]) -> list[int]:
+        return []
 
     def hold(self, layer: int, experts: Sequence[int]) -> None:
         pass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, wait
 
 import torch
 
@@ -31,7 +32,7 @@ from offload.runtime.expert_source import Fence
 
 class HostTier:
     """The host slots, their cache and the disk they are filled from. While loading, layers go to the disk
-    store (:meth:`fill_layer`, :meth:`fill_packed_layer`); :meth:`ready` then opens it for reading."""
+    store (:meth:`fill_layer`, :meth:`fill_packed_layer`); :meth:`loaded` then opens it for reading."""
 
     def __init__(self, layout: ExpertLayout, cache: ExpertCache, pin: bool, readers: int = 4) -> None:
         self.layout = layout
@@ -44,8 +45,11 @@ class HostTier:
         self.disk: DiskStore | None = None
         self.reader: DiskReader | None = None
         self._fences: list[Fence | None] = [None] * cache.slots
+        self._reads: list[Future[None] | None] = [None] * cache.slots  # a read into the slot in flight
         self._holds = [0] * cache.slots  # host jobs reading each slot
+        self._held: tuple[int, list[int]] = (0, [])  # the layer and experts host compute reads now
         self._state = threading.Condition()
+        self.read_ahead_count = 0  # experts whose reads a guess started before their copy was needed
 
     # -- loading ---------------------------------------------------------------------------------------
     def use_store(self, disk: DiskStore) -> None:
@@ -71,7 +75,7 @@ class HostTier:
                 f"the disk tier could not write MoE layer {layer} to disk: see the warning above"
             )
 
-    def ready(self) -> None:
+    def loaded(self) -> None:
         """Every layer is on disk: make the store whole and start reading from it."""
         disk = self._disk()
         disk.commit()
@@ -96,19 +100,52 @@ class HostTier:
             assert slot is not None, "an expert copied from the host tier left it before its copy was issued"
             self._fences[slot] = fence
 
+    @property
+    def read_seconds(self) -> float:
+        """Seconds one expert's read has taken, from the reads so far (0 before the first)."""
+        reader = self.reader
+        return reader.seconds / reader.reads if reader is not None and reader.reads else 0.0
+
     def in_ram(self, layer: int, expert: int) -> bool:
-        return self.cache.slot_of(layer, expert) is not None
+        """In a host slot with its read landed: a copy or host compute can start without waiting."""
+        slot = self.cache.slot_of(layer, expert)
+        if slot is None:
+            return False
+        read = self._reads[slot]
+        return read is None or read.done()
+
+    ready = in_ram  # the prefetch protocol's name for it (cache_policies.prefetch.LowerTier)
+
+    def start_reads(self, layer: int, experts: Sequence[int]) -> list[int]:
+        later = [e for e in experts if self.cache.slot_of(layer, e) is None]
+        if later:
+            self.read_ahead(layer, later)
+        return later
+
+    def read_ahead(self, layer: int, experts: Sequence[int]) -> None:
+        """Start reading ``experts`` (ascending, not in RAM) into host slots now, without waiting: a guess of a
+        coming layer's experts, so their demand copies find them in RAM. Host slots host compute reads are
+        never given up for them."""
+        reader = self._reader()
+        held_layer, held = self._held
+        plan = self.cache.prefetch(layer, experts, running_layer=held_layer, running=held)
+        for expert, slot in zip(plan.experts, plan.slots, strict=True):
+            self._free(slot)
+            self._reads[slot] = reader.submit(layer, expert, self.pool.row(slot))
+        self.read_ahead_count += len(plan.experts)
 
     def hold(self, layer: int, experts: Sequence[int]) -> None:
         self._resident(layer, experts)  # all hits: counted as uses of the RAM tier, nothing read
         with self._state:
             for expert in experts:
                 self._holds[self._slot(layer, expert)] += 1
+            self._held = (layer, list(experts))
 
     def unhold(self, layer: int, experts: Sequence[int]) -> None:
         with self._state:
             for expert in experts:
                 self._holds[self._slot(layer, expert)] -= 1
+            self._held = (0, [])
             self._state.notify_all()
 
     def views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
@@ -124,20 +161,37 @@ class HostTier:
         """The host slots of ``experts`` (ascending, unique, at most ``batch``), read from disk where missing."""
         if len(experts) > self.batch:
             raise ValueError(f"{len(experts)} experts in one host-tier access; at most {self.batch}")
-        if self.reader is None:
-            raise RuntimeError("the host tier is not reading yet (HostTier.ready)")
+        reader = self._reader()
         plan = self.cache.access(layer, experts)
         [wave] = plan.waves
         jobs = []
-        for i in wave.loads:
-            slot = wave.slots[i]
-            self._free(slot)
-            jobs.append((layer, wave.experts[i], self.pool.row(slot)))
-        self.reader.read_batch(jobs)
+        for i, slot in enumerate(wave.slots):
+            if i in wave.loads:
+                self._free(slot)
+                jobs.append((layer, wave.experts[i], self.pool.row(slot)))
+            else:
+                self._landed(slot)  # a hit whose read a guess started: wait for it
+        reader.read_batch(jobs)
         return wave.slots
 
+    def _reader(self) -> DiskReader:
+        if self.reader is None:
+            raise RuntimeError("the host tier is not reading yet (HostTier.loaded)")
+        return self.reader
+
+    def _landed(self, slot: int) -> None:
+        read = self._reads[slot]
+        if read is not None:
+            read.result()
+            self._reads[slot] = None
+
     def _free(self, slot: int) -> None:
-        """Wait until nothing reads ``slot`` any more: its last copies and any host job."""
+        """Wait until nothing uses ``slot`` any more: a read into it (a guess that was never used), the last
+        copies from it, any host job reading it."""
+        read = self._reads[slot]
+        if read is not None:
+            wait([read])  # a failed read is the reader's to report: the slot is given to another expert
+            self._reads[slot] = None
         fence = self._fences[slot]
         if fence is not None:
             fence()

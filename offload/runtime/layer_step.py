@@ -108,11 +108,18 @@ class LayerStep:
                 raise
         try:
             for i, wave in enumerate(plan.waves):
-                self.serve(layer, wave)
+                # Misses still on disk (the disk tier): their reads start now, and the rest of the wave is
+                # copied and computed while they run; they follow (invariant wave-independence).
+                later = self.source.start_reads(layer, [wave.experts[j] for j in wave.loads])
+                now, rest = _split(wave, later)
+                self.serve(layer, now)
                 if i == 0 and self.prefetcher is not None:
                     self.serve_prefetch(self.guess(layer, routed, plan))
-                if wave.experts:  # every expert of the call may be on the host
-                    self.compute(routed, wave, activation, pairs_out, slot_row)
+                if now.experts:  # every expert of the call may be on the host
+                    self.compute(routed, now, activation, pairs_out, slot_row)
+                if rest.experts:
+                    self.serve(layer, rest)
+                    self.compute(routed, rest, activation, pairs_out, slot_row)
         finally:
             if jobs is not None:  # joined even when the device side failed: no worker outlives the call
                 assert self.host is not None
@@ -229,10 +236,28 @@ class LayerStep:
 
         def choose(missing: Sequence[int], hits: int) -> list[int]:
             in_ram = [e for e in missing if source.in_ram(layer, e)]  # the host tier: no disk read for these
-            return rule.choose(in_ram, [spans[e][1] - spans[e][0] for e in in_ram], hits)
+            # The rest are read from disk and copied on the device path meanwhile: time the host can use.
+            on_disk = len(missing) - len(in_ram)
+            busy = on_disk * (source.read_seconds + rule.copy_s) if on_disk and rule.rates else 0.0
+            return rule.choose(in_ram, [spans[e][1] - spans[e][0] for e in in_ram], hits, busy)
 
         return choose
 
     def _landed(self, layer: int, expert: int) -> bool:
         slot = self.cache.slot_of(layer, expert)
         return slot is not None and self.engine.landed(slot)
+
+
+def _split(wave: Wave, later: Sequence[int]) -> tuple[Wave, Wave]:
+    """``wave`` as two: its experts but ``later``, then ``later`` (all among its loads)."""
+    if not later:
+        return wave, Wave()
+    now, rest = Wave(evicted=wave.evicted), Wave()
+    loads = set(wave.loads)
+    for i, (expert, slot) in enumerate(zip(wave.experts, wave.slots, strict=True)):
+        part = rest if expert in later else now
+        if i in loads:
+            part.loads.append(len(part.experts))
+        part.experts.append(expert)
+        part.slots.append(slot)
+    return now, rest

@@ -161,7 +161,7 @@ class OffloadRuntime:
 
     def use_predictor(self, predictor: Predictor) -> None:
         """Prefetch by ``predictor`` from now on (the loader attaches the lookahead one: it needs the routers)."""
-        self.step.prefetcher = Prefetcher(self.cache, predictor, self.survey.top_k)
+        self.step.prefetcher = Prefetcher(self.cache, predictor, self.survey.top_k, lower=self.tier)
 
     @property
     def predictor(self) -> Predictor | None:
@@ -287,10 +287,12 @@ class OffloadRuntime:
         if tier is None:
             return {}
         reader = tier.reader
-        return dict(
+        cache = tier.cache
+        return dict(  # an expert read ahead (by a guess, or for a wave) and then used was a miss too
             host_tier_slots=tier.pool.num_slots,
-            host_tier_hits=tier.cache.hits,
-            host_tier_misses=tier.cache.misses,
+            host_tier_hits=cache.hits - cache.prefetch_hits,
+            host_tier_misses=cache.misses + cache.prefetch_hits,
+            host_tier_read_ahead=cache.prefetch_issued,
             disk_reads=0 if reader is None else reader.reads,
             disk_bytes=0 if reader is None else reader.bytes_read,
             disk_seconds=0.0 if reader is None else reader.seconds,

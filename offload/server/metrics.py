@@ -1,7 +1,8 @@
 """Prometheus metrics for /metrics, in a registry of the app's own (two apps in one process never clash).
 
 Read at scrape time: the runtime's counters from ``offload.stats(model)`` (expert hits and misses, the hit
-rate, bytes copied, copy and stall time, prefetch), and the engine's (queue depth, requests, tokens, tokens/s).
+rate, bytes copied, copy and stall time, prefetch; the disk tier's reads and host-slot hits when it is on),
+and the engine's (queue depth, requests, tokens, tokens/s).
 Counted as requests pass: every HTTP request by endpoint and status, and its duration (a streamed request
 lasts until its last event).
 """
@@ -72,6 +73,16 @@ class _Live(Collector):
         yield gauge("vram_budget_bytes", "the device memory budget", s.budget_bytes)
         if s.peak_device_bytes is not None:
             yield gauge("peak_device_bytes", "peak device memory allocated since load", s.peak_device_bytes)
+        if s.host_tier_slots:  # the disk tier: experts on disk under a cache of host slots
+            yield gauge("host_tier_slots", "host slots the disk tier keeps experts in", s.host_tier_slots)
+            yield counter("host_tier_hits", "copies whose expert was in a host slot", s.host_tier_hits)
+            yield counter("host_tier_misses", "copies whose expert was read from disk", s.host_tier_misses)
+            yield counter(
+                "host_tier_read_ahead", "experts read before their copy was issued", s.host_tier_read_ahead
+            )
+            yield counter("disk_reads", "experts read from disk", s.disk_reads)
+            yield counter("disk_bytes", "bytes read from disk", s.disk_bytes)
+            yield counter("disk_seconds", "time with a disk read in flight", s.disk_seconds)
 
 
 class ServerMetrics:

@@ -30,6 +30,14 @@ def test_auto_balances_link_and_host() -> None:
     assert rule("auto", host=10.0, device_s=0.002).choose([3, 4], [1, 1], hits=2) == [3, 4]
 
 
+def test_a_busy_device_path_moves_work_to_the_host() -> None:
+    """The disk tier's experts on disk are read and copied on the device path meanwhile (busy_s): experts in
+    RAM then go to the host sooner. Copy 0.4 ms, host 0.2 ms per expert."""
+    assert rule("auto").choose([0, 1], [1, 1], hits=0) == [0]  # one each way: 0.4 ms against 0.2 ms
+    assert rule("auto").choose([0, 1], [1, 1], hits=0, busy_s=0.002) == [0, 1]  # 2 ms of reads: both
+    assert rule("auto", host=2.5).choose([0], [1], hits=0, busy_s=0.002) == []  # 4 ms on the host: no
+
+
 def test_auto_weighs_tokens() -> None:
     rates = HostRates(25.0, ((1, 50.0), (16, 25.0)))  # 16 tokens: half the rate per byte
     r = CopyOrCompute("auto", 10 * MB, rates)

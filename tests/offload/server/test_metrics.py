@@ -50,3 +50,30 @@ def test_metrics_after_requests(server: ServerProcess, client: openai.OpenAI) ->
 def test_health(server: ServerProcess) -> None:
     body = httpx.get(f"{server.url}/health").json()
     assert body == {"status": "ok", "model": MODEL, "queue_depth": 0, "running": False}
+
+
+def test_the_disk_tier_s_counters_are_exported_when_it_is_on() -> None:
+    """Read from offload.stats at scrape time: present with the disk tier, absent without it."""
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from offload.offload_stats import OffloadStats
+    from offload.server.engine import EngineCounters
+    from offload.server.metrics import ServerMetrics
+
+    engine = SimpleNamespace(snapshot=EngineCounters, queue_depth=0, busy=False)
+    base = dict(expert_hits=5, expert_misses=3, bytes_host_to_device=1, copy_seconds=0.1, slots=2,
+                total_experts=8, budget_bytes=1, planned_bytes=1, peak_device_bytes=None, layer_calls=1,
+                waves=1, evictions=0)  # fmt: skip
+    tier = dict(host_tier_slots=4, host_tier_hits=2, host_tier_misses=1, host_tier_read_ahead=1,
+                disk_reads=2, disk_bytes=8192, disk_seconds=0.25)  # fmt: skip
+    for fields, present in ((base, False), ({**base, **tier}, True)):
+        metrics = ServerMetrics(engine, lambda fields=fields: OffloadStats(**fields))  # type: ignore[arg-type]
+        text = generate_latest(metrics.registry).decode()
+        families = {f.name: f.samples for f in text_string_to_metric_families(text)}
+        assert ("offload_disk_reads" in families) is present
+        if present:
+            assert value(families, "offload_disk_bytes_total") == 8192
+            assert value(families, "offload_host_tier_slots") == 4
+            assert value(families, "offload_host_tier_misses_total") == 1
