@@ -34,6 +34,11 @@ Timing model (optional, :class:`TimingModel`): one host-to-device link and one c
 Without prefetch nothing is in flight when an access starts, so every access costs ``c + m_i x t``: demand
 paging without overlap, what the runtime does without a predictor.
 
+Two tiers (``host_tier=`` host slots per partition): the RAM tier of the disk tier under the device tier, a
+second cache fed by the device tier's copies in the runtime's order (:mod:`cache_policies.study.two_tier`);
+``SimResult.host_tier`` has its counts and the disk reads of a Belady RAM tier on the same accesses. It counts
+and does not time: no timing model with it.
+
 Host compute (``host=``, a :class:`CopyOrCompute` rule): the rule picks, per access, misses to compute on the
 host instead of copying (they are not admitted; the policy sees the use). The host starts them at ``T_i``, on
 worker threads beside the link and the device, and they take ``H_i`` = the rule's host time: access ``i`` ends
@@ -56,6 +61,7 @@ from cache_policies.registry import POLICIES, make_policy_factory
 from cache_policies.study.access import AccessSequence, expert_counts
 from cache_policies.study.fast_lru import replay_lru
 from cache_policies.study.trace import RoutingTrace
+from cache_policies.study.two_tier import HostTierResult, HostTierSim
 
 SimPrefetch = Literal["none", "history"]
 SIM_PREFETCH_MODES: tuple[SimPrefetch, ...] = ("none", "history")  # lookahead, pre-attention: runtime only
@@ -160,6 +166,7 @@ class SimResult:
     prefetch_late: int | None = None  # prefetch hits whose copy had not landed (timing model only)
     host_computed: int = 0  # misses computed on the host instead of copied (not in ``misses``)
     host: str = "off"  # the copy-or-compute mode
+    host_tier: HostTierResult | None = None  # the RAM tier under the device tier, when simulated
 
     @property
     def hit_rate(self) -> float:
@@ -238,6 +245,8 @@ def simulate(
     prefetch: str = "none",
     history_window: int = 8,
     host: CopyOrCompute | None = None,
+    host_tier: int | None = None,
+    host_tier_policy: str | None = None,
 ) -> SimResult:
     """Replay ``trace`` through ``policy`` with ``capacity`` slots per partition (see :class:`ExpertCache`).
 
@@ -248,6 +257,8 @@ def simulate(
     Belady with prefetch is Belady's eviction plus history prefetch, not a bound: the demand-paging bound is
     Belady without prefetch, and a prefetching policy can beat it. ``host``: the copy-or-compute rule (module
     docstring); ``"auto"`` with a timing model needs rates whose link rate is the timing model's.
+    ``host_tier``: host slots per partition of a RAM tier under the device tier (the disk tier), with
+    ``host_tier_policy`` (default: ``policy``; not belady, whose future is the device tier's).
     """
     mode = check_prefetch(prefetch)
     seq = trace if isinstance(trace, AccessSequence) else AccessSequence.from_trace(trace)
@@ -261,7 +272,18 @@ def simulate(
     timeline = None
     prefetcher = None
     hosting = host is not None and host.mode != "off"
-    if policy == "lru" and fast and not options and predictor is None and not hosting:
+    tier = None
+    if host_tier is not None:
+        if timing is not None:
+            raise ValueError(
+                "a RAM tier under the device tier is counted, not timed: no timing model with it"
+            )
+        tier_policy = host_tier_policy or policy
+        if tier_policy == "belady":
+            raise ValueError("the RAM tier's policy must be an online one (its Belady figure comes with it)")
+        factory = policy_factory_for(tier_policy, seq, scope, options if tier_policy == policy else None)
+        tier = HostTierSim.build(seq.num_layers, seq.num_experts, host_tier, factory, scope)
+    if policy == "lru" and fast and not options and predictor is None and not hosting and tier is None:
         misses_per_access, evictions, _ = replay_lru(seq, capacity, scope)
         misses = sum(misses_per_access)
         capacity = min(capacity, seq.num_experts * (1 if scope == "layer" else seq.num_layers))
@@ -270,7 +292,7 @@ def simulate(
         cache = ExpertCache(
             seq.num_layers, seq.num_experts, capacity, policy_factory_for(policy, seq, scope, options), scope
         )
-        if predictor is None and not hosting:
+        if predictor is None and not hosting and tier is None:
             access = cache.access
             for layer, experts in zip(seq.layers, seq.experts, strict=True):
                 access(layer, experts)
@@ -278,8 +300,8 @@ def simulate(
             if timing is not None and expert_bytes is not None:
                 timeline = CopyTimeline(timing, expert_bytes)
             if predictor is not None:
-                prefetcher = Prefetcher(cache, predictor, seq.top_k)
-            _replay(seq, cache, prefetcher, timeline, host if hosting else None)
+                prefetcher = Prefetcher(cache, predictor, seq.top_k, lower=tier)
+            _replay(seq, cache, prefetcher, timeline, host if hosting else None, tier)
         misses, evictions, capacity, slots = cache.misses, cache.evictions, cache.capacity, cache.slots
     accesses = seq.expert_accesses
     seconds = stall = None
@@ -302,6 +324,8 @@ def simulate(
     if hosting:
         assert host is not None
         counters.update(host_computed=cache.host_computed, host=host.mode)
+    if tier is not None:
+        counters["host_tier"] = tier.result(expert_bytes)
     return SimResult(
         policy=policy,
         scope=scope,
@@ -327,17 +351,27 @@ def _replay(
     prefetcher: Prefetcher | None,
     timeline: CopyTimeline | None,
     host: CopyOrCompute | None,
+    tier: HostTierSim | None = None,
 ) -> None:
     """The runtime's order per access (:mod:`cache_policies.prefetch`): access (with the copy-or-compute rule),
-    settle the prefetched experts it found, time it, prefetch for a coming layer; the timing model beside it."""
+    settle the prefetched experts it found, time it, prefetch for a coming layer; the timing model beside it;
+    and under it the RAM tier, as :mod:`cache_policies.study.two_tier` says."""
     num_experts = seq.num_experts
     for i, (layer, experts) in enumerate(zip(seq.layers, seq.experts, strict=True)):
         choice: HostChoice | None = None
         tokens: dict[int, int] = {}
         if host is not None:
             tokens = dict(zip(experts, seq.tokens_of(i), strict=True))
-            choice = lambda missing, hits: host.choose(missing, [tokens[e] for e in missing], hits)  # noqa: B023, E731
+
+            def choice(missing: list[int], hits: int, layer: int = layer) -> list[int]:
+                if tier is not None:  # host compute takes only experts in RAM
+                    missing = [e for e in missing if tier.ready(layer, e)]
+                return host.choose(missing, [tokens[e] for e in missing], hits)  # noqa: B023
+
         plan = cache.access(layer, experts, choice)
+        if tier is not None:
+            tier.serve(layer, experts, plan, prefetcher)
+            continue
         base = layer * num_experts
         if timeline is not None:
             host_s = 0.0

@@ -13,6 +13,11 @@ CSV gets the split (``host_computed``) and ``sweep.md`` a table of hits / copied
 ``--format int4`` (or int8, mxfp4, fp8) counts each expert in that format's bytes instead of the trace's 16-bit
 size, and names the trace ``<label>-int4`` in the outputs.
 
+``--host-fractions 0.25,0.5`` also runs every online policy over a RAM tier under the device tier (the disk
+tier: host slots for that fraction of the experts, the same policy; counted, not timed): the CSV gains the RAM
+tier's hit rate, disk reads and bytes, and the disk reads of a Belady RAM tier on the same accesses; ``sweep.md``
+gains a table of them (:mod:`cache_policies.study.two_tier`).
+
 ``--prefetch none,history`` runs every policy once per prefetch mode (``history``: the history predictor of
 ``--history-window`` accesses, by the runtime's protocol, see :mod:`cache_policies.study.simulator`); the tables
 and the plot name a prefetching policy ``lru+history``. Belady runs without prefetch only: it is the bound of
@@ -126,6 +131,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model, not a trace: runtime only)",
     )
     parser.add_argument(
+        "--host-fractions",
+        default="",
+        metavar="F[,F...]",
+        help="fractions of the experts in a RAM tier under the device tier (the disk tier): every online "
+        "policy also runs over it (default: none)",
+    )
+    parser.add_argument(
         "--history-window",
         type=int,
         default=8,
@@ -158,6 +170,9 @@ def run(args: argparse.Namespace, prog: str = "offload-bench sweep") -> int:
     try:
         policies = parse_policies(args.policies)
         fractions = parse_fractions(args.cache_fractions)
+        host_fractions = (
+            parse_fractions(args.host_fractions, "--host-fractions") if args.host_fractions else []
+        )
         prefetch = parse_prefetch(args.prefetch)
         if args.history_window < 1:
             raise UsageError(f"--history-window must be at least 1 access, got {args.history_window}")
@@ -175,7 +190,7 @@ def run(args: argparse.Namespace, prog: str = "offload-bench sweep") -> int:
         traces = [in_format(t, args.format) for t in load_traces(args.trace, args.expert_bytes)]
         profile = None if args.static_profile is None else load_trace(args.static_profile)
         for t in traces:
-            check_capacities(t, fractions)
+            check_capacities(t, [*fractions, *host_fractions])
             if timing is not None and t.trace.expert_bytes is None:
                 raise UsageError(f"trace {t.label} does not give the expert size: pass --expert-bytes")
             if profile is not None and (profile.num_layers, profile.num_experts) != (
@@ -205,6 +220,7 @@ def run(args: argparse.Namespace, prog: str = "offload-bench sweep") -> int:
         prefetch=prefetch,
         history_window=args.history_window,
         host_gbps=args.host_gbps,
+        host_fractions=host_fractions,
     )
     static_note = (
         f"static pins the most used experts of {Path(args.static_profile).name}"
@@ -244,15 +260,15 @@ def parse_prefetch(text: str) -> list[SimPrefetch]:
         raise UsageError(str(e)) from None
 
 
-def parse_fractions(text: str) -> list[float]:
+def parse_fractions(text: str, flag: str = "--cache-fractions") -> list[float]:
     fractions = []
     for item in text.split(","):
         try:
             value = float(item)
         except ValueError:
-            raise UsageError(f"cache fraction {item.strip()!r} is not a number") from None
+            raise UsageError(f"{flag}: {item.strip()!r} is not a number") from None
         if not (0 < value <= 1):
-            raise UsageError(f"cache fraction {value} must be in (0, 1]")
+            raise UsageError(f"{flag}: {value} must be in (0, 1]")
         fractions.append(value)
     return sorted(set(fractions))
 

@@ -27,6 +27,7 @@ class SweepRow:
     fraction: float
     result: SimResult
     belady: SimResult  # the demand-paging bound at the same trace, scope and capacity (never prefetches)
+    host_fraction: float | None = None  # the RAM tier under the device tier, as a fraction of the experts
 
     @property
     def share_of_belady(self) -> float:
@@ -78,10 +79,13 @@ def sweep(
     prefetch: Sequence[SimPrefetch] = ("none",),
     history_window: int = 8,
     host_gbps: float | None = None,
+    host_fractions: Sequence[float] = (),
 ) -> list[SweepRow]:
     """Rows per trace, scope and fraction: every policy for each prefetch mode in turn, Belady once (without
     prefetch, as the bound). With ``host_gbps`` (and a timing model) every online policy runs a second time
-    with the copy-or-compute rule ``auto`` at that host rate and the timing model's link rate."""
+    with the copy-or-compute rule ``auto`` at that host rate and the timing model's link rate. With
+    ``host_fractions``, every online policy (each prefetch mode, no host compute) also runs over a RAM tier
+    holding that fraction of the experts (the disk tier; counted, not timed), with the same policy."""
     rows: list[SweepRow] = []
     for t in traces:
         for scope in scopes:
@@ -105,13 +109,7 @@ def sweep(
                         rule = CopyOrCompute(
                             "auto", t.trace.expert_bytes, HostRates.flat(timing.bandwidth_gbps, host_gbps)
                         )
-                    options: dict[str, object] = {}
-                    if name == "random":
-                        options["seed"] = seed
-                    elif name == "lfru":
-                        options["half_life"] = half_life
-                    elif name == "static" and static_profile is not None:
-                        options["profile"] = static_profile
+                    options = _options(name, seed, half_life, static_profile)
                     results[name, mode, host] = simulate(
                         t.seq,
                         name,
@@ -126,4 +124,33 @@ def sweep(
                     )
                 bound = results["belady", "none", "off"]
                 rows.extend(SweepRow(t.label, fraction, result, bound) for result in results.values())
+                for host_fraction in host_fractions:
+                    host_slots = layer_slots(host_fraction, t.trace.num_experts)
+                    host_capacity = host_slots if scope == "layer" else host_slots * t.trace.num_layers
+                    for name, mode, host in runs:
+                        if name == "belady" or host != "off":
+                            continue
+                        result = simulate(
+                            t.seq,
+                            name,
+                            capacity,
+                            scope,
+                            options=_options(name, seed, half_life, static_profile) or None,
+                            expert_bytes=t.trace.expert_bytes,
+                            prefetch=mode,
+                            history_window=history_window,
+                            host_tier=host_capacity,
+                        )
+                        rows.append(SweepRow(t.label, fraction, result, bound, host_fraction))
     return rows
+
+
+def _options(name: str, seed: int, half_life: float, static_profile: np.ndarray | None) -> dict[str, object]:
+    """The options a policy takes from the sweep's settings."""
+    if name == "random":
+        return {"seed": seed}
+    if name == "lfru":
+        return {"half_life": half_life}
+    if name == "static" and static_profile is not None:
+        return {"profile": static_profile}
+    return {}

@@ -35,6 +35,13 @@ CSV_COLUMNS = (
     "prefetch_late",  # prefetch hits whose copy had not landed yet: timing model only, else empty
     "host",  # off | auto: the copy-or-compute rule (with --host-gbps)
     "host_computed",  # misses computed on the host instead of copied (not counted in misses)
+    # the RAM tier under the device tier (--host-fractions); empty for a device tier over all of RAM
+    "host_fraction",
+    "host_slots",  # host slots of one partition
+    "host_tier_hit_rate",  # copies whose expert was in RAM, of all the RAM tier's accesses
+    "disk_reads",  # experts read from disk (on demand, and ahead)
+    "disk_bytes",  # whole 4 KiB-aligned rows; empty when the trace does not give the expert size
+    "belady_disk_reads",  # an offline-optimal RAM tier of the same size on the same accesses
 )
 
 
@@ -74,8 +81,23 @@ def write_csv(path: Path, rows: Sequence[SweepRow]) -> None:
                     _blank(r.prefetch_late),
                     r.host,
                     r.host_computed,
+                    *_tier_cells(row),
                 ]
             )
+
+
+def _tier_cells(row: SweepRow) -> list[object]:
+    tier = row.result.host_tier
+    if tier is None or row.host_fraction is None:
+        return [""] * 6
+    return [
+        f"{row.host_fraction:g}",
+        tier.capacity,
+        f"{tier.hit_rate:.6f}",
+        tier.disk_reads,
+        _blank(tier.disk_bytes),
+        tier.belady_disk_reads,
+    ]
 
 
 def _policies(rows: Sequence[SweepRow]) -> list[str]:
@@ -92,7 +114,10 @@ def _prefetches(rows: Sequence[SweepRow]) -> bool:
 def write_markdown(
     path: Path, rows: Sequence[SweepRow], traces: Sequence[tuple[str, str]], static_note: str
 ) -> None:
-    """One table per trace: a row per (scope, fraction), each policy's hit rate and its share of Belady's."""
+    """One table per trace: a row per (scope, fraction), each policy's hit rate and its share of Belady's;
+    runs over a RAM tier get a table of their own."""
+    tiered = [row for row in rows if row.host_fraction is not None]
+    rows = [row for row in rows if row.host_fraction is None]
     policies = _policies(rows)
     prefetching = _prefetches(rows)
     if prefetching:
@@ -143,7 +168,32 @@ def write_markdown(
             lines += _prefetch_table(mine)
         if any(row.result.host != "off" for row in mine):
             lines += _host_table(mine)
+        mine_tiered = [row for row in tiered if row.trace == label]
+        if mine_tiered:
+            lines += _tier_table(mine_tiered)
     path.write_text("\n".join(lines))
+
+
+def _tier_table(rows: Sequence[SweepRow]) -> list[str]:
+    """Two tiers: the RAM tier's hit rate and disk reads per token, against a Belady RAM tier's reads."""
+    lines = [
+        "Two tiers (`--host-fractions`): the device tier as above over a RAM tier holding that fraction of the",
+        "experts (the disk tier; the same policy). RAM hit rate: the device tier's copies whose expert was in",
+        "RAM; disk reads per token, the policy's and an offline-optimal (Belady) RAM tier's on the same accesses.",
+        "",
+        "| scope | fraction | RAM fraction | policy | RAM hit rate | disk reads/token | Belady reads/token |",
+        "|---|---:|---:|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        r, tier = row.result, row.result.host_tier
+        assert tier is not None and row.host_fraction is not None
+        tokens = r.tokens or 1
+        lines.append(
+            f"| {r.scope} | {row.fraction:g} | {row.host_fraction:g} | {r.label} | {tier.hit_rate:.3f} | "
+            f"{tier.disk_reads / tokens:.2f} | {tier.belady_disk_reads / tokens:.2f} |"
+        )
+    lines.append("")
+    return lines
 
 
 def _host_table(rows: Sequence[SweepRow]) -> list[str]:
@@ -230,6 +280,7 @@ def write_plot(path: Path, rows: Sequence[SweepRow]) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib only for the plot
     from matplotlib.figure import Figure
 
+    rows = [row for row in rows if row.host_fraction is None]  # the device tier's curves
     panels = list(dict.fromkeys((row.trace, row.result.scope) for row in rows))
     policies = _policies(rows)
     prefetching = _prefetches(rows)

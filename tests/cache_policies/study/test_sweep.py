@@ -321,6 +321,8 @@ BAD_INPUT = {
         "--history-window must be at least 1",
     ),
     "history window not a number": (["--trace", "{a}", "--history-window", "x"], "invalid int value"),
+    "zero host fraction": (["--trace", "{a}", "--host-fractions", "0.5,0"], "--host-fractions: 0.0 must be"),
+    "host fraction without slots": (["--trace", "{a}", "--host-fractions", "0.01"], "gives no slot"),
 }
 
 
@@ -394,3 +396,53 @@ def test_sweep_without_matplotlib_writes_the_numbers_and_says_so(
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["sweep.csv", "sweep.md"]
     assert "sweep.png not drawn: matplotlib is not installed" in stdout
+
+
+def test_host_fractions_add_a_ram_tier_with_its_belady_figure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every online policy over a RAM tier too: the CSV's two-tier columns (empty for single-tier rows), a
+    table of its own in sweep.md, and a Belady RAM tier that never reads more than the policy's."""
+    out = tmp_path / "out"
+    argv = ["--trace", str(OLMOE), "--policies", "lru,lfu", "--cache-fractions", "0.125,0.25"]
+    argv += [
+        "--scope",
+        "both",
+        "--host-fractions",
+        "0.25,0.5",
+        "--expert-bytes",
+        "12582000",
+        "--out",
+        str(out),
+    ]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    rows = read_csv(out / "sweep.csv")
+    single = [r for r in rows if not r["host_fraction"]]
+    tiered = [r for r in rows if r["host_fraction"]]
+    assert len(single) == 2 * 2 * 3 and len(tiered) == 2 * 2 * 2 * 2  # scopes x fractions x (policies, RAM)
+    assert all(r["disk_reads"] == r["belady_disk_reads"] == "" for r in single)
+    for r in tiered:
+        assert r["policy"] in ("lru", "lfu")
+        assert 0 < int(r["belady_disk_reads"]) <= int(r["disk_reads"])
+        assert int(r["disk_bytes"]) == int(r["disk_reads"]) * 12582912  # each read a whole 4 KiB-aligned row
+        twin = next(
+            s
+            for s in single
+            if (s["policy"], s["scope"], s["cache_fraction"])
+            == (r["policy"], r["scope"], r["cache_fraction"])
+        )
+        assert r["misses"] == twin["misses"]  # the device tier's decisions do not depend on the RAM tier
+    more = {
+        (r["policy"], r["scope"], r["cache_fraction"]): int(r["disk_reads"])
+        for r in tiered
+        if r["host_fraction"] == "0.5"
+    }
+    less = {
+        (r["policy"], r["scope"], r["cache_fraction"]): int(r["disk_reads"])
+        for r in tiered
+        if r["host_fraction"] == "0.25"
+    }
+    assert all(more[key] <= less[key] for key in more)  # more RAM, fewer reads
+    md = (out / "sweep.md").read_text()
+    assert "Two tiers (`--host-fractions`)" in md and "| layer | 0.25 | 0.5 | lru |" in md

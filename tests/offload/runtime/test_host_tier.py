@@ -261,3 +261,38 @@ def test_peak_host_memory_stays_within_the_plan(tmp_path: Path, monkeypatch: pyt
     assert grown <= m["plan"] + 48 * 2**20, (
         f"peak grew {grown / 2**20:.0f} MiB, plan {m['plan'] / 2**20:.0f} MiB"
     )
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("policy", [p for p in ONLINE_POLICIES if p != "static"])
+def test_the_simulator_replays_both_tiers_exactly(path: Path, policy: str, scope: str) -> None:
+    """A recorded run with the disk tier (a 12-token prefill, then decode) replays in the two-tier
+    simulator with the runtime's counts for both tiers; Belady's RAM tier reads no more than it did."""
+    from cache_policies import simulate
+
+    device_slots, host_slots = (12, 24) if scope == "layer" else (9, 16)  # per layer: top-k each, and more
+    options = dict(policy=policy, cache_scope=scope, seed=7, prefetch="none", record_trace=True)
+    model = load(path, device_slots, host_slots, **options)  # demand paging, as the simulator replays it
+    model.generate(prompt("cpu"), max_new_tokens=10, do_sample=False)
+    stats = offload.stats(model)
+    runtime = runtime_of(model)
+    tier = runtime.tier
+    assert tier is not None
+    result = simulate(
+        offload.routing_trace(model),
+        policy,
+        runtime.cache.capacity,
+        scope,
+        options={"seed": 7} if policy == "random" else None,
+        host_tier=tier.cache.capacity,
+    )
+    assert (result.hits, result.misses) == (stats.expert_hits, stats.expert_misses)
+    two = result.host_tier
+    assert two is not None and two.slots == stats.host_tier_slots == host_slots
+    assert (two.hits, two.misses, two.read_ahead) == (
+        stats.host_tier_hits,
+        stats.host_tier_misses,
+        stats.host_tier_read_ahead,
+    )
+    assert two.disk_reads == stats.disk_reads and two.disk_bytes == stats.disk_bytes
+    assert 0 < two.belady_disk_reads <= two.disk_reads
