@@ -17,9 +17,9 @@ For every layer access, in order::
     ...                                             the caller copies the prefetch in, behind the demand copies
 
 Under a lower tier (the RAM tier of the disk tier, :class:`LowerTier`), ``cache.prefetch`` reserves slots
-only for guessed experts the lower tier holds now: their copies cannot wait on a disk read. The others are
-handed to ``lower.read_ahead``, which starts their disk reads at once, a layer or more before their demand
-copies (which then find them in RAM).
+only for guessed experts the lower tier holds now: their copies cannot wait on a disk read. With
+``reads_ahead``, the others are handed to ``lower.read_ahead``, which starts their disk reads at once, a layer
+or more before their demand copies (which then find them in RAM); without it they are left to demand.
 
 A predictor is anything with ``observe`` and ``guess`` (:class:`Predictor`): the history predictor
 (:mod:`cache_policies.predictors`) needs only routing; the runtime's router predictors need the hidden state,
@@ -76,12 +76,18 @@ class Prefetcher:
     """Runs a predictor against one :class:`ExpertCache` by the protocol above, and counts the outcome."""
 
     def __init__(
-        self, cache: ExpertCache, predictor: Predictor, top_k: int, lower: LowerTier | None = None
+        self,
+        cache: ExpertCache,
+        predictor: Predictor,
+        top_k: int,
+        lower: LowerTier | None = None,
+        reads_ahead: bool = False,
     ) -> None:
         self.cache = cache
         self.predictor = predictor
         self.top_k = top_k
         self.lower = lower
+        self.reads_ahead = reads_ahead
         self.late = 0
         self.read_ahead = 0  # guessed experts handed to the lower tier instead of copied
         self.score = GuessScore(cache.num_layers)
@@ -121,7 +127,7 @@ class Prefetcher:
 
     def _split(self, guess: Guess) -> list[int]:
         """The guessed experts to copy now; under a lower tier, the rest (not resident here, not ready
-        there) start their reads below instead."""
+        there) start their reads below instead, with ``reads_ahead``."""
         lower = self.lower
         if lower is None:
             return guess.experts
@@ -131,7 +137,7 @@ class Prefetcher:
                 ready.append(expert)
             elif self.cache.slot_of(guess.layer, expert) is None:
                 later.append(expert)
-        if later:
+        if later and self.reads_ahead:
             self.read_ahead += len(later)
             lower.read_ahead(guess.layer, later)
         return ready

@@ -95,6 +95,8 @@ class OffloadConfig:
     disk_tier: Literal["auto", "off", "always"] = "auto"  # auto: experts that do not fit host RAM stay on
     # disk, under a cache of host slots (offload.runtime.host_tier); off: such a model is refused
     # (HostMemoryError); always: on disk under as many host slots as the limit allows, even if all would fit
+    disk_read_ahead: bool = False  # the disk tier: a predictor's guesses start disk reads for the experts
+    # they name that are not in RAM (off: measured to double the disk reads, docs/architecture.md)
     store_dir: str | None = None  # where disk stores live (the disk tier's, the compressed-store cache);
     # None: the user cache folder's "stores" (offload.user_cache)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -247,6 +247,7 @@ def simulate(
     host: CopyOrCompute | None = None,
     host_tier: int | None = None,
     host_tier_policy: str | None = None,
+    disk_read_ahead: bool = False,
 ) -> SimResult:
     """Replay ``trace`` through ``policy`` with ``capacity`` slots per partition (see :class:`ExpertCache`).
 
@@ -258,7 +259,8 @@ def simulate(
     Belady without prefetch, and a prefetching policy can beat it. ``host``: the copy-or-compute rule (module
     docstring); ``"auto"`` with a timing model needs rates whose link rate is the timing model's.
     ``host_tier``: host slots per partition of a RAM tier under the device tier (the disk tier), with
-    ``host_tier_policy`` (default: ``policy``; not belady, whose future is the device tier's).
+    ``host_tier_policy`` (default: ``policy``; not belady, whose future is the device tier's);
+    ``disk_read_ahead``: guesses start reads for experts not in RAM (offload's ``disk_read_ahead``).
     """
     mode = check_prefetch(prefetch)
     seq = trace if isinstance(trace, AccessSequence) else AccessSequence.from_trace(trace)
@@ -300,7 +302,7 @@ def simulate(
             if timing is not None and expert_bytes is not None:
                 timeline = CopyTimeline(timing, expert_bytes)
             if predictor is not None:
-                prefetcher = Prefetcher(cache, predictor, seq.top_k, lower=tier)
+                prefetcher = Prefetcher(cache, predictor, seq.top_k, lower=tier, reads_ahead=disk_read_ahead)
             _replay(seq, cache, prefetcher, timeline, host if hosting else None, tier)
         misses, evictions, capacity, slots = cache.misses, cache.evictions, cache.capacity, cache.slots
     accesses = seq.expert_accesses

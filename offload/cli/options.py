@@ -125,6 +125,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "as the model runs; off: refuse such a model; always: on disk even when they would fit",
     )
     p.add_argument(
+        "--disk-read-ahead",
+        action="store_true",
+        help="with the disk tier: a predictor's guesses also start disk reads for experts not in RAM "
+        "(off by default: it measured more reads than it saved)",
+    )
+    p.add_argument(
         "--store-dir",
         help="folder for disk stores (the disk tier's, the compressed-store cache); default: the user cache "
         "folder's stores/ (put it on your fastest drive)",
@@ -239,6 +245,7 @@ def choose_model(args: argparse.Namespace) -> ModelChoice:
         store_cache=not args.no_store_cache,
         host_memory_limit=args.host_memory_limit,
         disk_tier=args.disk_tier,
+        disk_read_ahead=args.disk_read_ahead,
         store_dir=args.store_dir,
         host_compute=args.host_compute,
         host_threads=args.host_threads,

@@ -161,7 +161,9 @@ class OffloadRuntime:
 
     def use_predictor(self, predictor: Predictor) -> None:
         """Prefetch by ``predictor`` from now on (the loader attaches the lookahead one: it needs the routers)."""
-        self.step.prefetcher = Prefetcher(self.cache, predictor, self.survey.top_k, lower=self.tier)
+        self.step.prefetcher = Prefetcher(
+            self.cache, predictor, self.survey.top_k, lower=self.tier, reads_ahead=self.config.disk_read_ahead
+        )
 
     @property
     def predictor(self) -> Predictor | None:

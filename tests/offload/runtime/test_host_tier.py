@@ -79,8 +79,11 @@ def test_outputs_equal_the_all_in_ram_run(path: Path, host: str, policy: str, pr
     expected = run(ram)
     offload.close(ram)
     host_slots = host_counts(path)[host]
+    read_ahead = prefetch != "none"  # guesses start reads (off by default): the racier path
     with injected_read_delays(0, 0.002, seed=1), injected_copy_delays(0, 0.001, seed=2):
-        model = load(path, device_slots, host_slots, policy=policy, prefetch=prefetch)
+        model = load(
+            path, device_slots, host_slots, policy=policy, prefetch=prefetch, disk_read_ahead=read_ahead
+        )
     tier = runtime_of(model).tier
     assert tier is not None and tier.pool.num_slots == host_slots
     got = run(model)
@@ -117,7 +120,7 @@ def test_counters_add_up_and_host_compute_takes_only_experts_in_ram(path: Path) 
 def test_the_second_load_reads_the_store_and_a_truncated_one_is_rebuilt(
     path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    device_slots, host_slots = slot_counts(path)["quarter"], host_counts(path)["third"]
+    device_slots, host_slots = slot_counts(path)["quarter"], host_counts(path)["all"]
     first = load(path, device_slots, host_slots)
     source = offload.stats(first).store_source
     assert source.startswith("written from the checkpoint, stored on disk for the next load")
@@ -296,3 +299,15 @@ def test_the_simulator_replays_both_tiers_exactly(path: Path, policy: str, scope
     )
     assert two.disk_reads == stats.disk_reads and two.disk_bytes == stats.disk_bytes
     assert 0 < two.belady_disk_reads <= two.disk_reads
+
+
+def test_guesses_start_no_reads_unless_asked(path: Path) -> None:
+    """disk_read_ahead off (the default): a guess copies the experts already in RAM and leaves the rest to
+    demand; the outputs are the all-in-RAM run's."""
+    device_slots, host_slots = slot_counts(path)["quarter"], host_counts(path)["all"]
+    expected = run(load(path, device_slots, prefetch="lookahead"))
+    model = load(path, device_slots, host_slots, prefetch="lookahead")
+    got = run(model)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    prefetcher = runtime_of(model).step.prefetcher
+    assert prefetcher is not None and prefetcher.read_ahead == 0 and offload.stats(model).prefetch_issued > 0
