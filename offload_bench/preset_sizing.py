@@ -87,6 +87,27 @@ def _deepseek_v2_lite() -> transformers.PretrainedConfig:
     )
 
 
+def _qwen3_235b() -> transformers.PretrainedConfig:
+    import transformers
+
+    # Qwen/Qwen3-235B-A22B's config.json: 94 layers x 128 experts, top-8, hidden 4096, moe_intermediate 1536,
+    # 64 heads, 4 KV heads, head_dim 128.
+    options: dict[str, Any] = dict(
+        hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536, num_hidden_layers=94,
+        num_attention_heads=64, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, vocab_size=151936, max_position_embeddings=40960,
+    )  # fmt: skip
+    return transformers.Qwen3MoeConfig(**options)
+
+
+def _glm45_air() -> transformers.PretrainedConfig:
+    import transformers
+
+    # Glm4MoeConfig's defaults are zai-org/GLM-4.5-Air's shape (46 layers, the first dense, 128 experts top-8,
+    # moe_intermediate 1408, hidden 4096) but leave head_dim to hidden / heads; the checkpoint's is 128.
+    return transformers.Glm4MoeConfig(head_dim=128)
+
+
 CHECKPOINTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "mistralai/Mixtral-8x7B-Instruct-v0.1": _mixtral,
     "Qwen/Qwen3-30B-A3B": _qwen3,
@@ -94,12 +115,20 @@ CHECKPOINTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "openai/gpt-oss-120b": _gpt_oss(36, 128),
     "deepseek-ai/DeepSeek-V2-Lite-Chat": _deepseek_v2_lite,
     "allenai/OLMoE-1B-7B-0924-Instruct": _olmoe,
+    "Qwen/Qwen3-235B-A22B": _qwen3_235b,
+    "zai-org/GLM-4.5-Air": _glm45_air,
 }
+TARGET_TOK_S = 5.0  # the decode speed the disk presets state the NVMe rate for
 
 
 def presets() -> list[Path]:
     """The model presets (the sweep grids live in configs/sweeps/)."""
     return sorted(CONFIGS.glob("*.toml"))
+
+
+def is_disk_preset(path: Path) -> bool:
+    """``<model>-<card>gb-<ram>gb-ram.toml``: a model larger than the machine's RAM, on the disk tier."""
+    return path.stem.endswith("-ram")
 
 
 @functools.cache
@@ -154,7 +183,9 @@ def plan_preset(path: Path) -> dict[str, Any]:
     quantized = survey.layout.format in ("int4", "int8")
     loading = survey.num_experts * (bf16.layout.nbytes if quantized else plan.expert_bytes)
     host_ram = store + loading + PROCESS_BYTES
+    disk = _disk_tier(survey, config, args.host_memory_limit, plan.slots) if args.host_memory_limit else {}
     return dict(
+        **disk,
         preset=path.name,
         model=args.model,
         vram_budget=args.vram_budget,
@@ -181,6 +212,40 @@ def plan_preset(path: Path) -> dict[str, Any]:
     )
 
 
+def _disk_tier(survey: Any, config: Any, limit: str, device_slots: int) -> dict[str, Any]:
+    """A disk preset (``host-memory-limit`` below its store): the host slots the runtime's host plan gives,
+    and the disk bytes per token at hit rates equal to each tier's share of the experts (what random access
+    gives; trained routing does better), with the NVMe rate that makes that ``TARGET_TOK_S`` tokens/s."""
+    from dataclasses import replace
+
+    from offload.memory.disk_store import row_stride
+    from offload.runtime.host_plan import plan_disk_tier, plan_host
+    from offload.units import parse_size
+
+    limit_bytes = parse_size(limit)
+    in_ram = plan_host(survey, 0)
+    assert in_ram.total_bytes > limit_bytes, (
+        f"every expert fits {limit}: the runtime would not keep them on disk"
+    )
+    tier, fits = plan_disk_tier(survey, replace(config, host_memory_limit=limit_bytes), in_ram, limit_bytes)
+    assert fits and tier.host_tier_slots is not None, f"{limit} holds less than the disk tier's minimum"
+    total = survey.total_experts
+    device_share, ram_share = device_slots / total, tier.host_tier_slots / total
+    reads = survey.num_layers * survey.top_k * (1 - device_share) * (1 - ram_share)
+    per_token = reads * row_stride(survey.layout)
+    return dict(
+        host_memory_limit=limit,
+        host_memory_limit_bytes=limit_bytes,
+        host_tier_slots=tier.host_tier_slots,
+        host_tier_fraction=ram_share,
+        host_tier_ram_bytes=tier.total_bytes,
+        disk_store_bytes=total * row_stride(survey.layout),
+        disk_reads_per_token=reads,
+        disk_bytes_per_token=per_token,
+        nvme_gbps_for_target=per_token * TARGET_TOK_S / 1e9,
+    )
+
+
 def stated_plan(path: Path) -> tuple[int, int] | None:
     """``(slots, experts)`` from the preset's ``# Plan: ... N of M expert slots`` comment."""
     found = PLAN_LINE.search(path.read_text())
@@ -204,9 +269,28 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def disk_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| preset | budget | RAM limit | format | slots / experts | host slots / experts | disk store | disk per token "
+        "| NVMe for 5 tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| `{r['preset']}` | {r['vram_budget']} | {r['host_memory_limit']} | {r['expert_format']} | "
+            f"{r['slots']} / {r['total_experts']} ({r['slot_fraction']:.0%}) | "
+            f"{r['host_tier_slots']} / {r['total_experts']} ({r['host_tier_fraction']:.0%}) | "
+            f"{r['disk_store_bytes'] / 1e9:.1f} GB | {r['disk_bytes_per_token'] / 1e9:.2f} GB | "
+            f"{r['nvme_gbps_for_target']:.1f} GB/s |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
-    """Print the presets' table (configs/README.md quotes it)."""
-    print(table([plan_preset(path) for path in presets()]))
+    """Print the presets' tables (configs/README.md quotes them): the card presets, then the disk presets."""
+    print(table([plan_preset(path) for path in presets() if not is_disk_preset(path)]))
+    print()
+    print(disk_table([plan_preset(path) for path in presets() if is_disk_preset(path)]))
     return 0
 
 

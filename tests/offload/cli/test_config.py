@@ -17,6 +17,8 @@ from tests.helpers import ROOT
 
 CONFIGS = ROOT / "configs"
 MODEL_PRESETS = sorted(CONFIGS.glob("*.toml"))
+CARD_PRESETS = [p for p in MODEL_PRESETS if not p.stem.endswith("-ram")]  # every expert in host RAM
+DISK_PRESETS = [p for p in MODEL_PRESETS if p.stem.endswith("-ram")]  # larger than the machine's RAM
 SWEEP_GRIDS = sorted((CONFIGS / "sweeps").glob("*.toml"))
 
 
@@ -176,7 +178,7 @@ def test_model_presets_are_valid_for_both_commands(preset: Path) -> None:
 
 
 def test_every_card_and_model_has_a_preset() -> None:
-    names = {p.stem for p in MODEL_PRESETS}
+    names = {p.stem for p in CARD_PRESETS}
     models = (
         "mixtral-8x7b",
         "qwen3-30b-a3b",
@@ -194,7 +196,7 @@ def test_model_presets_state_what_the_planner_computes() -> None:
     checkpoint's shape, in the format the preset loads."""
     from offload_bench.preset_sizing import plan_preset, stated_plan
 
-    for preset in MODEL_PRESETS:
+    for preset in CARD_PRESETS:
         plan = plan_preset(preset)
         assert stated_plan(preset) == (plan["slots"], plan["total_experts"]), preset.name
         slots_per_layer = plan["slots"] / plan["layers"]
@@ -205,3 +207,21 @@ def test_model_presets_state_what_the_planner_computes() -> None:
         assert f"in {plan['expert_format']})" in text, preset.name  # the store's format, as planned
         assert f"{plan['host_ram_bytes'] / 1e9:.1f} GB in all" in text, preset.name
         assert json.dumps(plan)  # plain numbers
+
+
+@pytest.mark.slow
+def test_disk_presets_state_what_the_planner_computes() -> None:
+    """The presets for models larger than the machine's RAM (issue 25): gpt-oss-120b and two larger models, on
+    12-24 GB cards with 32 and 64 GB of RAM; each keeps its experts on disk under the host slots the runtime's
+    host plan gives at its limit, and says the disk bytes per token and the NVMe rate for 5 tokens/s."""
+    from offload_bench.preset_sizing import plan_preset, stated_plan
+
+    assert {p.stem.split("-")[0] for p in DISK_PRESETS} >= {"gpt", "glm", "qwen3"}
+    assert {p.stem.rsplit("-", 2)[1] for p in DISK_PRESETS} == {"32gb", "64gb"}
+    for preset in DISK_PRESETS:
+        plan = plan_preset(preset)  # asserts that every expert would not fit the limit, and the tier's does
+        text = preset.read_text()
+        assert stated_plan(preset) == (plan["slots"], plan["total_experts"]), preset.name
+        assert f"under {plan['host_tier_slots']} of {plan['total_experts']} experts" in text, preset.name
+        assert f"{plan['disk_bytes_per_token'] / 1e9:.2f} GB: {plan['nvme_gbps_for_target']:.1f} GB/s" in text
+        assert f"host-memory-limit {plan['host_memory_limit']}" in text and "Host RAM:" in text
