@@ -105,7 +105,8 @@ def _glm45_air() -> transformers.PretrainedConfig:
 
     # Glm4MoeConfig's defaults are zai-org/GLM-4.5-Air's shape (46 layers, the first dense, 128 experts top-8,
     # moe_intermediate 1408, hidden 4096) but leave head_dim to hidden / heads; the checkpoint's is 128.
-    return transformers.Glm4MoeConfig(head_dim=128)
+    options: dict[str, Any] = dict(head_dim=128)
+    return transformers.Glm4MoeConfig(**options)
 
 
 CHECKPOINTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
