@@ -63,7 +63,7 @@ OLMOE_TRACE = ROOT / "data" / "traces" / "olmoe-1b-7b_decode_299.jsonl"
 VARIANTS = ("lru", "lookahead", "pre-attention", "int4", "accelerate")  # the default set
 # history prefetch; lru with host compute off (copy only): the other offloaded variants run the default,
 # host_compute="auto"
-EXTRA_VARIANTS = ("history", "lru-host-off")
+EXTRA_VARIANTS = ("history", "lru-host-off", "int4-disk")
 CONFIG_FIELDS = (
     "hidden_size",
     "intermediate_size",
@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         choices=[*VARIANTS, *EXTRA_VARIANTS],
         help="default: the first five (int4: LRU with int4 experts); lru-host-off is lru copying every miss "
-        "(host compute off)",
+        "(host compute off); int4-disk is int4 with half of the experts in host slots, the rest on disk",
     )
     add(
         "--vram-budget",
@@ -224,6 +224,7 @@ def _run_shape(
         prompt=prompt.to(device),
         trace=forced,
         trace_path=trace_path if forced is not None else None,
+        store_dir=env["store_dir"],  # the disk tier's stores (int4-disk), gone with the run
     )
     for variant in variants:
         estimate: dict[str, Any] | None = None
@@ -333,8 +334,10 @@ def run(
         estimated_device=torch.device("cuda") if planning else device,
         on_row=on_row,
     )
-    for shape in chosen:
-        _run_shape(shape, args, variants, env, result, path)
+    with tempfile.TemporaryDirectory(prefix="e2e-stores-") as stores:
+        env["store_dir"] = Path(stores)
+        for shape in chosen:
+            _run_shape(shape, args, variants, env, result, path)
     if args.estimate_only:
         total = sum(r["estimate"]["total_s"] for r in result["rows"] if r.get("estimate"))
         print(f"estimated in all: {total:.0f} s")

@@ -26,6 +26,9 @@ LAYER_OVERHEAD_S = {"cuda": 2e-3, "cpu": 5e-3}  # per MoE layer call besides cop
 # An expert format's first row in the process: Triton compiles, and host compute's probes at load (once per
 # machine and expert shape, then cached)
 COMPILE_S = {"cuda": 10.0, "cpu": 1.0}
+# The disk tier's rows (int4-disk): the store written once at build, reads of the RAM tier's misses at run
+DISK_WRITE_BYTES_PER_S = 1e9
+DISK_READ_BYTES_PER_S = 2e9
 ACCELERATE_LAYER_S = 5e-3  # per decoder layer of accelerate's forward besides its copies: hooks, launches
 CALIBRATION_BYTES = 256 << 20
 
@@ -137,4 +140,26 @@ def estimate_row(variant: str, args: Any, ctx: dict[str, Any], env: dict[str, An
     slots = plan_budget(survey, config).slots
     compiles = survey.layout.format_name not in env["compiled"]
     estimate = estimate_offloaded(survey, slots, args, rates, device, compiles)
+    if config.disk_tier == "always":
+        estimate = _with_disk(estimate, survey, slots, config, args)
     return dict(estimate, format=survey.layout.format_name)
+
+
+def _with_disk(
+    estimate: dict[str, float], survey: Any, slots: int, config: Any, args: Any
+) -> dict[str, float]:
+    """A disk-tier row: writing the store at build; at run, reading what the RAM tier misses (random routing:
+    it holds about its share of the experts) at assumed drive rates."""
+    from offload.memory.disk_store import row_stride
+    from offload.runtime.host_plan import check_host_memory
+
+    plan = check_host_memory(survey, config, 0)
+    stride = row_stride(survey.layout)
+    ram_share = (plan.host_tier_slots or 0) / survey.total_experts
+    tokens = 2 * args.warmup_tokens + args.decode_tokens
+    reads = 2 * prefill_copies(survey, slots, args.prompt_tokens) + tokens * decode_misses_per_token(
+        survey, slots
+    )
+    build = estimate["build_s"] + survey.total_experts * stride / DISK_WRITE_BYTES_PER_S
+    run = estimate["run_s"] + reads * (1 - ram_share) * stride / DISK_READ_BYTES_PER_S
+    return _seconds(build, run)

@@ -4,6 +4,7 @@ timed the same way, with the counters of each phase. The driver is :mod:`offload
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 import weakref
 from collections.abc import Callable
@@ -29,10 +30,13 @@ PREFETCH = {
     "pre-attention": "pre-attention",
     "int4": "none",
     "lru-host-off": "none",
+    "int4-disk": "none",
 }
 # variant -> experts quantized while loading (issue 12: int4 is LRU with experts in int4, groups of 64)
-QUANTIZE = {"int4": "int4"}
+QUANTIZE = {"int4": "int4", "int4-disk": "int4"}
 HOST_COMPUTE = {"lru-host-off": "off"}  # every other offloaded variant: the default, auto
+# variant -> the share of the experts in host slots, the rest on disk (issue 25: the disk tier)
+DISK_TIER = {"int4-disk": 0.5}
 
 
 @dataclass
@@ -103,6 +107,11 @@ _COUNTERS = (
     "evictions",
     "host_expert_calls",
     "host_compute_seconds",
+    "host_tier_hits",
+    "host_tier_misses",
+    "disk_reads",
+    "disk_bytes",
+    "disk_seconds",
 )
 
 
@@ -165,7 +174,30 @@ def offloaded_config(variant: str, args: argparse.Namespace, ctx: dict[str, Any]
         seed=args.seed,
         host_compute=HOST_COMPUTE.get(variant, "auto"),
     )
-    return OffloadConfig.create(ctx["budget"], device=ctx["device"], dtype=ctx["dtype"], **options)
+    config = OffloadConfig.create(ctx["budget"], device=ctx["device"], dtype=ctx["dtype"], **options)
+    share = DISK_TIER.get(variant)
+    if share is None:
+        return config
+    return dataclasses.replace(
+        config,
+        disk_tier="always",
+        store_dir=str(ctx["store_dir"]),
+        host_memory_limit=host_tier_limit(ctx["survey"], config, share),
+    )
+
+
+def host_tier_limit(survey: Any, config: Any, share: float) -> int:
+    """The host_memory_limit that gives ``share`` of the experts host slots (the disk tier's plan inverted)."""
+    from offload.hf.expert_formats import with_format
+    from offload.memory.disk_store import row_stride
+    from offload.runtime.budget import plan_budget
+    from offload.runtime.host_plan import plan_host
+
+    s = with_format(survey, config, None)
+    device = plan_budget(s, config).planned_bytes if config.device.type == "cpu" else 0
+    staging = s.num_experts * s.layout.nbytes
+    slots = max(s.top_k, round(share * s.total_experts))
+    return device + plan_host(s, device).loading_bytes + staging + slots * row_stride(s.layout)
 
 
 def run_offloaded(
@@ -204,6 +236,7 @@ def run_offloaded(
         expert_format=layout.format_name,
         host_compute=runtime.host_mode,
         host_kernel="" if runtime.step.host is None else runtime.step.host.kernel_name,
+        host_tier_slots=None if runtime.tier is None else runtime.tier.pool.num_slots,
         routing=routing_label(ctx["trace_path"]),
     )
     row.update(common(timed, ctx["prompt"], args.warmup_tokens, args.decode_tokens))

@@ -17,16 +17,22 @@ do not matter for timing, and forced routing (:mod:`offload_bench.forced_routing
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from offload.config import OffloadConfig
+from offload.errors import OffloadError
 from offload.hf.install import attach_runtime, new_runtime, take_over_experts
 from offload.hf.skeleton import model_class_for
 from offload.hf.survey import expert_param_names, experts_modules, survey
+from offload.memory.disk_store import DiskStore
 from offload.memory.layout import ExpertLayout
 from offload.runtime.model_survey import ModelSurvey
+from offload.user_cache import user_cache_dir
 
 BANK_EXPERTS = 8  # distinct random experts the weights are filled from
 TILE = 1 << 20  # elements of the tile that large non-expert weights repeat
@@ -100,18 +106,27 @@ def random_offloaded(
     dtype = config.dtype or torch.bfloat16
     with torch.device("meta"):
         model = model_class._from_config(hf_config, dtype=dtype)
-    runtime = new_runtime(model, dtype, config, model_name=f"random {hf_config.model_type}")
+    # disk_tier="always": planned and stored as a load would (offload.runtime.host_tier), in a disk store
+    # keyed by the config, seed and format, so the next build of the same model only swaps its modules
+    on_disk = config.disk_tier == "always"
+    runtime = new_runtime(model, dtype, config, model_name=f"random {hf_config.model_type}", reading=on_disk)
     layout = runtime.survey.layout
+    store = _disk_store(hf_config, config, runtime, seed) if runtime.tier is not None else None
     bank = ExpertBank(_std(hf_config), dtype, seed)
     packed: dict[str, torch.Tensor] | None = None
     names = runtime.survey.layer_names
     for layer, name in enumerate(tqdm(names, desc="Random experts", disable=not progress)):
         module = model.get_submodule(name)
+        if store is not None and store.state == "read":
+            take_over_experts(model, runtime, layer, name, stored=True)
+            continue
         if packed is None:  # every layer has the same shapes: the bank is packed once
             shapes = {p: getattr(module, p).shape for p in expert_param_names(layout)}  # [E, ...] on meta
             packed = bank.packed(layout, shapes, _quantize_device(config))
         fields = {f: layer_view(run, runtime.survey.num_experts, layer) for f, run in packed.items()}
         take_over_experts(model, runtime, layer, name, packed=fields)
+    if runtime.tier is not None:
+        runtime.tier.loaded()
     # Everything else: allocated on the device, large weights from a tile, the rest initialized as
     # transformers initializes new models.
     model.to_empty(device=config.device)
@@ -121,6 +136,24 @@ def random_offloaded(
     model.eval()
     attach_runtime(model, runtime)
     return model
+
+
+def _disk_store(hf_config: PretrainedConfig, config: OffloadConfig, runtime: Any, seed: int) -> DiskStore:
+    """The disk tier's store of a random model: one per config, seed and expert format."""
+    layout = runtime.survey.layout
+    identity = dict(
+        random=hf_config.to_json_string(use_diff=False),
+        seed=seed,
+        format=layout.format,
+        group=layout.group_size,
+        dtype=str(layout.dtype),
+    )
+    root = Path(config.store_dir) if config.store_dir else user_cache_dir("stores")
+    store = DiskStore.open(root, identity, layout, runtime.survey.num_layers, runtime.survey.num_experts)
+    if store.state == "off":
+        raise OffloadError(f"the disk tier cannot keep this model's experts in {root}: see the warning above")
+    runtime.tier.use_store(store)
+    return store
 
 
 def random_plain(hf_config: PretrainedConfig, dtype: torch.dtype, seed: int) -> PreTrainedModel:

@@ -6,7 +6,8 @@ their own random routers: hit rates are not those of trained models.
 
 Qwen3 runs LRU (host compute auto, the default), LRU with host compute off (the side-by-side the host
 stage's issue asks for), pre-attention prefetch (what the default prefetch="auto" picks), lookahead, LRU with
-int4 experts, and accelerate's offload at the same cap; Mixtral LRU and accelerate. Every row
+int4 experts, the same with half of them in host slots and the rest on disk (the disk tier: disk -> RAM ->
+VRAM), and accelerate's offload at the same cap; Mixtral LRU and accelerate. Every row
 prints its estimated build and run time first (offload_bench.e2e_estimate, calibrated on this machine) and is
 skipped, with its estimate as the reason, when it would not finish within the cap; each row's targets are
 judged as soon as it ends, so a stage stopped at its cap keeps every verdict it reached. The row lists were cut
@@ -24,7 +25,10 @@ from offload_bench.gpu_check.part import Part
 
 # shape -> (layers it is cut to on the GPU, the variants it runs, most telling first)
 RUNS = {
-    "qwen3-30b-a3b": (8, ["lru", "lru-host-off", "pre-attention", "lookahead", "int4", "accelerate"]),
+    "qwen3-30b-a3b": (
+        8,
+        ["lru", "lru-host-off", "pre-attention", "lookahead", "int4", "int4-disk", "accelerate"],
+    ),
     "mixtral-8x7b": (4, ["lru", "accelerate"]),
 }
 COMMON = [
@@ -32,7 +36,7 @@ COMMON = [
     "--warmup-tokens", "3", "--decode-tokens", "16", "--accelerate-decode-tokens", "3",
 ]  # fmt: skip
 SMOKE = ["--smoke", "--shapes", "qwen3-30b-a3b", "--variants=lru", "--variants=lru-host-off",
-         "--variants=int4", "--variants=accelerate"]  # fmt: skip
+         "--variants=int4", "--variants=int4-disk", "--variants=accelerate"]  # fmt: skip
 PEAK = "peak device memory <= budget"
 MARGIN_S = {False: 10.0, True: 3.0}  # of the cap, kept for handing over: never planned for a row
 

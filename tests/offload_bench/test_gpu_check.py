@@ -97,7 +97,9 @@ def test_smoke_runs_every_stage_and_writes_the_gpu_keys(smoke: tuple[dict[str, A
     assert {r["impl"] for r in stages["kernels"]["rows"]} == {"triton", "torch-loop", "grouped_mm"}
     assert all(r["within_tolerance"] for r in stages["kernels"]["rows"])
     rows = stages["e2e"]["results"][0]["rows"]
-    assert [r["variant"] for r in rows] == ["lru", "lru-host-off", "int4", "accelerate"]
+    assert [r["variant"] for r in rows] == ["lru", "lru-host-off", "int4", "int4-disk", "accelerate"]
+    disk = rows[3]
+    assert disk["host_tier_slots"] and disk["decode"]["disk_reads"] >= disk["decode"]["host_tier_misses"]
     estimates = [r["estimate"] for r in rows]
     assert all(math.isclose(e["total_s"], e["build_s"] + e["run_s"], abs_tol=1e-9) for e in estimates)
     split = {r["variant"]: r for r in rows}

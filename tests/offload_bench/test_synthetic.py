@@ -96,3 +96,30 @@ def test_large_weights_repeat_one_tile_and_small_ones_are_left() -> None:
     assert torch.equal(big[:TILE], big[TILE : 2 * TILE]) and torch.equal(big[3 * TILE :], big[:5])
     assert module.big._is_hf_initialized and not hasattr(module.small, "_is_hf_initialized")
     assert not module.small.detach().any()  # left to initialize_weights
+
+
+def test_a_random_model_on_the_disk_tier_computes_the_same(tmp_path, monkeypatch) -> None:
+    """disk_tier="always": the experts go to a disk store keyed by config, seed and format, a second build
+    only swaps the modules, and both compute what the all-in-RAM random model computes."""
+    from offload_bench.e2e_runs import host_tier_limit
+    from offload_bench.synthetic import shape_survey
+
+    monkeypatch.setenv("MOE_OFFLOAD_CACHE", str(tmp_path))
+    config = tiny_config("olmoe", num_hidden_layers=4, num_experts=16, num_experts_per_tok=4)
+    ram = OffloadConfig.create("80MB", device="cpu", dtype="fp32", max_context=64)
+    limit = host_tier_limit(shape_survey(config, torch.float32), ram, 0.25)
+    disk = OffloadConfig.create(
+        "80MB", device="cpu", dtype="fp32", max_context=64, disk_tier="always", host_memory_limit=limit
+    )
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = random_offloaded(config, ram, progress=False)(ids).logits
+        for source in ("stored on disk", "read from the disk store"):
+            model = random_offloaded(config, disk, progress=False)
+            runtime = runtime_of(model)
+            assert runtime.tier is not None and runtime.tier.pool.num_slots == 16  # a quarter of 64
+            assert torch.equal(model(ids).logits, expected)
+            assert (
+                source in runtime.tier.disk.describe("disk store", "written")
+                and offload.stats(model).disk_reads
+            )
