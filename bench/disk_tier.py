@@ -66,7 +66,7 @@ def main() -> int:
     from offload.hf.skeleton import survey_checkpoint
     from offload.memory.disk_store import row_stride
     from offload.runtime.budget import budget_for_slots
-    from offload.runtime.host_plan import plan_disk_tier, plan_host
+    from offload.runtime.host_plan import disk_tier_limit
 
     work = Path(tempfile.mkdtemp(prefix="disk-tier-", dir=args.workdir))
     try:
@@ -80,8 +80,7 @@ def main() -> int:
         experts_bytes = survey.total_experts * survey.layout.nbytes
 
         def limit_for(host_slots: int) -> int:
-            plan, _ = plan_disk_tier(survey, config, plan_host(survey, device_bytes=budget), 1 << 60)
-            return budget + plan.loading_bytes + host_slots * stride
+            return disk_tier_limit(survey, host_slots, device_bytes=budget)
 
         common = dict(
             path=str(ckpt), budget=budget, store_dir=str(store_dir), prompt_tokens=args.prompt_tokens

@@ -72,6 +72,26 @@ class LowerTier(Protocol):
         """Start bringing ``experts`` (ascending, none :meth:`ready`) in from the tier below; return at once."""
 
 
+@dataclass(frozen=True, slots=True)
+class LowerTierCounts:
+    """A lower tier's cache counted as its users see it: an expert read ahead and then used was read, so it
+    is a miss, not a hit (the runtime's host tier and the two-tier simulator report these)."""
+
+    hits: int  # accesses whose expert was resident without a read started for it
+    misses: int  # accesses whose expert was read (on demand, or ahead and then used)
+    read_ahead: int  # reads started ahead of an access
+    reads: int  # every read: demand misses and reads started ahead
+
+    @classmethod
+    def of(cls, cache: ExpertCache) -> LowerTierCounts:
+        return cls(
+            hits=cache.hits - cache.prefetch_hits,
+            misses=cache.misses + cache.prefetch_hits,
+            read_ahead=cache.prefetch_issued,
+            reads=cache.misses + cache.prefetch_issued,
+        )
+
+
 class Prefetcher:
     """Runs a predictor against one :class:`ExpertCache` by the protocol above, and counts the outcome."""
 

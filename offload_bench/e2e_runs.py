@@ -187,17 +187,14 @@ def offloaded_config(variant: str, args: argparse.Namespace, ctx: dict[str, Any]
 
 
 def host_tier_limit(survey: Any, config: Any, share: float) -> int:
-    """The host_memory_limit that gives ``share`` of the experts host slots (the disk tier's plan inverted)."""
+    """The host_memory_limit that gives ``share`` of the experts host slots."""
     from offload.hf.expert_formats import with_format
-    from offload.memory.disk_store import row_stride
     from offload.runtime.budget import plan_budget
-    from offload.runtime.host_plan import plan_host
+    from offload.runtime.host_plan import disk_tier_limit
 
     s = with_format(survey, config, None)
     device = plan_budget(s, config).planned_bytes if config.device.type == "cpu" else 0
-    staging = s.num_experts * s.layout.nbytes
-    slots = max(s.top_k, round(share * s.total_experts))
-    return device + plan_host(s, device).loading_bytes + staging + slots * row_stride(s.layout)
+    return disk_tier_limit(s, max(s.top_k, round(share * s.total_experts)), device)
 
 
 def run_offloaded(

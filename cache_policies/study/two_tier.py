@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cache_policies.cache import AccessPlan, ExpertCache, PolicyFactory, Scope
-from cache_policies.prefetch import Prefetcher
+from cache_policies.prefetch import LowerTierCounts, Prefetcher
 from cache_policies.registry import make_policy_factory
 
 ALIGN = 4096  # an expert's row on disk is padded to this (offload.memory.disk_store): bytes per read
@@ -116,14 +116,14 @@ class HostTierSim:
         self.unhold()
 
     def result(self, expert_bytes: int | None) -> HostTierResult:
-        c = self.cache
+        counts = LowerTierCounts.of(self.cache)
         return HostTierResult(
-            capacity=c.capacity,
-            slots=c.slots,
-            hits=c.hits - c.prefetch_hits,
-            misses=c.misses + c.prefetch_hits,
-            read_ahead=c.prefetch_issued,
-            disk_reads=c.misses + c.prefetch_issued,
+            capacity=self.cache.capacity,
+            slots=self.cache.slots,
+            hits=counts.hits,
+            misses=counts.misses,
+            read_ahead=counts.read_ahead,
+            disk_reads=counts.reads,
             belady_disk_reads=self._belady_reads(),
             expert_bytes=expert_bytes,
         )

@@ -189,8 +189,7 @@ def plan_disk_tier(
     per_layer = config.cache_scope == "layer"
     layers = model_survey.num_layers
     minimum = model_survey.top_k * (layers if per_layer else 1)
-    # Loading packs each layer into a staging buffer before writing it to disk, beside the layer in flight.
-    loading = plan.loading_bytes + model_survey.num_experts * model_survey.layout.nbytes
+    loading = _tier_loading(model_survey, plan)
     slots = min(max(0, room - loading - plan.device_bytes) // stride, model_survey.total_experts)
     if per_layer:
         slots -= slots % layers  # every layer gets the same share
@@ -205,6 +204,20 @@ def plan_disk_tier(
         int4pack_bytes=0,
     )
     return tier, fits
+
+
+def disk_tier_limit(model_survey: ModelSurvey, host_slots: int, device_bytes: int = 0) -> int:
+    """The ``host_memory_limit`` that gives the disk tier exactly ``host_slots`` host slots (a multiple of the
+    layers with ``cache_scope="layer"``), beside ``device_bytes`` of a CPU device's budget:
+    :func:`plan_disk_tier` inverted."""
+    plan = plan_host(model_survey, device_bytes)
+    return device_bytes + _tier_loading(model_survey, plan) + host_slots * row_stride(model_survey.layout)
+
+
+def _tier_loading(model_survey: ModelSurvey, plan: HostPlan) -> int:
+    """The disk tier's loading bytes: each layer packed into a staging buffer, beside the layer in flight,
+    before it is written to disk."""
+    return plan.loading_bytes + model_survey.num_experts * model_survey.layout.nbytes
 
 
 def _what_would_fit(model_survey: ModelSurvey, config: OffloadConfig, plan: HostPlan, limit: int) -> str:

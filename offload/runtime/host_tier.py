@@ -37,7 +37,6 @@ class HostTier:
     def __init__(self, layout: ExpertLayout, cache: ExpertCache, pin: bool, readers: int = 4) -> None:
         self.layout = layout
         self.cache = cache
-        self.num_layers = cache.num_layers
         self.num_experts = cache.num_experts
         self.batch = cache.capacity  # one access never needs more slots than its partition has
         self.pool = HostSlotPool(layout, cache.slots, pin)
@@ -49,7 +48,6 @@ class HostTier:
         self._holds = [0] * cache.slots  # host jobs reading each slot
         self._held: tuple[int, list[int]] = (0, [])  # the layer and experts host compute reads now
         self._state = threading.Condition()
-        self.read_ahead_count = 0  # experts whose reads a guess started before their copy was needed
 
     # -- loading ---------------------------------------------------------------------------------------
     def use_store(self, disk: DiskStore) -> None:
@@ -132,7 +130,6 @@ class HostTier:
         for expert, slot in zip(plan.experts, plan.slots, strict=True):
             self._free(slot)
             self._reads[slot] = reader.submit(layer, expert, self.pool.row(slot))
-        self.read_ahead_count += len(plan.experts)
 
     def hold(self, layer: int, experts: Sequence[int]) -> None:
         self._resident(layer, experts)  # all hits: counted as uses of the RAM tier, nothing read

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from cache_policies import CopyOrCompute, HistoryPredictor, Predictor, Prefetcher
+from cache_policies.prefetch import LowerTierCounts
 from offload.config import OffloadConfig
 from offload.errors import OffloadError
 from offload.kernels import ExpertActivation, select_kernel
@@ -289,12 +290,12 @@ class OffloadRuntime:
         if tier is None:
             return {}
         reader = tier.reader
-        cache = tier.cache
-        return dict(  # an expert read ahead (by a guess, or for a wave) and then used was a miss too
+        counts = LowerTierCounts.of(tier.cache)
+        return dict(
             host_tier_slots=tier.pool.num_slots,
-            host_tier_hits=cache.hits - cache.prefetch_hits,
-            host_tier_misses=cache.misses + cache.prefetch_hits,
-            host_tier_read_ahead=cache.prefetch_issued,
+            host_tier_hits=counts.hits,
+            host_tier_misses=counts.misses,
+            host_tier_read_ahead=counts.read_ahead,
             disk_reads=0 if reader is None else reader.reads,
             disk_bytes=0 if reader is None else reader.bytes_read,
             disk_seconds=0.0 if reader is None else reader.seconds,

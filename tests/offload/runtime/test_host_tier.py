@@ -22,9 +22,8 @@ from offload.hf.install import runtime_of
 from offload.hf.skeleton import survey_checkpoint
 from offload.memory.copy_engines import injected_copy_delays
 from offload.memory.disk_reader import injected_read_delays
-from offload.memory.disk_store import row_stride
 from offload.runtime.budget import budget_for_slots
-from offload.runtime.host_plan import plan_host
+from offload.runtime.host_plan import disk_tier_limit
 from tests.helpers import prompt, slot_counts
 
 NEW_TOKENS = 6
@@ -37,9 +36,7 @@ def load(path: Path, device_slots: int, host_slots: int | None = None, **options
     survey = with_format(survey_checkpoint(str(path), config.dtype), config, None)
     budget = budget_for_slots(survey, config, device_slots)
     if host_slots is not None:
-        plan = plan_host(survey, device_bytes=budget)
-        staging = survey.num_experts * survey.layout.nbytes
-        limit = budget + plan.loading_bytes + staging + host_slots * row_stride(survey.layout)
+        limit = disk_tier_limit(survey, host_slots, device_bytes=budget)
         options.update(disk_tier="always", host_memory_limit=limit)
     return offload.from_pretrained(
         path, vram_budget=budget, device="cpu", dtype="fp32", max_context=64, progress=False, **options
@@ -248,8 +245,7 @@ def test_peak_host_memory_stays_within_the_plan(tmp_path: Path, monkeypatch: pyt
     settings = OffloadConfig.create(1, device="cpu", dtype="fp32", max_context=64)
     survey = survey_checkpoint(str(tmp_path / "ckpt"), torch.float32)
     budget = budget_for_slots(survey, settings, device_slots)
-    layer = survey.num_experts * survey.layout.nbytes
-    limit = budget + 2 * layer + host_slots * row_stride(survey.layout)
+    limit = disk_tier_limit(survey, host_slots, device_bytes=budget)
     env = {**os.environ, "MOE_OFFLOAD_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path / "ckpt"), str(budget), str(limit)],
