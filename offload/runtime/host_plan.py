@@ -147,13 +147,14 @@ def check_host_memory(
     plan = plan_host(model_survey, device_bytes if config.device.type == "cpu" else 0, copy_bytes)
     free, limit = _host_limit(config, available)
     given = config.host_memory_limit is not None and config.host_memory_limit <= free
+    room = limit if given else limit - TIER_HEADROOM  # what the disk tier may take
     if config.disk_tier == "always":  # on disk whatever fits: as many host slots as the limit allows
-        tier, fits = plan_disk_tier(model_survey, config, plan, limit if given else limit - TIER_HEADROOM)
+        tier, fits = plan_disk_tier(model_survey, config, plan, room)
         if fits:
             return tier
     elif plan.total_bytes <= limit:
         return plan
-    if copy_bytes and plan.total_bytes - copy_bytes <= limit and config.disk_tier != "always":
+    elif copy_bytes and plan.total_bytes - copy_bytes <= limit:
         _warn_no_int4pack(copy_bytes, limit - (plan.total_bytes - copy_bytes))
         return replace(plan, int4pack_bytes=0)
     plan = replace(plan, int4pack_bytes=0)  # what the model needs; the copy is never why it does not fit
@@ -162,15 +163,14 @@ def check_host_memory(
     message += _what_would_fit(model_survey, config, plan, limit)
     if config.disk_tier == "off":
         raise HostMemoryError(message + "; disk_tier='auto' would keep the experts on disk", plan.total_bytes)
-    tier, fits = plan_disk_tier(model_survey, config, plan, limit if given else limit - TIER_HEADROOM)
+    # "always" that did not fit above gets the same minimum here and is refused with it
+    tier, fits = plan_disk_tier(model_survey, config, plan, room)
     if not fits:  # tier holds the minimum
         minimum = tier.total_bytes + (0 if given else TIER_HEADROOM)
         raise HostMemoryError(
             f"{message}; keeping the experts on disk needs at least {format_size(minimum)} ({tier.describe()})",
             minimum,
         )
-    if config.disk_tier == "always":
-        return tier
     log.warning(
         "host RAM: the experts take %s, %s: keeping them on disk, %s (disk_tier='off' refuses instead)",
         format_size(plan.store_bytes),

@@ -61,9 +61,8 @@ class OffloadRuntime:
         )
         self.survey = survey
         self.budget = budget
-        self.host_plan: HostPlan | None = (
-            None  # the loader's host RAM plan (None: wrapped, or a random model)
-        )
+        # the loader's host RAM plan (None: wrapped, or a random model)
+        self.host_plan: HostPlan | None = None
         device = config.device
         if device.type == "cuda":
             self._memory_baseline = torch.cuda.memory_allocated(device)
