@@ -25,7 +25,19 @@ _DTYPES = {
     "float": torch.float32,
 }
 
-KernelChoice = Literal["auto", "torch", "triton"]
+KernelChoice = Literal["auto", "torch", "triton", "dequant", "int8pack", "int4pack"]
+CPU_KERNELS = ("dequant", "int8pack", "int4pack")  # host kernels a CPU device may be told to run throughout
+KERNEL_CHOICES = ("auto", "torch", "triton", *CPU_KERNELS)
+
+
+def check_kernel_choice(choice: str, device: torch.device) -> None:
+    """A known kernel choice, and no CPU kernel on a CUDA device (offload.kernels.selection says what each is)."""
+    if choice not in KERNEL_CHOICES:
+        raise OffloadError(f"kernel must be one of {', '.join(KERNEL_CHOICES)}, got {choice!r}")
+    if choice in CPU_KERNELS and device.type == "cuda":
+        raise OffloadError(
+            f"kernel={choice!r} is a CPU kernel: on a CUDA device choose auto, triton or torch"
+        )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -146,8 +158,7 @@ class OffloadConfig:
             raise OffloadError("host_rates must be a cache_policies.HostRates")
         if self.disk_tier not in ("auto", "off", "always"):
             raise OffloadError(f"disk_tier must be auto, off or always, got {self.disk_tier!r}")
-        if self.kernel not in ("auto", "torch", "triton"):
-            raise OffloadError(f"kernel must be auto, torch or triton, got {self.kernel!r}")
+        check_kernel_choice(self.kernel, self.device)
         if self.extra:
             raise OffloadError(f"unknown option(s): {', '.join(sorted(self.extra))}")
 

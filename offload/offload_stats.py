@@ -34,7 +34,9 @@ class OffloadStats:
     host_compute_seconds: float = 0.0  # worker time spent on them, summed over the workers
     host_wait_seconds: float = 0.0  # time the layer step waited for them after its own work
     host_compute: str = "off"  # the mode in effect: off, auto, always (auto on CPU without rates: off)
-    host_kernel: str = ""  # the host kernel (offload.kernels.host_experts), "" when off
+    host_kernel: str = ""  # the host kernels by token count (offload.kernels.kernel_table), "" when off
+    kernels: str = ""  # what computes the experts in the slots: triton, torch, or a CPU device's host kernels
+    # by token count ("int4pack up to 31 tokens, reference above on int4pack slots")
     host_kernel_copy_bytes: int = 0  # host RAM of the experts' copy for the int4pack kernel, 0: none
     store_source: str = (
         ""  # quantized experts or the disk tier: written while loading, or read from a disk store

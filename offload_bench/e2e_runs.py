@@ -232,7 +232,7 @@ def run_offloaded(
         prefetch=PREFETCH[variant],
         expert_format=layout.format_name,
         host_compute=runtime.host_mode,
-        host_kernel="" if runtime.step.host is None else runtime.step.host.kernel_name,
+        host_kernel="" if runtime.step.host is None else runtime.step.host.table.describe(),
         host_tier_slots=None if runtime.tier is None else runtime.tier.pool.num_slots,
         routing=routing_label(ctx["trace_path"]),
     )

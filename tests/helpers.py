@@ -34,7 +34,7 @@ def slot_counts(path: Path) -> dict[str, int]:
 
 def load(path: Path, slots: int, device: str, dtype: str = "fp32", **options) -> torch.nn.Module:
     config = OffloadConfig.create(1, device=device, dtype=dtype, max_context=64, **options)
-    budget = budget_for_slots(survey_checkpoint(str(path), config.dtype), config, slots)
+    budget = budget_for_slots(survey_checkpoint(str(path), config.dtype, config), config, slots)
     return offload.from_pretrained(
         path, vram_budget=budget, device=device, dtype=dtype, max_context=64, progress=False, **options
     )
@@ -59,35 +59,42 @@ def count_uses(model: torch.nn.Module) -> list[int]:
 
 
 def force_int4pack_on_cpu(monkeypatch) -> None:
-    """Make a CPU-device load build the int4pack copy and pick its kernel, as a CUDA one does where the probe
-    finds it fastest (offload.memory.int4pack); the probe still runs, for the reference kernel."""
+    """Make a CPU-device load build the int4pack copy and run host experts through it, as a CUDA one does where
+    the probe finds that kernel fastest (offload.memory.int4pack); the probe still runs. Load with
+    ``kernel="torch"``: the slots then hold the canonical layout, as a GPU's do (with ``auto`` a CPU device
+    keeps its experts in the int4pack packing itself and needs no copy)."""
+    from offload.kernels.kernel_table import KernelTable
     from offload.memory.int4pack import int4pack_expert_bytes
     from offload.runtime import host_plan, host_rates
+    from offload.runtime.runtime import OffloadRuntime
 
     monkeypatch.setattr(
         host_plan,
         "int4pack_copy_bytes",
         lambda survey, config, slots=None: survey.total_experts * int4pack_expert_bytes(survey.layout),
     )
+    monkeypatch.setattr(OffloadRuntime, "_fixed_table", lambda self: None)  # host experts: the probe's pick
     resolve = host_rates.resolve
 
     def pick_int4pack(*args, int4pack: bool = False, **kwargs):
         assert int4pack, "the runtime did not build the copy"
         resolve(*args, **kwargs)
-        return "int4pack", None
+        return KernelTable.single("int4pack"), None
 
     monkeypatch.setattr(host_rates, "resolve", pick_int4pack)
 
 
-def assert_layers_agree(device: torch.nn.Module, host: torch.nn.Module, tolerance: float = 2e-2) -> None:
-    """Every MoE layer's output of ``host`` within bf16 tolerance of ``device``'s on the same random tokens and
-    routing: in bf16 a tiny random model's routing flips on any rounding difference, so whole-model logits
-    would compare different experts."""
+def assert_layers_agree(
+    device: torch.nn.Module, host: torch.nn.Module, tolerance: float = 2e-2, tokens: int = 5
+) -> None:
+    """Every MoE layer's output of ``host`` within bf16 tolerance of ``device``'s on the same ``tokens`` random
+    tokens and routing: in bf16 a tiny random model's routing flips on any rounding difference, so whole-model
+    logits would compare different experts."""
     survey = runtime_of(host).survey
     on = runtime_of(device).config.device
     generator = torch.Generator().manual_seed(7)
     for layer in range(survey.num_layers):
-        x = torch.randn(5, survey.layout.hidden_size, generator=generator).to(torch.bfloat16)
+        x = torch.randn(tokens, survey.layout.hidden_size, generator=generator).to(torch.bfloat16)
         ids = torch.stack(
             [torch.randperm(survey.num_experts, generator=generator)[: survey.top_k] for _ in x]
         )

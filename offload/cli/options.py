@@ -84,9 +84,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: the checkpoint's dtype")
     p.add_argument(
         "--kernel",
-        choices=("auto", "triton", "torch"),
+        choices=("auto", "triton", "torch", "dequant", "int8pack", "int4pack"),
         default="auto",
-        help="expert compute: auto (Triton on CUDA, torch on CPU), triton, or the torch reference",
+        help="expert compute: auto (Triton on CUDA; on CPU the fastest host kernel per format and token "
+        "count, measured), triton, the torch reference (dequantize then compute), or one CPU kernel",
     )
     p.add_argument(
         "--max-context",

@@ -98,9 +98,10 @@ def _summary(result: dict[str, Any], stats: Any) -> str:
             f"decode  : {result['new_tokens']} tokens, {result['decode_tokens_per_s']:.2f} tok/s after the first",
             f"experts : hit rate {stats.hit_rate:.1%} ({stats.expert_hits} hits, {stats.expert_misses} copied, "
             f"{stats.host_expert_calls} computed on host)",
+            f"kernels : {stats.kernels}",
             *(
                 [
-                    f"host    : {stats.host_compute}, kernel {stats.host_kernel}"
+                    f"host    : {stats.host_compute}, kernels {stats.host_kernel}"
                     + (
                         f" (on a {format_size(stats.host_kernel_copy_bytes)} copy of the experts)"
                         if stats.host_kernel_copy_bytes

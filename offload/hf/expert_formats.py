@@ -31,6 +31,7 @@ from transformers import PretrainedConfig
 from offload.config import OffloadConfig
 from offload.errors import OffloadError
 from offload.hf.quantized import quant_method
+from offload.kernels.selection import device_layout
 from offload.memory.layout import ExpertLayout
 from offload.runtime.model_survey import ModelSurvey
 
@@ -52,8 +53,9 @@ def with_format(
     model_survey: ModelSurvey, config: OffloadConfig, hf_config: PretrainedConfig | None
 ) -> ModelSurvey:
     """The survey with the expert layout in the format of this load: the checkpoint's own (``hf_config`` of a
-    quantized checkpoint being read), else ``config.quantize``, else the compute dtype. Slots are counted in
-    the format's bytes, so this comes before the budget is planned."""
+    quantized checkpoint being read), else ``config.quantize``, else the compute dtype; in the packing the
+    device's kernel reads (:func:`offload.kernels.selection.device_layout`). Slots are counted in the
+    layout's bytes, so this comes before the budget is planned."""
     layout = model_survey.layout
     native = None if hf_config is None else native_format(hf_config, layout, config.dequantize)
     if native is not None and config.quantize is not None:
@@ -66,7 +68,7 @@ def with_format(
     elif config.quantize is not None:
         group = config.quantize_group if config.quantize == "int4" else 0
         layout = replace(layout, format=config.quantize, group_size=group)
-    return replace(model_survey, layout=layout)
+    return replace(model_survey, layout=device_layout(layout, config.device, config.kernel))
 
 
 def native_format(

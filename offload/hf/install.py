@@ -96,7 +96,7 @@ def attach_runtime(model: nn.Module, runtime: OffloadRuntime) -> None:
     forward holds the memory the probes borrow), and the handle that offload.stats and friends find the
     runtime by."""
     install_predictor(model, runtime)
-    runtime.prepare_host()
+    runtime.prepare_kernels()
     setattr(model, RUNTIME_ATTR, runtime)
 
 

@@ -42,6 +42,7 @@ from offload.hf.skeleton import build_skeleton
 from offload.memory.disk_store import DiskStore
 from offload.memory.formats import NATIVE_FORMATS
 from offload.memory.host_memory import release_freed_host_memory
+from offload.memory.int4pack import packing_identity
 from offload.runtime.runtime import OffloadRuntime
 from offload.user_cache import user_cache_dir
 
@@ -161,9 +162,9 @@ def _load_weights(
             runtime.store_source = source
         elif cache is not None:
             cache.commit()
-            runtime.store_source = cache.describe("compressed-store cache", "quantized while loading")
-        elif runtime.config.quantize is not None:
-            runtime.store_source = "quantized while loading (the store cache is off)"
+            runtime.store_source = cache.describe("compressed-store cache", _made_how(runtime))
+        elif runtime.config.quantize is not None or layout.packing:
+            runtime.store_source = f"{_made_how(runtime)} (the store cache is off)"
     _raise_on_errors(info, checkpoint, check_missing=True)
     on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:
@@ -172,12 +173,20 @@ def _load_weights(
         )
 
 
+def _made_how(runtime: OffloadRuntime) -> str:
+    quantized = "quantized" if runtime.config.quantize is not None else ""
+    packed = "laid out for int4pack" if runtime.survey.layout.packing else ""
+    return " and ".join(part for part in (quantized, packed) if part) + " while loading"
+
+
 def _store_cache(checkpoint: Checkpoint, runtime: OffloadRuntime) -> DiskStore | None:
     """The disk store of this load. With the disk tier, the store the experts live in (any format: a later
     load reads it as it is). Otherwise the compressed-store cache: only experts quantized while loading are
-    worth caching (float and native formats are read from the checkpoint as fast as from a cache)."""
+    worth caching, and those laid out for a CPU device's int4pack kernel (float and native formats are read from
+    the checkpoint as fast as from a cache)."""
     config, model_survey = runtime.config, runtime.survey
-    if runtime.tier is None and (config.quantize is None or not config.store_cache):
+    converted = config.quantize is not None or model_survey.layout.packing  # worth keeping: not a plain read
+    if runtime.tier is None and (not converted or not config.store_cache):
         return None
     files = []
     for path in checkpoint.files:
@@ -190,6 +199,8 @@ def _store_cache(checkpoint: Checkpoint, runtime: OffloadRuntime) -> DiskStore |
         "group": layout.group_size,
         "dtype": str(layout.dtype),
     }
+    if layout.packing:  # torch's int4pack layout differs between CPU capabilities (and may between versions)
+        identity["packing"] = packing_identity(layout)
     root = Path(config.store_dir) if config.store_dir else user_cache_dir("stores")
     store = DiskStore.open(root, identity, layout, model_survey.num_layers, model_survey.num_experts)
     if runtime.tier is not None and store.state == "off":

@@ -1,17 +1,20 @@
 """Host kernels: one expert's rows computed on the CPU, straight from the host store's bytes.
 
 A missed expert computed on the host is read from RAM once, in its stored format, and never copied to a slot.
-Which kernel runs is chosen per format by the host probe (:mod:`offload.runtime.host_rates`) on the machine
-itself; every one has the contract of :func:`offload.kernels.torch_reference.expert_rows`:
+Which kernel runs is chosen per format and token count by the host probe (:mod:`offload.runtime.host_rates`)
+on the machine itself (:mod:`offload.kernels.kernel_table`), for the experts computed on the host beside a
+GPU and for every expert of a CPU device alike; every one has the contract of
+:func:`offload.kernels.torch_reference.expert_rows`, so a pair's rows are the same bits whichever of the two
+runs its kernel:
 
 =============  =======================================================================  ==================
 kernel         what it does                                                              formats
 =============  =======================================================================  ==================
 ``reference``  the device's torch reference, unchanged: weights read back to the        every format
-               compute dtype (:meth:`ExpertLayout.weight`), ``F.linear`` in it. On a
-               CPU device the host kernel is always this one, so a pair gives the same
-               bits wherever it is computed (invariant *exact-results*). For float
-               experts it is torch's GEMV on the stored weights, the fastest route
+               compute dtype (:meth:`ExpertLayout.weight`), ``F.linear`` in it. For     and packing
+               float experts it is torch's GEMV on the stored weights, the fastest
+               route; for many tokens, reading a compressed matrix back once and one
+               GEMM beats the kernels below
 ``dequant``    the same math with a cheaper read-back: scales and zero points are        int4, mxfp4, fp8,
                broadcast over their groups (views) instead of expanded to full          int8
                matrices (``repeat_interleave``), then ``F.linear`` in the compute dtype.
@@ -20,7 +23,8 @@ kernel         what it does                                                     
 ``int8pack``   ``torch._weight_int8pack_mm`` on the stored codes and per-row scales:     int8
                the int8 weights are never expanded
 ``int4pack``   ``torch._weight_int4pack_mm_for_cpu`` on the experts' converted copy      int4, mxfp4
-               (:mod:`offload.memory.int4pack`): the packed codes are read once, never   (bf16)
+               (:mod:`offload.memory.int4pack`), or on a CPU device's experts stored    (bf16)
+               in that packing: the packed codes are read once, never
                expanded. int4 within the oracle's tolerance, not bitwise (the zero
                point is folded into a bf16 offset); MXFP4 exact (each e2m1 value split
                into two int4 values)
@@ -57,6 +61,8 @@ def dequantized(fields: dict[str, torch.Tensor], layout: ExpertLayout, name: str
 
     The values of :func:`offload.memory.formats.dequantize` without materializing full-size scale matrices."""
     fmt, dt = layout.format, layout.dtype
+    if layout.packing:  # laid out for int4pack: read back as its reference does
+        return layout.weight(fields, name)
     cols = layout.hidden_size if name == "gate_up" else layout.intermediate_size
     data = fields[name]
     rows = data.shape[0]
@@ -150,7 +156,10 @@ HOST_KERNELS: dict[str, HostKernel] = {
 
 def host_kernel_candidates(layout: ExpertLayout, int4pack: bool = False) -> tuple[str, ...]:
     """The kernels that can compute this layout's experts on the host, the reference first. ``int4pack``: the
-    experts have a converted copy (:mod:`offload.memory.int4pack`), which that kernel reads."""
+    experts have a converted copy (:mod:`offload.memory.int4pack`), which that kernel reads. Experts in the
+    int4pack packing (a CPU device's) are read by that kernel, or read back by the reference."""
+    if layout.packing == "int4pack":
+        return ("reference", "int4pack")
     out = ["reference"]
     if layout.format != "float":
         out.append("dequant")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,20 @@ def expert_pairs_torch(
     not depend on the slot count (bitwise). Compressed experts are read back to the compute dtype one expert
     at a time (:meth:`offload.memory.layout.ExpertLayout.weight`): the dequantize-then-matmul oracle.
     """
+    expert_pairs_by(lambda tokens: expert_rows, routed, experts, slots, pool, activation, out)
+
+
+def expert_pairs_by(
+    kernel_for: Callable[[int], Callable[..., torch.Tensor]],
+    routed: RoutedTokens,
+    experts: Sequence[int],
+    slots: Sequence[int],
+    pool: SlotPool,
+    activation: ExpertActivation,
+    out: torch.Tensor,
+) -> None:
+    """:func:`expert_pairs_torch` with each expert's rows from ``kernel_for(its token count)``, a function
+    with the contract of :func:`expert_rows` (:mod:`offload.kernels.kernel_table` picks them)."""
     k = routed.top_k
     weights = routed.top_k_weights.reshape(-1)  # [T*k]
     layout = pool.layout
@@ -40,7 +54,8 @@ def expert_pairs_torch(
         if span is None:
             continue
         pairs = routed.pairs_by_expert[span[0] : span[1]]
-        out[pairs] = expert_rows(
+        rows = kernel_for(pairs.numel())
+        out[pairs] = rows(
             routed.hidden[pairs // k], weights[pairs], pool.slot_fields(slot), layout, activation, out.dtype
         )
 

@@ -77,6 +77,33 @@ def matrix_fields(
     raise ValueError(f"unknown expert format {fmt!r}; known: {', '.join(FORMATS)}")
 
 
+PACKINGS = (
+    "",
+    "int4pack",
+)  # how a matrix's fields are laid out: as above, or for torch's int4pack CPU kernel
+
+
+def int4pack_columns(fmt: str, cols: int, group: int) -> int:
+    """K, the columns torch's int4pack kernel reduces over for a matrix of ``cols`` columns in ``fmt``: int4's
+    padded columns, or MXFP4's twice (each e2m1 value split into two int4 values, :mod:`offload.memory.int4pack`)."""
+    return 2 * cols if fmt == "mxfp4" else padded(cols, group)
+
+
+def int4pack_matrix_fields(
+    name: str, rows: int, cols: int, fmt: str, group: int, compute: torch.dtype
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """``(field name, per-expert shape, dtype)`` of one int4 or MXFP4 matrix in the int4pack packing: codes
+    uint8 ``[R, K/2]`` in torch's blocked CPU layout and ``(scale, zero)`` pairs ``[K/g, R, 2]`` in ``compute``
+    (:mod:`offload.memory.int4pack` says what they hold)."""
+    if fmt not in ("int4", "mxfp4"):
+        raise ValueError(f"the int4pack packing holds int4 or mxfp4 experts, not {fmt}")
+    k = int4pack_columns(fmt, cols, group)
+    return [
+        (f"{name}_int4pack", (rows, k // 2), torch.uint8),
+        (f"{name}_scale_zeros", (k // group, rows, 2), compute),
+    ]
+
+
 # -- reading back -----------------------------------------------------------------------------------------
 
 

@@ -50,7 +50,12 @@ class HostExpertStore:
 
     def fill_packed_layer(self, layer: int, fields: dict[str, torch.Tensor]) -> None:
         """Store one layer whose fields ``{name: [E, *shape]}`` are already in the layout's format (a
-        checkpoint's own MXFP4 or FP8 bytes): copied as they are."""
+        checkpoint's own MXFP4 or FP8 bytes, a disk store's rows): copied as they are; in the canonical packing
+        where the layout has another (a CPU device's int4pack), converted one expert at a time."""
+        canonical = self.layout.canonical
+        if canonical is not self.layout and set(fields) == {f.name for f in canonical.fields}:
+            self._repack_layer(layer, fields)
+            return
         expected = {f.name: (self.num_experts, *f.shape) for f in self.layout.fields}
         if set(fields) != set(expected):
             raise ValueError(
@@ -64,6 +69,14 @@ class HostExpertStore:
                     f"layer {layer} field {name}: shape {tuple(tensor.shape)}, expected {expected[name]}"
                 )
             views[name].copy_(tensor)
+        self._layers[layer], self._pinned[layer] = buffer, pinned
+
+    def _repack_layer(self, layer: int, fields: dict[str, torch.Tensor]) -> None:
+        buffer, pinned = self._new_buffer()
+        views = self.layout.views(buffer)
+        for expert in range(self.num_experts):
+            for name, tensor in self.layout.repack({n: t[expert] for n, t in fields.items()}).items():
+                views[name][expert].copy_(tensor)
         self._layers[layer], self._pinned[layer] = buffer, pinned
 
     def _new_buffer(self) -> tuple[torch.Tensor, bool]:

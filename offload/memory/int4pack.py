@@ -4,11 +4,19 @@
 from the blocked layout ``torch._convert_weight_to_int4pack_for_cpu`` makes, reading the packed codes once
 (``docs/host-compute.md`` has the figures: 10-62 times the other host kernels at one token).
 Converting a matrix costs several of its matmuls (about 20 through torch's converter, 2-5 times fewer laid out
-by :func:`to_int4pack_layout`), so it is done once per expert, as its layer is stored, into a second host copy
-of the experts (for int4 about the size of the store, for MXFP4 2.4 times). That adds to
-their host RAM, so the copy is planned (:mod:`offload.runtime.host_plan`) and made only where it is used and
-fits: on a CUDA device with host compute on, for bf16 experts (torch's kernel is vectorized for bf16 only;
-fp16 and fp32 run a scalar loop slower than dequantizing).
+by :func:`to_int4pack_layout`), so it is done once per expert, as its layer is stored, never per call. Where:
+
+- on a CUDA device, with host compute on, into a second host copy of the experts (:class:`Int4PackCopy`; for
+  int4 about the size of the store, for MXFP4 2.4 times): the slots keep the canonical layout the Triton
+  kernels read, so the copy is planned (:mod:`offload.runtime.host_plan`) and made only where it fits;
+- on a CPU device, into the store itself: the experts are kept in the int4pack *packing*
+  (:attr:`offload.memory.layout.ExpertLayout.packing`, :func:`packed_layout`), which the slots hold too, so
+  a copy into a slot moves the kernel's own bytes and torch's kernel reads the slot as it is. The
+  compressed-store cache keeps the packed store, keyed by torch's CPU layout (:func:`packing_identity`).
+
+Both only for bf16 experts (torch's kernel is vectorized for bf16 only; fp16 and fp32 run a scalar loop slower
+than dequantizing). :func:`dequantize_int4pack` reads the packing back to the compute dtype: the reference of
+the packing, and what a call with many tokens multiplies.
 
 Per expert and matrix ``W`` ``[R, C]``:
 
@@ -36,12 +44,16 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from offload.memory import formats
-from offload.memory.layout import ExpertLayout
 from offload.torch_threads import torch_thread_pool
+
+if TYPE_CHECKING:  # the layout reads its int4pack packing through this module
+    from offload.memory.layout import ExpertLayout
 
 INT4PACK_FORMATS = ("int4", "mxfp4")
 INT4PACK_GROUPS = (32, 64, 128, 256)  # the group sizes torch's kernel takes
@@ -70,19 +82,23 @@ def int4pack_unsupported(layout: ExpertLayout) -> str | None:
     return None
 
 
-def reduced_columns(layout: ExpertLayout, cols: int) -> int:
-    """K, the columns torch's kernel reduces over for a matrix of ``cols`` columns (see the module doc)."""
-    return 2 * cols if layout.format == "mxfp4" else formats.padded(cols, layout.group_size)
+def packed_layout(layout: ExpertLayout) -> ExpertLayout:
+    """``layout`` in the int4pack packing: the fields torch's kernel reads (and the biases)."""
+    return replace(layout, packing="int4pack")
+
+
+def packing_identity(layout: ExpertLayout) -> str:
+    """What the bytes of ``layout``'s packing depend on beyond the layout: torch's CPU layout, per capability."""
+    return f"{layout.packing}|{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}"
 
 
 def _shapes(layout: ExpertLayout) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    g = layout.group_size
-    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for name, rows, cols in layout.matrices:
-        k = reduced_columns(layout, cols)
-        out[f"{name}_int4pack"] = ((rows, k // 2), torch.uint8)
-        out[f"{name}_scale_zeros"] = ((k // g, rows, 2), layout.dtype)
-    return out
+    """The converted copy's fields of one expert (no biases: they stay in the store)."""
+    return {
+        f.name: (f.shape, f.dtype)
+        for f in packed_layout(layout).fields
+        if f.name.endswith(("_int4pack", "_scale_zeros"))
+    }
 
 
 def int4pack_expert_bytes(layout: ExpertLayout) -> int:
@@ -266,3 +282,48 @@ class Int4PackCopy:
 
     def release(self) -> None:
         self._layers = [None] * len(self._layers)
+
+
+# -- reading the packing back ----------------------------------------------------------------------------------
+
+
+def dequantize_int4pack(fields: dict[str, torch.Tensor], name: str, layout: ExpertLayout) -> torch.Tensor:
+    """Matrix ``name`` of one expert in the int4pack packing as ``[R, C]`` in the compute dtype: the weights
+    torch's kernel multiplies, ``(q - 8) * scale + zero`` per group (for MXFP4 the two halves summed, exact),
+    rounded once to the compute dtype. What a kernel that multiplies many tokens by the matrix reads
+    (:mod:`offload.kernels.host_experts`), and the packing's reference."""
+    packed, pairs = fields[f"{name}_int4pack"], fields[f"{name}_scale_zeros"]  # [R, K/2], [K/g, R, 2]
+    rows, half = packed.shape
+    g, dtype = layout.group_size, layout.dtype
+    cols = layout.hidden_size if name == "gate_up" else layout.intermediate_size
+    p = fast_layout_pairs()
+    full = _whole_block_rows(rows, p)
+    out = torch.empty((rows, 2 * half), dtype=dtype)
+    if full:
+        codes = formats.unpack_nibbles(_unlayout(packed[:full], p))  # [full, K] codes 0..15
+        values = out[:full].view(full, -1, g)
+        values.copy_(codes.view(full, -1, g)).sub_(8)  # exact in any float dtype
+        scale, zero = pairs[:, :full].permute(2, 1, 0).unsqueeze(-1)  # each [full, K/g, 1]
+        values.mul_(scale).add_(zero)
+    if full < rows:  # rows torch laid out itself: read back through its kernel, an identity matrix's product
+        eye = torch.eye(2 * half, dtype=dtype)
+        tail = torch._weight_int4pack_mm_for_cpu(
+            eye, packed[full:].contiguous(), g, pairs[:, full:].contiguous()
+        )
+        out[full:] = tail.T
+    if layout.format == "mxfp4":  # [a | b]: each weight is a + b, exact
+        return out[:, :cols] + out[:, cols:]
+    return out[:, :cols]
+
+
+def _unlayout(laid: torch.Tensor, pairs: int) -> torch.Tensor:
+    """The inverse of :func:`_relayout` on whole blocks of ``32 * P`` rows: torch's layout -> codes two per
+    byte, low nibble first (``[R, K/2]``)."""
+    rows, half = laid.shape
+    block = 32 * pairs
+    src = laid.view(rows // block, half, 2, pairs, 16)
+    even, odd = src[:, :, 0].permute(0, 2, 3, 1), src[:, :, 1].permute(0, 2, 3, 1)  # [blocks, P, 16, K/2]
+    out = torch.empty((rows // block, 2, pairs, 16, half), dtype=torch.uint8)
+    torch.bitwise_or(even & 0xF, odd << 4, out=out[:, 0])  # rows d: the low nibbles of both columns
+    torch.bitwise_or(even >> 4, odd & 0xF0, out=out[:, 1])  # rows d + 16P: the high nibbles
+    return out.view(rows, half)

@@ -20,11 +20,18 @@ The layout also records the storage *format* of the two weight matrices (:mod:`o
 ``float`` (the compute dtype, as above), ``int8``, ``int4``, ``mxfp4`` or ``fp8``, whose scales and zero
 points are further fields of the same buffer (``gate_up_scale``, ``down_zero``, ...). ``dtype`` is always
 the compute dtype: what kernels compute in and what biases are stored in.
+
+The *packing* says how an int4 or MXFP4 matrix's fields are laid out: ``""``, as above (what quantizing and
+checkpoints produce, and what the Triton kernels read), or ``"int4pack"``: the codes in torch's blocked CPU
+layout and ``(scale, zero)`` pairs (``W_int4pack``, ``W_scale_zeros``; :mod:`offload.memory.int4pack`), what a
+CPU device's slots hold so that torch's int4pack kernel reads them as they are
+(:func:`offload.kernels.selection.device_layout`). :meth:`pack` and :meth:`repack` produce it from the
+canonical fields, :meth:`weight` reads either back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -62,10 +69,18 @@ class ExpertLayout:
     source_transposed: bool = False  # True: the checkpoint stores [in, out] (gpt-oss)
     format: str = "float"  # storage of the weight matrices: float, int8, int4, mxfp4, fp8
     group_size: int = 0  # int4: columns per scale; mxfp4: 32; fp8: the block size; else 0
+    packing: str = ""  # "": the fields above; "int4pack": int4/MXFP4 laid out for torch's CPU kernel
 
     def __post_init__(self) -> None:
         if self.format not in formats.FORMATS:
             raise ValueError(f"unknown expert format {self.format!r}; known: {', '.join(formats.FORMATS)}")
+        if self.packing not in formats.PACKINGS:
+            raise ValueError(f"unknown packing {self.packing!r}; known: int4pack")
+
+    @property
+    def canonical(self) -> ExpertLayout:
+        """This layout with the format's own fields (the packing quantizing and checkpoints produce)."""
+        return replace(self, packing="") if self.packing else self
 
     @property
     def gate_up_rows(self) -> int:
@@ -82,8 +97,9 @@ class ExpertLayout:
     @property
     def fields(self) -> tuple[Field, ...]:
         shapes: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        fields_of = formats.int4pack_matrix_fields if self.packing else formats.matrix_fields
         for name, rows, cols in self.matrices:
-            shapes += formats.matrix_fields(name, rows, cols, self.format, self.group_size, self.dtype)
+            shapes += fields_of(name, rows, cols, self.format, self.group_size, self.dtype)
         if self.has_bias:
             shapes += [
                 ("gate_up_bias", (self.gate_up_rows,), self.dtype),
@@ -125,6 +141,10 @@ class ExpertLayout:
         """Matrix ``name`` (``gate_up`` or ``down``) as ``[..., R, C]`` in the compute dtype, read back from
         ``fields`` (one expert's views, or a slot's): the reference every kernel is checked against."""
         cols = self.hidden_size if name == "gate_up" else self.intermediate_size
+        if self.packing:
+            from offload.memory.int4pack import dequantize_int4pack  # it builds on this module
+
+            return dequantize_int4pack(fields, name, self)
         return formats.dequantize(fields, name, self.format, cols, self.group_size, self.dtype)
 
     def field(self, name: str) -> Field:
@@ -172,7 +192,7 @@ class ExpertLayout:
         return {name: t.to(self.dtype) for name, t in out.items()}
 
     def pack(self, canonical: dict[str, torch.Tensor], expert: int) -> dict[str, torch.Tensor]:
-        """One expert's fields in this layout's format, from the canonical float tensors ``[E, ...]``
+        """One expert's fields in this layout's format and packing, from the canonical float tensors ``[E, ...]``
         (:meth:`canonicalize`): the weights quantized when the format asks for it."""
         out: dict[str, torch.Tensor] = {}
         for name, _, _ in self.matrices:
@@ -184,6 +204,16 @@ class ExpertLayout:
         for name in ("gate_up_bias", "down_bias"):
             if name in canonical:
                 out[name] = canonical[name][expert]
+        return self.repack(out) if self.packing else out
+
+    def repack(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One expert's fields in the canonical packing -> in this layout's packing (biases as they are)."""
+        if not self.packing:
+            return fields
+        from offload.memory.int4pack import convert_expert  # it builds on this module
+
+        out = convert_expert(fields, self.canonical)
+        out.update({name: fields[name] for name in ("gate_up_bias", "down_bias") if name in fields})
         return out
 
 

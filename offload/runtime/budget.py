@@ -6,7 +6,8 @@ The budget is all the device memory the runtime may use::
 
 Resident weights are everything but the routed experts (embeddings, attention, norms, routers, shared
 experts, dense MLP layers, lm_head). The workspace is an estimate of the activations of one forward over
-the longest prompt the KV cache allows; pass ``workspace_bytes`` to override it.
+the longest prompt the KV cache allows, plus, on a CPU device with compressed experts, one expert read back to
+the compute dtype (:func:`read_back_bytes`); pass ``workspace_bytes`` to override it.
 
 :func:`plan_budget` is the one entry point (a model's survey and the config); :func:`fit_budget` is its
 arithmetic on plain numbers.
@@ -18,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from offload.config import OffloadConfig
 from offload.errors import BudgetError
+from offload.memory.layout import ExpertLayout
 from offload.runtime.model_survey import ModelSurvey
 from offload.units import format_size
 
@@ -66,6 +68,8 @@ def plan_budget(survey: ModelSurvey, config: OffloadConfig) -> BudgetPlan:
         workspace = survey.workspace_bytes(config.max_context)
         if config.device.type == "cuda":
             workspace += CUBLAS_WORKSPACE_BYTES
+        elif survey.layout.format != "float":
+            workspace += read_back_bytes(survey.layout)
     return fit_budget(
         budget_bytes=config.vram_budget,
         resident_bytes=survey.resident_bytes,
@@ -77,6 +81,15 @@ def plan_budget(survey: ModelSurvey, config: OffloadConfig) -> BudgetPlan:
         top_k=survey.top_k,
         per_layer=config.cache_scope == "layer",
     )
+
+
+def read_back_bytes(layout: ExpertLayout) -> int:
+    """A CPU device's memory for one compressed expert read back to the compute dtype (the reference kernel, and
+    the host kernels a call of many tokens picks): the larger matrix's values, its intermediate read-back
+    (codes unpacked, MXFP4's two halves), and the other matrix's values while both are alive."""
+    gate_up = layout.gate_up_rows * layout.hidden_size
+    down = layout.hidden_size * layout.intermediate_size
+    return (2 * max(gate_up, down) + gate_up + down) * layout.element_size
 
 
 def budget_for_slots(survey: ModelSurvey, config: OffloadConfig, slots: int) -> int:

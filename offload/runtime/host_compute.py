@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from offload.kernels import ExpertActivation, RoutedTokens
-from offload.kernels.host_experts import HostKernel
+from offload.kernels.kernel_table import KernelTable
 from offload.kernels.routing import read_tensors_to_host
 from offload.memory.int4pack import Int4PackCopy
 from offload.runtime.expert_source import ExpertSource
@@ -58,20 +58,19 @@ class HostCompute:
     def __init__(
         self,
         store: ExpertSource,
-        kernel: HostKernel,
-        kernel_name: str,
+        table: KernelTable,
         threads: int,
         torch_threads: int | None = None,
         int4pack: Int4PackCopy | None = None,
     ) -> None:
-        """``threads`` workers; each runs torch on ``torch_threads`` intra-op threads (None: as the process).
-        ``int4pack``: the experts' copy for the int4pack kernel, whose fields join the store's in each job."""
+        """``threads`` workers; each runs torch on ``torch_threads`` intra-op threads (None: as the process),
+        each expert through ``table``'s kernel for its token count. ``int4pack``: the experts' copy for the
+        int4pack kernel, whose fields join the store's in each job."""
         if threads < 1:
             raise ValueError(f"host threads must be at least 1, got {threads}")
         self.store = store
         self.int4pack = int4pack
-        self.kernel = kernel
-        self.kernel_name = kernel_name
+        self.table = table
         self.threads = threads
         self.torch_threads = torch_threads
         self._pool = (
@@ -144,7 +143,7 @@ class HostCompute:
         if self.int4pack is not None:
             fields |= self.int4pack.views(layer, expert)
         with torch.no_grad():
-            rows = self.kernel(x, w, fields, self.store.layout, activation, out_dtype)
+            rows = self.table.kernel_for(x.shape[0])(x, w, fields, self.store.layout, activation, out_dtype)
         return rows, time.perf_counter() - began
 
     def close(self) -> None:

@@ -121,7 +121,7 @@ def plan_host(model_survey: ModelSurvey, device_bytes: int, int4pack_bytes: int 
     if layout.format == "float":  # the converted layer, copied into the store and freed
         in_flight = one_layer
     elif layout.format in NATIVE_FORMATS:  # the checkpoint's bytes as read, and the same layer packed
-        in_flight = 2 * one_layer
+        in_flight = model_survey.num_experts * layout.canonical.nbytes + one_layer
     else:  # quantized while loading: the layer converted to full precision, and packed beside it
         in_flight = model_survey.num_experts * _full_precision(layout).nbytes + one_layer
     return HostPlan(
@@ -243,4 +243,4 @@ def _what_would_fit(model_survey: ModelSurvey, config: OffloadConfig, plan: Host
 
 def _full_precision(layout: ExpertLayout) -> ExpertLayout:
     """The layout of the same expert in the compute dtype: how transformers hands a layer to the store."""
-    return layout if layout.format == "float" else replace(layout, format="float", group_size=0)
+    return layout if layout.format == "float" else replace(layout, format="float", group_size=0, packing="")

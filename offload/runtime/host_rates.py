@@ -2,13 +2,15 @@
 expert shape, kept in the user cache.
 
 - **link**: pinned host-to-device GB/s of expert-sized copies (a short probe: 64 MiB, best of 3);
-- **host**: per host kernel (:mod:`offload.kernels.host_experts`), seconds per expert at 1, 4 and 16 tokens on
-  synthetic experts of the model's layout, enough of them (up to 64 MiB) that RAM, not the cache, feeds the
-  kernel; the fastest at 1 token (decode) is the host kernel, its rates are the rule's;
+- **host**: per host kernel (:mod:`offload.kernels.host_experts`), seconds per expert at 1, 4, 16, 64 and 256
+  tokens on synthetic experts of the model's layout, enough of them (up to 64 MiB) that RAM, not the cache,
+  feeds the kernel at the smaller counts; the fastest at each count makes the kernel table
+  (:mod:`offload.kernels.kernel_table`), and its rates at 1, 4 and 16 tokens are the rule's;
 - **device**: seconds of one expert call on the device at 1 token.
 
-A CPU device has no link: ``auto`` there is ``off`` unless rates are given (``host_rates``), and the host kernel
-is the device's own reference kernel, so a pair gives the same bits wherever it runs.
+A CPU device has no link: ``auto`` there is ``off`` unless rates are given (``host_rates``). Its experts are all
+computed by the kernel table, measured the same way (no link or device probe), and host experts there run
+the same table, so a pair gives the same bits wherever it runs.
 
 The cache is one JSON file, ``rates.json`` in the user cache folder (:mod:`offload.user_cache`), keyed by
 machine (host name, CPU, torch version, device name, threads) and by expert shape and format. It is written
@@ -32,12 +34,15 @@ import torch
 from cache_policies import HostRates
 from offload.kernels import ExpertActivation
 from offload.kernels.host_experts import host_kernel, host_kernel_candidates
+from offload.kernels.kernel_table import KernelTable
 from offload.memory.int4pack import convert_expert
 from offload.memory.layout import ExpertLayout
 from offload.torch_threads import torch_thread_pool
 from offload.user_cache import user_cache_dir
 
-PROBE_TOKENS = (1, 4, 16)
+PROBE_TOKENS = (1, 4, 16)  # the copy-or-compute rule's points
+TABLE_TOKENS = (1, 4, 16, 64, 256)  # the kernel table's
+_LARGE_CALL_EXPERTS = 4  # experts timed per pass above 16 tokens: compute, not RAM, bounds those calls
 _PROBE_BYTES = 64 << 20  # synthetic experts per host probe: more than a last-level cache holds
 _LINK_CHUNK, _LINK_CHUNKS = 4 << 20, 16  # the link probe: 16 back-to-back copies of 4 MiB
 
@@ -64,8 +69,10 @@ def machine_key(device: torch.device, threads: int, torch_threads: int | None = 
 def layout_key(layout: ExpertLayout) -> str:
     gate = "gate" if layout.has_gate else "nogate"
     bias = "bias" if layout.has_bias else "nobias"
+    packing = f"|{layout.packing}" if layout.packing else ""
     return (
         f"{layout.format_name}|{layout.dtype}|H{layout.hidden_size}|I{layout.intermediate_size}|{gate}|{bias}"
+        f"{packing}"
     )
 
 
@@ -78,28 +85,30 @@ def resolve(
     need_rates: bool,
     int4pack: bool = False,
     device_room: int | None = None,
-) -> tuple[str, HostRates | None]:
-    """(host kernel, measured rates or None): from the cache where it has them, else probed and cached.
+) -> tuple[KernelTable, HostRates | None]:
+    """(kernel table, measured rates or None): from the cache where it has them, else probed and cached.
     ``threads`` host workers, each on ``torch_threads`` intra-op threads (None: as the process); ``int4pack``:
     the experts have a converted copy for that kernel (:mod:`offload.memory.int4pack`); ``device_room``: the
-    device bytes the link and device probes may take between them (None: what they ask for)."""
-    if device.type != "cuda":
-        return "reference", None  # the device's own kernel; no link to weigh
+    device bytes the link and device probes may take between them (None: what they ask for). A CPU device has
+    no link to weigh: no rates there."""
+    need_rates = need_rates and device.type == "cuda"
     candidates = host_kernel_candidates(layout, int4pack)
+    if len(candidates) == 1 and not need_rates:
+        return KernelTable.single(candidates[0]), None  # nothing to weigh
 
     def measure() -> dict[str, Any]:
-        kernel, host = probe_host(layout, activation, candidates, torch_threads=torch_threads)
-        entry: dict[str, Any] = {"kernel": kernel, "host_gbps": host}
+        table, host = probe_host(layout, activation, candidates, torch_threads=torch_threads)
+        entry: dict[str, Any] = {"table": table.to_json(), "host_gbps": host}
         if need_rates:
             half = None if device_room is None else device_room // 2  # one after the other, each within half
             entry.update(link_gbps=probe_link(device, half), device_s=probe_device(layout, device, half))
         return entry
 
-    needed = ("kernel", "host_gbps", "link_gbps", "device_s") if need_rates else ("kernel", "host_gbps")
+    needed = ("table", "host_gbps", "link_gbps", "device_s") if need_rates else ("table", "host_gbps")
     # the candidates are in the key: a kernel added or dropped since the entry was written measures again
     key = f"{machine_key(device, threads, torch_threads)}||{layout_key(layout)}||{','.join(candidates)}"
     entry, source = cached(rates_path(), key, needed, measure)
-    return entry["kernel"], rates_of(entry, source) if need_rates else None
+    return KernelTable.from_json(entry["table"]), rates_of(entry, source) if need_rates else None
 
 
 def rates_of(entry: dict[str, Any], source: str) -> HostRates:
@@ -159,26 +168,23 @@ def probe_host(
     kernels: tuple[str, ...],
     repeats: int = 3,
     torch_threads: int | None = None,
-) -> tuple[str, list[tuple[int, float]]]:
-    """The fastest host kernel at 1 token and its (tokens, GB/s) points, on synthetic experts, each call on
+) -> tuple[KernelTable, list[tuple[int, float]]]:
+    """The fastest of ``kernels`` at each of :data:`TABLE_TOKENS` tokens, and the (tokens, GB/s of expert
+    bytes) of the fastest at each of :data:`PROBE_TOKENS`, on synthetic experts, each call on
     ``torch_threads`` intra-op threads as a host worker runs it (None: the caller's)."""
     count = max(2, min(32, _PROBE_BYTES // layout.nbytes))
-    experts = synthetic_experts(layout, count, int4pack="int4pack" in kernels)
-    best: tuple[str, list[tuple[int, float]]] | None = None
-    for name in kernels:
-        points = [
-            (
-                n,
-                layout.nbytes
-                / host_seconds(name, layout, activation, experts, n, repeats, torch_threads)
-                / 1e9,
-            )
-            for n in PROBE_TOKENS
-        ]
-        if best is None or points[0][1] > best[1][0][1]:
-            best = (name, points)
-    assert best is not None
-    return best
+    experts = synthetic_experts(layout, count, int4pack="int4pack" in kernels and not layout.packing)
+    points, rates = [], []
+    for n in TABLE_TOKENS:
+        timed = experts if n <= 16 else experts[:_LARGE_CALL_EXPERTS]
+        seconds = {
+            name: host_seconds(name, layout, activation, timed, n, repeats, torch_threads) for name in kernels
+        }
+        best = min(kernels, key=seconds.__getitem__)  # ties: the earlier candidate, the reference first
+        points.append((n, best))
+        if n in PROBE_TOKENS:
+            rates.append((n, layout.nbytes / seconds[best] / 1e9))
+    return KernelTable(tuple(points)), rates
 
 
 def host_seconds(

@@ -17,8 +17,8 @@ from cache_policies import CopyOrCompute, HistoryPredictor, Predictor, Prefetche
 from cache_policies.prefetch import LowerTierCounts
 from offload.config import OffloadConfig
 from offload.errors import OffloadError
-from offload.kernels import ExpertActivation, select_kernel
-from offload.kernels.host_experts import host_kernel
+from offload.kernels import ExpertActivation, expert_pairs_torch, select_kernel
+from offload.kernels.kernel_table import HostKernelPairs, KernelTable
 from offload.memory.copy_engines import CopyEngine, make_copy_engine
 from offload.memory.host_store import HostExpertStore
 from offload.memory.int4pack import Int4PackCopy
@@ -98,7 +98,10 @@ class OffloadRuntime:
         self.host_mode = config.host_compute
         if self.host_mode == "auto" and device.type != "cuda" and config.host_rates is None:
             self.host_mode = "off"
-        self._host_ready = self.host_mode == "off"
+        # the kernel table is measured once the experts' activation is known (_setup_kernels): host compute
+        # runs it, and so does a CPU device with kernel auto
+        self._measure_kernels = device.type != "cuda" and config.kernel == "auto"
+        self._kernels_ready = self.host_mode == "off" and not self._measure_kernels
         self.int4pack = (  # a copy of every expert: not for experts that do not fit in RAM once
             Int4PackCopy(survey.layout, survey.num_layers, survey.num_experts)
             if int4pack_copy and self.host_mode != "off" and self.store is not None
@@ -107,8 +110,7 @@ class OffloadRuntime:
         if self.host_mode != "off":
             self.step.host = HostCompute(
                 self.source,
-                host_kernel("reference"),
-                "reference",
+                self._fixed_table() or KernelTable.single("reference"),  # auto: replaced once measured
                 config.host_threads,
                 torch_threads_per_worker(config.host_threads) if device.type == "cuda" else None,
                 self.int4pack,
@@ -193,39 +195,64 @@ class OffloadRuntime:
         activation = self.activations[layer]
         if activation is None:
             raise RuntimeError(f"MoE layer {layer} was never attached to the runtime")
-        if not self._host_ready:
-            self._setup_host(activation)
+        if not self._kernels_ready:
+            self._setup_kernels(activation)
         return self.step(layer, activation, hidden_states, top_k_index, top_k_weights)
 
-    def prepare_host(self) -> None:
-        """Set host compute up now, at the end of the load, rather than in the first layer call: its probes'
-        device buffers (a copy target, one expert's matrices) then come out of the workspace and KV cache the
-        plan reserves for a forward, which no forward holds yet (invariant *within-budget*)."""
+    def prepare_kernels(self) -> None:
+        """Measure the kernel table and set host compute up now, at the end of the load, rather than in the
+        first layer call: the probes' device buffers (a copy target, one expert's matrices) then come out of
+        the workspace and KV cache the plan reserves for a forward, which no forward holds yet (invariant
+        *within-budget*)."""
         activation = self.activations[0]
-        if not self._host_ready and activation is not None:
-            self._setup_host(activation, self.budget.workspace_bytes + self.budget.kv_cache_bytes)
+        if not self._kernels_ready and activation is not None:
+            self._setup_kernels(activation, self.budget.workspace_bytes + self.budget.kv_cache_bytes)
 
-    def _setup_host(self, activation: ExpertActivation, device_room: int | None = None) -> None:
-        """The host kernel and the rule's rates: given, or measured once per machine (offload.runtime.host_rates).
-        ``device_room``: the device bytes the probes may take (None: what they ask for)."""
+    def _fixed_table(self) -> KernelTable | None:
+        """The kernel table a CPU device's chosen kernel fixes (``torch``: the reference), None when measured
+        (``auto``) or on CUDA."""
+        choice = self.config.kernel
+        if self.config.device.type == "cuda" or choice == "auto":
+            return None
+        return KernelTable.single("reference" if choice in ("torch", "triton") else choice)
+
+    def _setup_kernels(self, activation: ExpertActivation, device_room: int | None = None) -> None:
+        """The kernel table (fixed by the kernel chosen, or measured once per machine) and the rule's rates
+        (given, or measured; offload.runtime.host_rates); a CPU device with kernel auto computes every expert
+        through the table. ``device_room``: the device bytes the probes may take (None: what they ask for)."""
         host = self.step.host
-        assert host is not None
         layout = self.survey.layout
         given = self.config.host_rates
-        need = self.host_mode == "auto" and given is None
-        name, measured = host_rates.resolve(
-            layout,
-            self.config.device,
-            host.threads,
-            host.torch_threads,
-            activation,
-            need,
-            int4pack=self.int4pack is not None,
-            device_room=device_room,
-        )
-        host.kernel, host.kernel_name = host_kernel(name), name
-        self.step.rule = CopyOrCompute(self.host_mode, layout.nbytes, given or measured)
-        self._host_ready = True
+        need = host is not None and self.host_mode == "auto" and given is None
+        table, measured = self._fixed_table(), None
+        if table is None or need:
+            table, measured = host_rates.resolve(
+                layout,
+                self.config.device,
+                self.config.host_threads if host is None else host.threads,
+                None if host is None else host.torch_threads,
+                activation,
+                need,
+                int4pack=self.int4pack is not None,
+                device_room=device_room,
+            )
+        if self._measure_kernels:
+            self.step.kernel = select_kernel("auto", self.config.device, table)
+        if host is not None:
+            host.table = table
+            self.step.rule = CopyOrCompute(self.host_mode, layout.nbytes, given or measured)
+        self._kernels_ready = True
+
+    @property
+    def kernel_table(self) -> KernelTable | None:
+        """The host kernels in use by token count: the CPU device's, or host compute's; None when neither runs
+        host kernels (a CUDA device with host compute off) or before the first forward measured them."""
+        kernel = self.step.kernel
+        if isinstance(kernel, HostKernelPairs):
+            return kernel.table
+        if self.step.host is not None and self._kernels_ready:
+            return self.step.host.table
+        return None
 
     @property
     def rates(self) -> object:
@@ -278,11 +305,20 @@ class OffloadRuntime:
             host_compute_seconds=0.0 if host is None else host.seconds,
             host_wait_seconds=0.0 if host is None else host.wait_seconds,
             host_compute=self.host_mode,
-            host_kernel="" if host is None else host.kernel_name,
+            host_kernel="" if host is None else host.table.describe(),
+            kernels=self._kernels_description(),
             host_kernel_copy_bytes=0 if self.int4pack is None else self.int4pack.nbytes,
             store_source=self.store_source,
             **self._tier_counters(),
         )
+
+    def _kernels_description(self) -> str:
+        """What computes the experts in the slots: ``triton``, ``torch``, or the CPU device's host kernels."""
+        kernel = self.step.kernel
+        if isinstance(kernel, HostKernelPairs):
+            packing = f" on {self.survey.layout.packing} slots" if self.survey.layout.packing else ""
+            return kernel.table.describe() + packing
+        return "torch" if kernel is expert_pairs_torch else "triton"
 
     def _tier_counters(self) -> dict[str, Any]:
         tier = self.tier

@@ -145,7 +145,7 @@ def test_mxfp4_host_experts_through_int4pack(
     each e2m1 value split into two int4 halves: every MoE layer within bf16 rounding of the device's."""
     path, _ = gpt_oss_mxfp4
     force_int4pack_on_cpu(monkeypatch)
-    options = dict(vram_budget="1GB", device="cpu", max_context=64, progress=False)
+    options = dict(vram_budget="1GB", device="cpu", max_context=64, kernel="torch", progress=False)
     device = offload.from_pretrained(path, host_compute="off", **options)
     host = offload.from_pretrained(path, host_compute="always", **options)
     assert runtime_of(host).survey.layout.format == "mxfp4" and runtime_of(host).int4pack is not None
@@ -256,3 +256,32 @@ def test_other_quantization_methods_are_refused(method: str, tmp_path: Path) -> 
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(offload.UnsupportedModelError, match=f"quantized with '{method}'"):
         offload.from_pretrained(tmp_path, vram_budget="1GB", device="cpu", progress=False)
+
+
+def test_mxfp4_experts_on_a_cpu_device_run_int4pack(
+    gpt_oss_mxfp4: tuple[Path, transformers.PreTrainedModel], tmp_path: Path
+) -> None:
+    """On a CPU device gpt-oss's MXFP4 experts are laid out for int4pack as they load (2.4 times their bytes
+    per slot, planned in the budget) and computed by it: every MoE layer within bf16 rounding of the
+    dequantize-then-compute oracle at decode and prefill sizes, the whole model bitwise the same at a top-k
+    budget and with every expert resident, and the laid-out store kept on disk for the next load."""
+    path, _ = gpt_oss_mxfp4
+    options = dict(device="cpu", max_context=64, progress=False, store_dir=str(tmp_path))
+    oracle = offload.from_pretrained(path, vram_budget="1GB", kernel="torch", **options)
+    oracle_layout = runtime_of(oracle).survey.layout
+    resident = offload.from_pretrained(path, vram_budget="1GB", **options)
+    runtime = runtime_of(resident)
+    layout = runtime.survey.layout
+    assert (layout.format, layout.packing, layout.dtype) == ("mxfp4", "int4pack", torch.bfloat16)
+    assert 2.0 * oracle_layout.nbytes < layout.nbytes < 2.6 * oracle_layout.nbytes
+    assert runtime.pool.num_slots == runtime.survey.total_experts
+    for tokens in (3, 200):
+        assert_layers_agree(oracle, resident, tokens=tokens)
+    budget = runtime.budget.fixed_bytes + runtime.survey.top_k * layout.nbytes  # one layer's top-k slots
+    scarce = offload.from_pretrained(path, vram_budget=budget, **options)
+    assert runtime_of(scarce).pool.num_slots == runtime.survey.top_k
+    assert offload.stats(scarce).store_source.startswith("read from the compressed-store cache")
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(resident(ids).logits, scarce(ids).logits)
+    assert offload.stats(scarce).kernels.endswith("on int4pack slots")

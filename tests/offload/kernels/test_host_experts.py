@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from offload.kernels import ExpertActivation
 from offload.kernels.activation import GateTimesUp
 from offload.kernels.host_experts import dequantized, host_kernel, host_kernel_candidates
+from offload.kernels.kernel_table import KernelTable
 from offload.memory.host_store import HostExpertStore
 from offload.memory.layout import ExpertLayout
 from offload.runtime import host_rates
@@ -62,10 +63,11 @@ def test_every_host_kernel_matches_the_oracle(fmt: str, dtype: torch.dtype, grou
 
 def test_probe_picks_a_kernel_and_rates() -> None:
     layout = ExpertLayout(64, 96, True, False, torch.bfloat16, format="int8")
-    kernel, points = host_rates.probe_host(
+    table, points = host_rates.probe_host(
         layout, SILU, host_kernel_candidates(layout), repeats=1, torch_threads=1
     )
-    assert kernel in host_kernel_candidates(layout)
+    assert [n for n, _ in table.points] == list(host_rates.TABLE_TOKENS)
+    assert set(table.names) <= set(host_kernel_candidates(layout))
     assert [t for t, _ in points] == list(host_rates.PROBE_TOKENS) and all(g > 0 for _, g in points)
 
 
@@ -77,9 +79,9 @@ def test_rates_are_cached_in_the_user_cache(tmp_path: Path, monkeypatch: pytest.
 
     def measure() -> dict:
         calls.append(1)
-        return {"kernel": "fp32", "host_gbps": [[1, 5.0]], "link_gbps": 20.0, "device_s": 1e-5}
+        return {"table": [[1, "reference"]], "host_gbps": [[1, 5.0]], "link_gbps": 20.0, "device_s": 1e-5}
 
-    needed = ("kernel", "host_gbps", "link_gbps", "device_s")
+    needed = ("table", "host_gbps", "link_gbps", "device_s")
     entry, source = host_rates.cached(path, "machine||shape", needed, measure)
     assert source == "measured" and json.loads(path.read_text())["machine||shape"] == entry
     entry2, source2 = host_rates.cached(path, "machine||shape", needed, measure)
@@ -115,9 +117,7 @@ def test_host_workers_run_their_share_of_torch_threads() -> None:
     before = torch.get_num_threads()
     layout = ExpertLayout(64, 96, True, False, torch.float32)
     store = HostExpertStore(layout, num_layers=1, num_experts=1, pin=False)
-    host = HostCompute(
-        InRam(store), host_kernel("reference"), "reference", threads=2, torch_threads=before + 1
-    )
+    host = HostCompute(InRam(store), KernelTable.single("reference"), threads=2, torch_threads=before + 1)
     try:
         seen = {host._pool.submit(torch.get_num_threads).result() for _ in range(4)}
     finally:

@@ -193,8 +193,9 @@ def test_host_experts_through_the_copy_match_the_device(
     every expert on the device, layer by layer."""
     path = tiny_checkpoints["mixtral"]
     force_int4pack_on_cpu(monkeypatch)
-    device = load(path, slot_counts(path)["all"], "cpu", dtype="bf16", quantize="int4", host_compute="off")
-    host = load(path, slot_counts(path)["top_k"], "cpu", dtype="bf16", quantize="int4", host_compute="always")
+    options = dict(dtype="bf16", quantize="int4", kernel="torch")
+    device = load(path, slot_counts(path)["all"], "cpu", host_compute="off", **options)
+    host = load(path, slot_counts(path)["top_k"], "cpu", host_compute="always", **options)
     assert runtime_of(device).int4pack is None  # host compute off: no copy
     survey = runtime_of(host).survey
     assert_layers_agree(device, host)
@@ -231,7 +232,7 @@ def test_int4pack_on_cuda(tiny_checkpoints: dict[str, Path]) -> None:
     assert host_kernel_candidates(layout, int4pack=True) == ("reference", "dequant", "int4pack")
     activation = runtime.activations[0]
     assert activation is not None
-    picked, _ = host_rates.resolve(
+    table, _ = host_rates.resolve(
         layout,
         runtime.config.device,
         workers.threads,
@@ -240,7 +241,7 @@ def test_int4pack_on_cuda(tiny_checkpoints: dict[str, Path]) -> None:
         False,
         int4pack=True,
     )
-    assert stats.host_kernel == workers.kernel_name == picked and stats.host_expert_calls > 0
+    assert workers.table == table and stats.host_kernel == table.describe() and stats.host_expert_calls > 0
     assert stats.host_kernel_copy_bytes > 0
     offload.close(device)
     offload.close(host)

@@ -160,7 +160,7 @@ def test_cuda_peak_memory_stays_within_the_budget(
     the last MoE layer's sum over k alone these are live, 208 MiB beside the 52 MiB loaded: the per-pair rows
     in fp32 [T*k, H] (64 MiB), their sum (32) and its cast (16), the layer's input and the residual (16 each),
     the whole KV cache (64); the bound needs 128.) With host compute auto and no rates cached yet, the load
-    probes the link and the device too, in memory the plan reserves for a forward (runtime.prepare_host)."""
+    probes the link and the device too, in memory the plan reserves for a forward (runtime.prepare_kernels)."""
     monkeypatch.setenv("MOE_OFFLOAD_CACHE", str(tmp_path))  # no cached rates: auto probes while loading
     survey = survey_checkpoint(str(long_prompt_checkpoint), torch.bfloat16)
     options = dict(

@@ -1,12 +1,13 @@
 """Missed experts computed on the host: results, counters, the rule's choices and failures, in the runtime.
 
-On a CPU device the host kernel is the device's own reference kernel, so wherever a pair is computed its row
-has the same bits: outputs equal the all-resident copy-only run bitwise, at every budget and in every mode.
+On a CPU device host experts run the device's own kernel table (the reference for these float models), so
+wherever a pair is computed its row has the same bits: outputs equal the all-resident copy-only run bitwise, at every budget and in every mode.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -135,7 +136,7 @@ def test_a_failing_host_thread_raises_a_clear_error(tiny_checkpoints: dict[str, 
     def broken(*args: object) -> torch.Tensor:
         raise MemoryError("out of host memory")
 
-    runtime_of(model).step.host.kernel = broken
+    runtime_of(model).step.host.table = SimpleNamespace(kernel_for=lambda tokens: broken)
     with pytest.raises(HostComputeError, match=r"expert \d+ of MoE layer 0 on the host failed: MemoryError"):
         run(model)
     offload.close(model)
