@@ -290,40 +290,48 @@ class Int4PackCopy:
 def dequantize_int4pack(fields: dict[str, torch.Tensor], name: str, layout: ExpertLayout) -> torch.Tensor:
     """Matrix ``name`` of one expert in the int4pack packing as ``[R, C]`` in the compute dtype: the weights
     torch's kernel multiplies, ``(q - 8) * scale + zero`` per group (for MXFP4 the two halves summed, exact),
-    rounded once to the compute dtype. What a kernel that multiplies many tokens by the matrix reads
-    (:mod:`offload.kernels.host_experts`), and the packing's reference."""
+    in the compute dtype (int4: rounded twice, product and sum). What a kernel that multiplies many tokens by
+    the matrix reads (:mod:`offload.kernels.host_experts`), and the packing's reference."""
     packed, pairs = fields[f"{name}_int4pack"], fields[f"{name}_scale_zeros"]  # [R, K/2], [K/g, R, 2]
     rows, half = packed.shape
     g, dtype = layout.group_size, layout.dtype
     cols = layout.hidden_size if name == "gate_up" else layout.intermediate_size
     p = fast_layout_pairs()
     full = _whole_block_rows(rows, p)
-    out = torch.empty((rows, 2 * half), dtype=dtype)
+    out = torch.empty((rows, cols), dtype=dtype)
     if full:
-        codes = formats.unpack_nibbles(_unlayout(packed[:full], p))  # [full, K] codes 0..15
-        values = out[:full].view(full, -1, g)
-        values.copy_(codes.view(full, -1, g)).sub_(8)  # exact in any float dtype
-        scale, zero = pairs[:, :full].permute(2, 1, 0).unsqueeze(-1)  # each [full, K/g, 1]
-        values.mul_(scale).add_(zero)
+        codes = _unlayout_codes(packed[:full], p, dtype)  # [full, K], exact
+        scale = pairs[:, :full, 0].T  # [full, K/g]
+        if layout.format == "mxfp4":  # [a | b], scale 2^(e - 128) on both, zero 0: (a + b - 16) * scale
+            torch.add(codes[:, :cols], codes[:, cols:], out=out[:full])
+            values = out[:full].view(full, -1, g)
+            values.sub_(16).mul_(scale[:, : cols // g, None])
+        else:  # q * scale + (zero - 8 * scale), over the padded columns
+            offset = (pairs[:, :full, 1].float() - 8 * pairs[:, :full, 0].float()).to(dtype).T
+            values = codes.view(full, -1, g)
+            values.mul_(scale[..., None]).add_(offset[..., None])
+            if (
+                full == rows and codes.shape[1] == cols
+            ):  # no padding, no partial block: the values as they are
+                return codes
+            out[:full] = codes[:, :cols]
     if full < rows:  # rows torch laid out itself: read back through its kernel, an identity matrix's product
         eye = torch.eye(2 * half, dtype=dtype)
         tail = torch._weight_int4pack_mm_for_cpu(
             eye, packed[full:].contiguous(), g, pairs[:, full:].contiguous()
         )
-        out[full:] = tail.T
-    if layout.format == "mxfp4":  # [a | b]: each weight is a + b, exact
-        return out[:, :cols] + out[:, cols:]
-    return out[:, :cols]
+        tail = tail.T  # [rows - full, K]
+        out[full:] = tail[:, :cols] + tail[:, cols:] if layout.format == "mxfp4" else tail[:, :cols]
+    return out
 
 
-def _unlayout(laid: torch.Tensor, pairs: int) -> torch.Tensor:
-    """The inverse of :func:`_relayout` on whole blocks of ``32 * P`` rows: torch's layout -> codes two per
-    byte, low nibble first (``[R, K/2]``)."""
+def _unlayout_codes(laid: torch.Tensor, pairs: int, dtype: torch.dtype) -> torch.Tensor:
+    """Whole blocks of ``32 * P`` rows in torch's layout -> their codes 0..15 as ``[R, K]`` in ``dtype`` (exact):
+    a byte of one column holds rows ``d`` (low nibble) and ``d + 16P`` (high), :func:`_relayout`'s inverse."""
     rows, half = laid.shape
-    block = 32 * pairs
-    src = laid.view(rows // block, half, 2, pairs, 16)
-    even, odd = src[:, :, 0].permute(0, 2, 3, 1), src[:, :, 1].permute(0, 2, 3, 1)  # [blocks, P, 16, K/2]
-    out = torch.empty((rows // block, 2, pairs, 16, half), dtype=torch.uint8)
-    torch.bitwise_or(even & 0xF, odd << 4, out=out[:, 0])  # rows d: the low nibbles of both columns
-    torch.bitwise_or(even >> 4, odd & 0xF0, out=out[:, 1])  # rows d + 16P: the high nibbles
-    return out.view(rows, half)
+    blocks = rows // (32 * pairs)
+    src = laid.view(blocks, half, 2, pairs, 16).permute(0, 3, 4, 1, 2)  # [blocks, P, 16, K/2, even/odd]
+    out = torch.empty((blocks, 2, pairs, 16, half, 2), dtype=dtype)  # rows d, then rows d + 16P
+    torch.bitwise_and(src, 0xF, out=out[:, 0])
+    torch.bitwise_right_shift(src, 4, out=out[:, 1])
+    return out.view(rows, 2 * half)

@@ -42,6 +42,7 @@ from offload.user_cache import user_cache_dir
 
 PROBE_TOKENS = (1, 4, 16)  # the copy-or-compute rule's points
 TABLE_TOKENS = (1, 4, 16, 64, 256)  # the kernel table's
+KERNELS_VERSION = 2  # bump when a host kernel's speed changes: the tables cached before measure again
 _LARGE_CALL_EXPERTS = 4  # experts timed per pass above 16 tokens: compute, not RAM, bounds those calls
 _PROBE_BYTES = 64 << 20  # synthetic experts per host probe: more than a last-level cache holds
 _LINK_CHUNK, _LINK_CHUNKS = 4 << 20, 16  # the link probe: 16 back-to-back copies of 4 MiB
@@ -106,7 +107,10 @@ def resolve(
 
     needed = ("table", "host_gbps", "link_gbps", "device_s") if need_rates else ("table", "host_gbps")
     # the candidates are in the key: a kernel added or dropped since the entry was written measures again
-    key = f"{machine_key(device, threads, torch_threads)}||{layout_key(layout)}||{','.join(candidates)}"
+    key = (
+        f"{machine_key(device, threads, torch_threads)}||{layout_key(layout)}||{','.join(candidates)}"
+        f"||v{KERNELS_VERSION}"
+    )
     entry, source = cached(rates_path(), key, needed, measure)
     return KernelTable.from_json(entry["table"]), rates_of(entry, source) if need_rates else None
 
