@@ -183,3 +183,17 @@ def test_kernel_choices_that_cannot_run_are_refused() -> None:
         check_kernel_choice("int4pack", torch.device("cuda"))
     with pytest.raises(offload.OffloadError, match="kernel must be one of"):
         check_kernel_choice("fast", cpu)
+
+
+def test_the_disk_tier_keeps_the_packing(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """With the disk tier the int4pack packing goes to disk as it is and comes back into host slots: the same
+    bits as every expert in RAM."""
+    path = tiny_checkpoints[ARCH]
+    options = dict(quantize="int4", quantize_group=32, store_dir=str(tmp_path))
+    in_ram = load_bf16(path, "top_k", **options)
+    on_disk = load_bf16(path, "top_k", disk_tier="always", **options)
+    runtime = runtime_of(on_disk)
+    assert runtime.tier is not None and runtime.survey.layout.packing == "int4pack"
+    with torch.no_grad():
+        assert torch.equal(in_ram(prompt("cpu")).logits, on_disk(prompt("cpu")).logits)
+    assert offload.stats(on_disk).disk_reads > 0
