@@ -82,6 +82,11 @@ class OffloadConfig:
     policy: str = "lru"
     cache_scope: Literal["global", "layer"] = "global"
     max_context: int = 4096  # tokens of KV cache the budget reserves (batch 1)
+    prefill_chunk: int | Literal["auto"] | None = (
+        "auto"  # generate() prefills a prompt in chunks of this many
+    )
+    # tokens and the budget reserves the workspace of one chunk (offload.runtime.budget.prefill_chunk_of);
+    # None: one forward over the whole prompt, whose workspace the budget reserves for max_context tokens
     kernel: KernelChoice = "auto"
     pin_memory: bool | None = None  # None: pin host experts when the device is CUDA
     workspace_bytes: int | None = None  # None: estimated from the model's shapes and max_context
@@ -126,6 +131,13 @@ class OffloadConfig:
             raise OffloadError(f"cache_scope must be 'global' or 'layer', got {self.cache_scope!r}")
         if self.max_context < 1:
             raise OffloadError(f"max_context must be at least 1 token, got {self.max_context}")
+        chunk = self.prefill_chunk
+        if (
+            chunk != "auto"
+            and chunk is not None
+            and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1)
+        ):
+            raise OffloadError(f"prefill_chunk must be auto, a number of tokens >= 1 or None, got {chunk!r}")
         if self.prefetch not in PREFETCH_CHOICES:
             raise OffloadError(
                 f"prefetch must be one of {', '.join(PREFETCH_CHOICES)}, got {self.prefetch!r}"
@@ -184,6 +196,8 @@ class OffloadConfig:
         kwargs = {k: v for k, v in options.items() if k in known}
         if kwargs.get("quantize") in ("none", "None"):
             kwargs["quantize"] = None
+        if kwargs.get("prefill_chunk") in ("off", "none", "None"):
+            kwargs["prefill_chunk"] = None
         if kwargs.get("host_memory_limit") is not None:
             try:
                 kwargs["host_memory_limit"] = parse_size(kwargs["host_memory_limit"])

@@ -169,6 +169,7 @@ def plan_preset(path: Path) -> dict[str, Any]:
         device="cpu",
         dtype="bf16",
         max_context=args.max_context,
+        prefill_chunk=args.prefill_chunk,
         cache_scope=args.cache_scope,
         quantize=None if args.quantize == "none" else args.quantize,
         quantize_group=args.quantize_group,
@@ -192,6 +193,7 @@ def plan_preset(path: Path) -> dict[str, Any]:
         vram_budget=args.vram_budget,
         budget_bytes=plan.budget_bytes,
         max_context=args.max_context,
+        prefill_chunk=plan.prefill_chunk,
         cache_scope=args.cache_scope,
         policy=args.policy,
         layers=survey.num_layers,
@@ -255,13 +257,15 @@ def stated_plan(path: Path) -> tuple[int, int] | None:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| preset | budget | context | scope | policy | format | slots / experts | resident | KV | workspace "
-        "| host store | host RAM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | budget | context | prefill chunk | scope | policy | format | slots / experts | resident | KV "
+        "| workspace | host store | host RAM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        chunk = r["prefill_chunk"] or "whole prompt"
         lines.append(
-            f"| `{r['preset']}` | {r['vram_budget']} | {r['max_context']} | {r['cache_scope']} | {r['policy']} | "
+            f"| `{r['preset']}` | {r['vram_budget']} | {r['max_context']} | {chunk} | {r['cache_scope']} | "
+            f"{r['policy']} | "
             f"{r['expert_format']} | "
             f"{r['slots']} / {r['total_experts']} ({r['slot_fraction']:.0%}) | {r['resident_bytes'] / 1e9:.1f} GB | "
             f"{r['kv_cache_bytes'] / 1e9:.2f} GB | {r['workspace_bytes'] / 1e9:.2f} GB | "

@@ -95,6 +95,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="KV-cache tokens the budget reserves (default 4096; the demo, its model's 256 positions)",
     )
     p.add_argument(
+        "--prefill-chunk",
+        type=prefill_chunk_arg,
+        default="auto",
+        help="prefill a prompt in chunks of N tokens, the budget reserving one chunk's workspace: auto "
+        "(default: the smallest chunk that fills the kernels' tiles, 256 tokens or more), N, or off "
+        "(one forward over the whole prompt)",
+    )
+    p.add_argument(
         "--quantize",
         choices=("int4", "int8", "none"),
         default="none",
@@ -234,6 +242,7 @@ def choose_model(args: argparse.Namespace) -> ModelChoice:
         dtype=args.dtype,
         policy=args.policy,
         max_context=args.max_context,
+        prefill_chunk=args.prefill_chunk,
         cache_scope=args.cache_scope,
         kernel=args.kernel,
         prefetch=args.prefetch,
@@ -286,3 +295,16 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def prefill_chunk_arg(value: str) -> int | str | None:
+    """``--prefill-chunk``: ``auto``, ``off`` or a number of tokens >= 1."""
+    if value in ("auto", "off"):
+        return None if value == "off" else value
+    try:
+        tokens = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, off or a number of tokens, got {value!r}") from None
+    if tokens < 1:
+        raise argparse.ArgumentTypeError(f"a prefill chunk must be at least 1 token, got {tokens}")
+    return tokens

@@ -94,7 +94,8 @@ def _summary(result: dict[str, Any], stats: Any) -> str:
             "",
             "--- offload-run summary ---",
             f"prefill : {result['prompt_tokens']} tokens in {result['prefill_seconds']:.3f} s "
-            f"({result['prefill_tokens_per_s']:.1f} tok/s)",
+            f"({result['prefill_tokens_per_s']:.1f} tok/s)"
+            + (f", in chunks of {stats.prefill_chunk}" if stats.prefill_chunk else ""),
             f"decode  : {result['new_tokens']} tokens, {result['decode_tokens_per_s']:.2f} tok/s after the first",
             f"experts : hit rate {stats.hit_rate:.1%} ({stats.expert_hits} hits, {stats.expert_misses} copied, "
             f"{stats.host_expert_calls} computed on host)",

@@ -23,6 +23,26 @@ LIMITATIONS: dict[str, str] = {
 }
 
 
+_MLA = "its latent attention fails over a cache with more than one new token (transformers' sdpa path)"
+_MROPE = "transformers' chunked prefill does not carry its multimodal rotary positions"
+# Architectures whose prompt transformers (5.17) cannot prefill in chunks, and why: generate() then prefills
+# each prompt in one forward, and the budget plans that forward's workspace (offload.runtime.budget).
+# tests/offload/hf/test_architectures.py checks each against transformers' own chunked prefill.
+UNCHUNKED_PREFILL: dict[str, str] = {
+    "axk1": _MLA,
+    "deepseek_v2": _MLA,
+    "deepseek_v3": _MLA,
+    "glm4_moe_lite": _MLA,
+    "kimi_linear": _MLA,
+    "mistral4": _MLA,
+    "glm4v_moe": _MROPE,
+    "qwen3_omni_moe_thinker": _MROPE,
+    "qwen3_vl_moe": _MROPE,
+    "minimax": "it keeps a cache of its own, which transformers' chunked prefill does not take",
+    "jamba": "its Mamba layers continue a cache exactly one token at a time: chunks change its outputs",
+}
+
+
 @dataclass(frozen=True)
 class Architecture:
     model_type: str

@@ -93,10 +93,16 @@ def take_over_experts(
 def attach_runtime(model: nn.Module, runtime: OffloadRuntime) -> None:
     """The last step of every builder: the router predictors (they need the model's routers; pre-attention
     also its norms and a hook on each decoder layer), host compute's kernel and rates (probed now, while no
-    forward holds the memory the probes borrow), and the handle that offload.stats and friends find the
-    runtime by."""
+    forward holds the memory the probes borrow), the prefill chunk generate() uses, and the handle that
+    offload.stats and friends find the runtime by."""
     install_predictor(model, runtime)
     runtime.prepare_kernels()
+    chunk = runtime.budget.prefill_chunk
+    generation_config = getattr(model, "generation_config", None)
+    if chunk is not None and generation_config is not None:
+        # generate() prefills in chunks of the size whose workspace the budget holds (transformers' own
+        # chunked prefill); a generate(prefill_chunk_size=...) call still overrides it
+        generation_config.prefill_chunk_size = chunk
     setattr(model, RUNTIME_ATTR, runtime)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from offload.errors import UnsupportedModelError
-from offload.hf.architectures import unsupported_message
+from offload.hf.architectures import UNCHUNKED_PREFILL, unsupported_message
 from offload.memory.layout import ExpertLayout
 from offload.runtime.model_survey import ModelSurvey
 
@@ -97,6 +97,7 @@ def survey(model: PreTrainedModel, dtype: torch.dtype) -> ModelSurvey:
         kv_measured=measured,
         kv_layer_bytes_per_token=kv_layer_bytes,
         eager_attention_heads=_eager_heads(config),
+        unchunked_prefill=UNCHUNKED_PREFILL.get(config.model_type, ""),
     )
 
 

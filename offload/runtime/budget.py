@@ -6,7 +6,8 @@ The budget is all the device memory the runtime may use::
 
 Resident weights are everything but the routed experts (embeddings, attention, norms, routers, shared
 experts, dense MLP layers, lm_head). The workspace is an estimate of the activations of one forward over
-the longest prompt the KV cache allows, plus, on a CPU device with compressed experts, one expert read back to
+the longest prompt the KV cache allows, or over one prefill chunk where generate() prefills in chunks
+(:func:`prefill_chunk_of`), plus, on a CPU device with compressed experts, one expert read back to
 the compute dtype (:func:`read_back_bytes`); pass ``workspace_bytes`` to override it.
 
 :func:`plan_budget` is the one entry point (a model's survey and the config); :func:`fit_budget` is its
@@ -18,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from offload.config import OffloadConfig
-from offload.errors import BudgetError
+from offload.errors import BudgetError, OffloadError
 from offload.memory.layout import ExpertLayout
 from offload.runtime.model_survey import ModelSurvey
 from offload.units import format_size
@@ -35,6 +36,9 @@ class BudgetPlan:
     slots: int
     min_slots: int
     total_experts: int
+    prefill_chunk: int | None = (
+        None  # tokens per prefill forward the workspace is planned for; None: max_context
+    )
 
     @property
     def fixed_bytes(self) -> int:
@@ -44,6 +48,9 @@ class BudgetPlan:
     def planned_bytes(self) -> int:
         return self.fixed_bytes + self.slots * self.expert_bytes
 
+    def _chunked(self) -> str:
+        return "" if self.prefill_chunk is None else f" (prefill in chunks of {self.prefill_chunk} tokens)"
+
     @property
     def minimum_bytes(self) -> int:
         return self.fixed_bytes + self.min_slots * self.expert_bytes
@@ -51,7 +58,7 @@ class BudgetPlan:
     def describe(self) -> str:
         return (
             f"resident weights {format_size(self.resident_bytes)}, KV cache {format_size(self.kv_cache_bytes)}, "
-            f"workspace {format_size(self.workspace_bytes)}, {self.slots} expert slots x "
+            f"workspace {format_size(self.workspace_bytes)}{self._chunked()}, {self.slots} expert slots x "
             f"{format_size(self.expert_bytes)} = {format_size(self.slots * self.expert_bytes)}"
         )
 
@@ -61,16 +68,48 @@ class BudgetPlan:
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20
 
 
+# The smallest prefill chunk ``auto`` picks: below a few hundred tokens attention and the dense layers run
+# short matrices, and every chunk pays the per-forward costs (a pass over every layer's weights).
+MIN_AUTO_CHUNK = 256
+# Tokens per expert a chunk should give on average: the Triton prefill kernel's smallest tile (BLOCK_M 16
+# rows of one expert, offload/kernels/triton/launch_plan.py), so each expert's rows fill at least one tile.
+ROWS_PER_EXPERT = 16
+
+
+def prefill_chunk_of(survey: ModelSurvey, config: OffloadConfig) -> int | None:
+    """The tokens per prefill forward: ``config.prefill_chunk`` (``auto``: the smallest chunk that gives every
+    expert a tile's worth of rows on average, at least :data:`MIN_AUTO_CHUNK`, rounded up to a power of two:
+    the smallest workspace, so the most slots, at which the kernels still run full tiles), or None where the
+    whole prompt is one forward (chunking off, a chunk no shorter than ``max_context``, or ``auto`` for a model
+    transformers cannot prefill in chunks: ``survey.unchunked_prefill`` says why; a number of tokens given for
+    one is an OffloadError)."""
+    choice = config.prefill_chunk
+    if choice is None:
+        return None
+    if survey.unchunked_prefill:
+        if choice == "auto":
+            return None
+        raise OffloadError(
+            f"prefill_chunk={choice}: {survey.model_type} cannot prefill in chunks ({survey.unchunked_prefill}); "
+            "use prefill_chunk=None (--prefill-chunk off)"
+        )
+    if choice == "auto":
+        wanted = max(MIN_AUTO_CHUNK, -(-ROWS_PER_EXPERT * survey.num_experts // survey.top_k))
+        choice = 1 << (wanted - 1).bit_length()
+    return int(choice) if int(choice) < config.max_context else None
+
+
 def plan_budget(survey: ModelSurvey, config: OffloadConfig) -> BudgetPlan:
     """The slots ``config``'s budget leaves for ``survey``'s model; BudgetError below the minimum."""
+    chunk = prefill_chunk_of(survey, config)
     workspace = config.workspace_bytes
     if workspace is None:
-        workspace = survey.workspace_bytes(config.max_context)
+        workspace = survey.workspace_bytes(chunk or config.max_context, config.max_context)
         if config.device.type == "cuda":
             workspace += CUBLAS_WORKSPACE_BYTES
         elif survey.layout.format != "float":
             workspace += read_back_bytes(survey.layout)
-    return fit_budget(
+    plan = fit_budget(
         budget_bytes=config.vram_budget,
         resident_bytes=survey.resident_bytes,
         kv_cache_bytes=survey.kv_bytes_per_token * config.max_context,
@@ -81,6 +120,7 @@ def plan_budget(survey: ModelSurvey, config: OffloadConfig) -> BudgetPlan:
         top_k=survey.top_k,
         per_layer=config.cache_scope == "layer",
     )
+    return replace(plan, prefill_chunk=chunk)
 
 
 def read_back_bytes(layout: ExpertLayout) -> int:

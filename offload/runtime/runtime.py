@@ -307,6 +307,7 @@ class OffloadRuntime:
             host_compute=self.host_mode,
             host_kernel="" if host is None else host.table.describe(),
             kernels=self._kernels_description(),
+            prefill_chunk=self.budget.prefill_chunk or 0,
             host_kernel_copy_bytes=0 if self.int4pack is None else self.int4pack.nbytes,
             store_source=self.store_source,
             **self._tier_counters(),

@@ -77,6 +77,35 @@ def test_runs_and_writes_stats(
     assert stats["expert_misses"] > 0
 
 
+def test_prefill_in_chunks(cli_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--prefill-chunk 8 prefills an 88-token prompt in chunks: the same greedy text as one forward over it,
+    and the summary and the stats say so."""
+    prompt = "the quick brown fox jumps over the lazy dog " * 2  # bytes: 88 tokens
+    texts, stats = [], []
+    for chunk in ("8", "off"):
+        stats_file = tmp_path / f"stats-{chunk}.json"
+        budget = budget_for(cli_checkpoint, 6, 128)
+        argv = [
+            "--model",
+            str(cli_checkpoint),
+            "--vram-budget",
+            budget,
+            "--device",
+            "cpu",
+            "--max-context",
+            "128",
+        ]
+        argv += ["--prompt", prompt, "--max-new-tokens", "6", "--prefill-chunk", chunk]
+        code, out, err = run([*argv, "--stats-json", str(stats_file)], capsys)
+        assert code == 0, err
+        texts.append(out)
+        stats.append(json.loads(stats_file.read_text()))
+        assert ("in chunks of 8" in err) == (chunk == "8")
+    assert texts[0] == texts[1]
+    assert stats[0]["prefill_chunk"] == 8 and stats[1]["prefill_chunk"] == 0
+    assert stats[0]["prompt_tokens"] > 8
+
+
 def test_quantize_reads_the_cached_store_the_second_time(
     cli_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -261,6 +290,8 @@ def test_missing_shard(cli_checkpoint: Path, tmp_path: Path, capsys: pytest.Capt
         (["--host-compute", "sometimes"], "--host-compute"),
         (["--host-threads", "0"], "--host-threads must be at least 1"),
         (["--host-threads", "two"], "--host-threads"),
+        (["--prefill-chunk", "0"], "--prefill-chunk: a prefill chunk must be at least 1 token"),
+        (["--prefill-chunk", "big"], "--prefill-chunk: expected auto, off or a number of tokens"),
     ],
 )
 def test_bad_options(

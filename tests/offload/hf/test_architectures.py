@@ -16,7 +16,7 @@ import transformers
 
 import offload
 from offload.config import OffloadConfig
-from offload.hf.architectures import LIMITATIONS, architectures, supported_model_types
+from offload.hf.architectures import LIMITATIONS, UNCHUNKED_PREFILL, architectures, supported_model_types
 from offload.hf.install import runtime_of
 from offload.hf.skeleton import model_class_for, survey_checkpoint
 from offload.runtime.budget import budget_for_slots
@@ -73,11 +73,18 @@ def build(model_type: str, root: Path) -> Path:
     return path
 
 
-def offloaded(path: Path, slots: int, **options) -> torch.nn.Module:
-    config = OffloadConfig.create(1, device="cpu", dtype="fp32", max_context=64)
+def offloaded(path: Path, slots: int, max_context: int = 64, **options) -> torch.nn.Module:
+    chunk = {k: v for k, v in options.items() if k == "prefill_chunk"}  # it sizes the workspace
+    config = OffloadConfig.create(1, device="cpu", dtype="fp32", max_context=max_context, **chunk)
     budget = budget_for_slots(survey_checkpoint(str(path), torch.float32), config, slots)
     return offload.from_pretrained(
-        path, vram_budget=budget, device="cpu", dtype="fp32", max_context=64, progress=False, **options
+        path,
+        vram_budget=budget,
+        device="cpu",
+        dtype="fp32",
+        max_context=max_context,
+        progress=False,
+        **options,
     )
 
 
@@ -105,6 +112,42 @@ def test_offloaded_generation_equals_transformers(model_type: str, checkpoints: 
         assert stats.prefetch == (auto_prefetch(model_type) if slots < survey.total_experts else "none")
         results.append(logits)
     assert torch.equal(results[0], results[1]), "budget changed the logits"
+
+
+@pytest.mark.parametrize("model_type", supported_model_types())
+def test_chunked_prefill_equals_transformers(model_type: str, checkpoints: Path) -> None:
+    """A 100-token prompt prefilled in chunks of 24 (the last one shorter), past the tiny models' 64-token
+    sliding window: the greedy tokens of transformers' generate over the whole prompt, for every attention
+    family the supported types use (eager, sdpa, sliding window, linear attention, state-space layers). The
+    types listed in UNCHUNKED_PREFILL are those whose chunked prefill fails or differs in transformers itself
+    (checked here, so the list stays true): they prefill whole prompts, and a chunk size given is refused."""
+    path = build(model_type, checkpoints)
+    ids = torch.randint(3, 128, (1, 100), generator=torch.Generator().manual_seed(1))
+    model_class, _ = model_class_for(transformers.AutoConfig.from_pretrained(path))
+    reference = model_class.from_pretrained(path, dtype=torch.float32).eval()
+    expected = reference.generate(ids, max_new_tokens=4, do_sample=False)
+    survey = survey_checkpoint(str(path), torch.float32)
+    if model_type in UNCHUNKED_PREFILL:
+        try:
+            chunked = reference.generate(ids, max_new_tokens=4, do_sample=False, prefill_chunk_size=24)
+        except Exception:
+            chunked = None
+        assert chunked is None or not torch.equal(chunked, expected), f"{model_type} chunks fine now"
+        model = offloaded(path, survey.top_k, max_context=128)  # prefill_chunk auto: whole prompts
+        assert runtime_of(model).budget.prefill_chunk is None
+        assert model.generation_config.prefill_chunk_size is None
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), expected)
+        with pytest.raises(offload.OffloadError, match=f"{model_type} cannot prefill in chunks"):
+            offloaded(path, survey.top_k, max_context=128, prefill_chunk=24)
+        return
+    model = offloaded(path, survey.top_k, max_context=128, prefill_chunk=24)
+    assert runtime_of(model).budget.prefill_chunk == 24 == model.generation_config.prefill_chunk_size
+    tokens = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(tokens, expected), f"{model_type}: chunked prefill changed the greedy tokens"
+    stats = offload.stats(model)
+    decode_steps = tokens.shape[1] - ids.shape[1] - 1  # the first new token comes from the last chunk
+    assert stats.layer_calls == survey.num_layers * (5 + decode_steps)  # five prefill chunks
+    assert stats.prefill_chunk == 24
 
 
 def auto_prefetch(model_type: str) -> str:

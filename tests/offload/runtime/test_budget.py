@@ -62,8 +62,9 @@ def test_minimum_is_exact() -> None:
 
 def test_longer_context_leaves_fewer_slots(mixtral_checkpoint: Path) -> None:
     survey = survey_checkpoint(str(mixtral_checkpoint), torch.float32)
-    short = plan_budget(survey, OffloadConfig.create("80.5MB", device="cpu", dtype="fp32", max_context=64))
-    long = plan_budget(survey, OffloadConfig.create("80.5MB", device="cpu", dtype="fp32", max_context=4096))
+    options = dict(device="cpu", dtype="fp32", prefill_chunk=None)  # the whole prompt's workspace
+    short = plan_budget(survey, OffloadConfig.create("80.5MB", max_context=64, **options))
+    long = plan_budget(survey, OffloadConfig.create("80.5MB", max_context=4096, **options))
     assert long.kv_cache_bytes == 64 * short.kv_cache_bytes
     assert long.slots < short.slots
 
@@ -132,7 +133,7 @@ def test_the_gpu_budget_shape_is_decided_by_its_workspace() -> None:
     workspace = survey.workspace_bytes(LONG_CONTEXT)
     assert workspace - SLACK > 4 * SLACK
     assert workspace - SLACK > survey.kv_bytes_per_token * LONG_CONTEXT
-    config = OffloadConfig.create(1, device="cpu", dtype="bf16", max_context=LONG_CONTEXT)
+    config = OffloadConfig.create(1, device="cpu", dtype="bf16", max_context=LONG_CONTEXT, prefill_chunk=None)
     plan = plan_budget(survey, dataclasses.replace(config, vram_budget=budget_for_slots(survey, config, 8)))
     assert plan.slots == 8 and plan.workspace_bytes == workspace
     assert plan.workspace_bytes > plan.planned_bytes / 2  # the largest term of the plan
@@ -164,7 +165,12 @@ def test_cuda_peak_memory_stays_within_the_budget(
     monkeypatch.setenv("MOE_OFFLOAD_CACHE", str(tmp_path))  # no cached rates: auto probes while loading
     survey = survey_checkpoint(str(long_prompt_checkpoint), torch.bfloat16)
     options = dict(
-        device="cuda", dtype="bf16", max_context=LONG_CONTEXT, prefetch=prefetch, host_compute=host_compute
+        device="cuda",
+        dtype="bf16",
+        max_context=LONG_CONTEXT,
+        prefill_chunk=None,  # one forward over the whole prompt: the workspace term this test is about
+        prefetch=prefetch,
+        host_compute=host_compute,
     )
     budget = budget_for_slots(survey, OffloadConfig.create(1, **options), 8)
     plan = plan_budget(survey, OffloadConfig.create(budget, **options))
@@ -227,3 +233,41 @@ def test_workspace_counts_the_kv_cache_growing_by_concatenation() -> None:
     assert s.kv_layer_bytes_per_token * layers == s.kv_bytes_per_token > 0
     without = dataclasses.replace(s, kv_layer_bytes_per_token=0)
     assert s.workspace_bytes(512) - without.workspace_bytes(512) == s.kv_layer_bytes_per_token * 512
+
+
+def test_a_chunked_prefill_plans_one_chunk() -> None:
+    """With prefill chunks the workspace is one chunk's, attending to the whole context: gpt-oss's eager score
+    matrices are three of heads x chunk x (context + 1), not x (context + 1) squared, and the memory goes to
+    slots. ``auto`` picks a power of two of at least 256 tokens giving each expert 16 rows on average."""
+    from offload.runtime.budget import prefill_chunk_of
+
+    s, config = _meta_survey("gpt_oss")
+    heads = config.get_text_config().num_attention_heads
+    e = s.layout.element_size
+    context, chunk = 4096, 512
+    assert s.workspace_bytes(chunk, context) - s.workspace_bytes(chunk, chunk) == (
+        3 * heads * chunk * (context - chunk) * e + s.kv_layer_bytes_per_token * (context - chunk)
+    )
+    options = dict(device="cpu", dtype="bf16", max_context=context)
+    whole = OffloadConfig.create(1, prefill_chunk=None, **options)
+    chunked = OffloadConfig.create(1, prefill_chunk=chunk, **options)
+    budget = budget_for_slots(s, whole, 8)
+    plan_whole = plan_budget(s, dataclasses.replace(whole, vram_budget=budget))
+    plan_chunked = plan_budget(s, dataclasses.replace(chunked, vram_budget=budget))
+    assert (plan_whole.prefill_chunk, plan_chunked.prefill_chunk) == (None, chunk)
+    assert (
+        plan_chunked.workspace_bytes < plan_whole.workspace_bytes / 4
+        and plan_chunked.slots > plan_whole.slots
+    )
+    assert "prefill in chunks of 512 tokens" in plan_chunked.describe()
+    auto = OffloadConfig.create(1, **options)  # prefill_chunk="auto" is the default
+    assert prefill_chunk_of(s, auto) == 256  # 8 experts, top-2: 64 tokens give 16 rows each; at least 256
+    wide = dataclasses.replace(s, num_experts=128, top_k=4)  # gpt-oss-120b's routing
+    assert prefill_chunk_of(wide, auto) == 512
+    assert prefill_chunk_of(s, OffloadConfig.create(1, prefill_chunk=4096, **options)) is None  # no shorter
+    latent, _ = _meta_survey("deepseek_v3")
+    assert latent.unchunked_prefill and prefill_chunk_of(latent, auto) is None
+    with pytest.raises(offload.OffloadError, match="deepseek_v3 cannot prefill in chunks"):
+        prefill_chunk_of(latent, chunked)
+    with pytest.raises(offload.OffloadError, match="prefill_chunk must be auto"):
+        OffloadConfig.create(1, prefill_chunk=0, **options)
