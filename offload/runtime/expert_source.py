@@ -18,6 +18,7 @@ Fence = Callable[[], None]  # waits until the copies issued before it was made h
 class ExpertSource(Protocol):
     layout: ExpertLayout
     batch: int  # at most this many experts per :meth:`rows` call
+    all_in_ram: bool  # every expert is in RAM: no copy ever waits for a disk read
 
     @property
     def read_seconds(self) -> float:
@@ -57,6 +58,7 @@ class InRam:
     """Every expert in the host store: rows are the store's, nothing is ever evicted."""
 
     batch = 1 << 30
+    all_in_ram = True
     read_seconds = 0.0
 
     def __init__(self, store: HostExpertStore) -> None:

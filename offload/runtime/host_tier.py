@@ -34,6 +34,8 @@ class HostTier:
     """The host slots, their cache and the disk they are filled from. While loading, layers go to the disk
     store (:meth:`fill_layer`, :meth:`fill_packed_layer`); :meth:`loaded` then opens it for reading."""
 
+    all_in_ram = False  # experts missing from the host slots are read from disk first
+
     def __init__(self, layout: ExpertLayout, cache: ExpertCache, pin: bool, readers: int = 4) -> None:
         self.layout = layout
         self.cache = cache

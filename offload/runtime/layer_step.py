@@ -44,6 +44,9 @@ from offload.runtime.router_predictors import PreAttentionPredictor, RouterPredi
 # Per-pair output buffers up to this many rows (a decode step's top-k, or a few tokens') are reused by the next
 # call of the same shape instead of allocated (LayerStep._pairs_buffer).
 _REUSED_ROWS = 64
+# A call with more experts than slots (a prefill chunk) computes each wave in up to this many groups of its
+# copied experts, each as soon as its own copies land (LayerStep._stream_waves); 1: a wave at a time.
+STREAM_GROUPS = 4
 # (layer, top_k_index [T, k], top_k_weights [T, k]) -> the routing to use instead
 RoutingOverride = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -74,6 +77,7 @@ class LayerStep:
         # Each layer's row of the device slot table, as views made once (making one costs host time).
         self._table_rows = list(pool.table.unbind(0))
         self._pair_buffers: dict[tuple, torch.Tensor] = {}  # decode steps' per-pair outputs, by shape
+        self.stream_groups = STREAM_GROUPS
         self.layer_calls = 0
         self.waves = 0
 
@@ -107,19 +111,10 @@ class LayerStep:
                 self.source.unhold(layer, plan.host)
                 raise
         try:
-            for i, wave in enumerate(plan.waves):
-                # Misses still on disk (the disk tier): their reads start now, and the rest of the wave is
-                # copied and computed while they run; they follow (invariant wave-independence).
-                later = self.source.start_reads(layer, [wave.experts[j] for j in wave.loads])
-                now, rest = _split(wave, later)
-                self.serve(layer, now)
-                if i == 0 and self.prefetcher is not None:
-                    self.serve_prefetch(self.guess(layer, routed, plan))
-                if now.experts:  # every expert of the call may be on the host
-                    self.compute(routed, now, activation, pairs_out, slot_row)
-                if rest.experts:
-                    self.serve(layer, rest)
-                    self.compute(routed, rest, activation, pairs_out, slot_row)
+            if len(plan.waves) > 1 and self.source.all_in_ram and self.stream_groups > 1:
+                self._stream_waves(layer, routed, plan, activation, pairs_out)
+            else:
+                self._run_waves(layer, routed, plan, activation, pairs_out, slot_row)
         finally:
             if jobs is not None:  # joined even when the device side failed: no worker outlives the call
                 assert self.host is not None
@@ -135,6 +130,71 @@ class LayerStep:
             else pairs_out.view(tokens, top_k, -1).sum(dim=1)
         )
         return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+
+    def _run_waves(
+        self,
+        layer: int,
+        routed: RoutedTokens,
+        plan: AccessPlan,
+        activation: ExpertActivation,
+        pairs_out: torch.Tensor,
+        slot_row: torch.Tensor | None,
+    ) -> None:
+        """Each wave in turn: its copies, then its compute once they have all landed."""
+        for i, wave in enumerate(plan.waves):
+            # Misses still on disk (the disk tier): their reads start now, and the rest of the wave is
+            # copied and computed while they run; they follow (invariant wave-independence).
+            later = self.source.start_reads(layer, [wave.experts[j] for j in wave.loads])
+            now, rest = _split(wave, later)
+            self.serve(layer, now)
+            if i == 0 and self.prefetcher is not None:
+                self.serve_prefetch(self.guess(layer, routed, plan))
+            if now.experts:  # every expert of the call may be on the host
+                self.compute(routed, now, activation, pairs_out, slot_row)
+            if rest.experts:
+                self.serve(layer, rest)
+                self.compute(routed, rest, activation, pairs_out, slot_row)
+
+    def _stream_waves(
+        self,
+        layer: int,
+        routed: RoutedTokens,
+        plan: AccessPlan,
+        activation: ExpertActivation,
+        pairs_out: torch.Tensor,
+    ) -> None:
+        """A call with more experts than slots (a prefill chunk), every expert in RAM: the waves' own plan (so
+        every decision and every result is theirs), with copies and compute overlapped. A wave's experts are
+        computed in groups in the order their copies were issued, hits first, each group as soon as its own
+        copies land; the next wave's copy into a slot is issued as soon as nothing in this wave will read that
+        slot (at once for slots this wave does not use, else when the group that read it releases it)."""
+        waves = plan.waves
+        issued: list[set[int]] = [set() for _ in waves]  # per wave, positions of its loads already copied
+
+        def issue(i: int, positions: Sequence[int]) -> None:
+            todo = [j for j in positions if j not in issued[i]]
+            if todo:
+                issued[i].update(todo)
+                wave = waves[i]
+                self._copy(layer, [wave.experts[j] for j in todo], [wave.slots[j] for j in todo])
+
+        for i, wave in enumerate(waves):
+            issue(i, wave.loads)  # what the previous wave could not start early
+            if i == 0 and self.prefetcher is not None:
+                self.serve_prefetch(self.guess(layer, routed, plan))
+            after: dict[int, int] = {}  # the next wave's loads into slots this wave reads: slot -> position
+            if i + 1 < len(waves):
+                following, reading = waves[i + 1], set(wave.slots)
+                issue(i + 1, [j for j in following.loads if following.slots[j] not in reading])
+                after = {following.slots[j]: j for j in following.loads if following.slots[j] in reading}
+            for group in _stream_groups(wave, self.stream_groups):
+                slots = [wave.slots[j] for j in group]
+                self.engine.acquire(slots)
+                experts = [wave.experts[j] for j in group]
+                self.kernel(routed, experts, slots, self.pool, activation, pairs_out, slot_row=None)
+                self.engine.release(slots)
+                issue(i + 1, sorted(after[s] for s in slots if s in after))
+            self.waves += 1
 
     def before_layer(self, layer: int, hidden_states: torch.Tensor) -> None:
         """Before decoder layer ``layer`` runs (its attention not yet launched): a pre-attention predictor's
@@ -261,3 +321,13 @@ def _split(wave: Wave, later: Sequence[int]) -> tuple[Wave, Wave]:
         part.experts.append(expert)
         part.slots.append(slot)
     return now, rest
+
+
+def _stream_groups(wave: Wave, groups: int) -> list[list[int]]:
+    """Positions of ``wave``'s experts in the order :meth:`LayerStep._stream_waves` computes them: its hits in
+    one group (resident, nothing to wait for), then its loads in copy order in up to ``groups`` groups."""
+    loads = set(wave.loads)
+    hits = [j for j in range(len(wave.experts)) if j not in loads]
+    size = -(-len(wave.loads) // groups) if wave.loads else 1
+    copied = [list(wave.loads[k : k + size]) for k in range(0, len(wave.loads), size)]
+    return ([hits] if hits else []) + copied

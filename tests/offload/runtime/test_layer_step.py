@@ -100,13 +100,41 @@ def test_single_wave_order() -> None:
 
 
 def test_waves_guess_once_after_the_first_waves_copies() -> None:
+    """One wave at a time (stream_groups 1): copy a wave, compute it, copy the next into the same slots."""
     step, log, store = build(slots=2)
+    step.stream_groups = 1
     hidden = torch.randn(3, H)
     index, weights = torch.tensor([[0, 1], [2, 3], [0, 3]]), torch.full((3, 2), 0.5)
     out = step(0, ACTIVATION, hidden, index, weights)  # four experts, two slots: two waves
     assert [entry[0] for entry in log] == ["load", "acquire", "release", "load", "acquire", "release"]
     assert step.waves == 2 and step.layer_calls == 1  # a multi-wave access is never followed by a guess
     assert torch.equal(out, reference(store, 0, hidden, index, weights))  # waves never change results
+
+
+def test_streamed_waves_compute_each_expert_as_it_lands_and_refill_its_slot_at_once() -> None:
+    """A prefill-sized call streams (LayerStep._stream_waves): the first wave's experts are computed one group
+    at a time, and the second wave's copy into a slot is issued right after the group that read it releases
+    it, before the rest of the first wave computes. The same results as a wave at a time, bitwise."""
+    step, log, store = build(slots=2)
+    hidden = torch.randn(3, H)
+    index, weights = torch.tensor([[0, 1], [2, 3], [0, 3]]), torch.full((3, 2), 0.5)
+    out = step(0, ACTIVATION, hidden, index, weights)  # four experts, two slots: two waves of two copies
+    first, second = log[0][1], log[3][1]
+    assert log == [
+        ("load", first),  # the first wave's two copies
+        ("acquire", [first[0]]),
+        ("release", [first[0]]),
+        ("load", [first[0]]),  # the second wave's copy into the slot just released
+        ("acquire", [first[1]]),
+        ("release", [first[1]]),
+        ("load", [first[1]]),
+        ("acquire", [first[0]]),
+        ("release", [first[0]]),
+        ("acquire", [first[1]]),
+        ("release", [first[1]]),
+    ]
+    assert second == [first[0]] and step.waves == 2 and step.layer_calls == 1
+    assert torch.equal(out, reference(store, 0, hidden, index, weights))
 
 
 def test_one_token_grouping_equals_the_general_path() -> None:
