@@ -11,10 +11,16 @@ For every layer access, in order::
     ...                                             the caller issues the access's demand copies
     prefetch = prefetcher.after_access(layer, experts, plan, hint)
         predictor.observe(layer, experts); the guess made for this access is scored (``score``)
-        only after a single-wave access (a multi-wave prefill access reuses the slots in its later waves):
+        after a single-wave access:
         guess = predictor.guess(layer, top_k, hint)         which experts of which layer, or nothing
         cache.prefetch(guess.layer, guess.experts, running_layer=layer, running=experts)
-    ...                                             the caller copies the prefetch in, behind the demand copies
+        after a multi-wave access (a prefill chunk with more experts than slots), for the next layer:
+        guess = predictor.guess(layer, experts per layer, hint) where it names the next layer, else all of
+        its experts (a chunk that needs waves uses nearly all of them), ascending, as its waves load them
+        cache.prefetch(layer + 1, guess, running_layer=layer, running=the last wave's experts)
+    ...                                             the caller copies the prefetch in, behind the demand copies:
+                                                    after a multi-wave access, once the last wave starts (its
+                                                    earlier waves' slots are free then, the last wave's protected)
 
 Under a lower tier (the RAM tier of the disk tier, :class:`LowerTier`), ``cache.prefetch`` reserves slots
 only for guessed experts the lower tier holds now: their copies cannot wait on a disk read. With
@@ -124,7 +130,7 @@ class Prefetcher:
         self.predictor.observe(layer, experts)
         self.score.access(layer, experts)
         if len(plan.waves) != 1:
-            return None
+            return self._after_waves(layer, plan, hint)
         guess = self.predictor.guess(layer, self.top_k, hint)
         if guess is None:
             return None
@@ -132,6 +138,20 @@ class Prefetcher:
             self.score.guess(guess.layer, guess.experts)
         ready = self._split(guess)
         prefetch = self.cache.prefetch(guess.layer, ready, running_layer=layer, running=experts)
+        return prefetch if prefetch.experts else None
+
+    def _after_waves(self, layer: int, plan: AccessPlan, hint: Any) -> Prefetch | None:
+        """The next layer's first experts, copied while this access's last wave computes: its slots stay
+        untouched, every other slot is free by then. Not scored: a structural guess, not the predictor's."""
+        target = layer + 1
+        if target >= self.cache.num_layers:
+            return None  # the chunk's next step starts again at the first layer, maybe with one token
+        guess = self.predictor.guess(layer, self.cache.num_experts, hint)
+        if guess is None or guess.layer != target or not guess.experts:
+            guess = Guess(target, list(range(self.cache.num_experts)))
+        prefetch = self.cache.prefetch(
+            target, self._split(guess), running_layer=layer, running=plan.waves[-1].experts
+        )
         return prefetch if prefetch.experts else None
 
     def before_layer(self, layer: int, hint: Any) -> Prefetch | None:

@@ -5,7 +5,9 @@ time (``stream_groups`` 1) copies a wave, computes it once every copy has landed
 into the same slots: copies and compute never overlap. Streamed (``offload.runtime.layer_step
 .STREAM_GROUPS``), each wave is computed in groups as their copies land, and the next wave's copy into a slot
 starts as soon as the group that read it releases it. Both run the same plan, so they copy the same bytes and
-give the same bits; only the time differs.
+give the same bits; only the time differs. The third mode streams with a predictor (history, over the previous
+runs of the same prompt): the prefetch protocol then also copies the next layer's experts into the slots a
+chunk's last wave leaves free, while that wave computes; its copies count in its bytes.
 
 The model is a random-weight OLMoE-1B-7B shape cut to its first layers, with its routing forced from the
 shared OLMoE trace, in bf16 on the CPU device with the threaded copy engine (a worker thread copies while
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 import offload
-from cache_policies import load_trace
+from cache_policies import HistoryPredictor, load_trace
 from offload.config import OffloadConfig
 from offload.hf.install import runtime_of
 from offload_bench.cpu_formats import first_layers
@@ -28,7 +30,8 @@ from offload_bench.forced_routing import ForcedRouting
 from offload_bench.shapes import SHAPES, SMOKE_SHAPES
 from offload_bench.synthetic import random_offloaded
 
-MODES = {"wave-at-a-time": 1, "streamed": None}  # stream_groups; None: the runtime's default
+# name -> (stream_groups, None: the runtime's default; whether a predictor prefetches)
+MODES = {"wave-at-a-time": (1, False), "streamed": (None, False), "streamed+next-layer": (None, True)}
 
 
 def run(args: Any) -> dict[str, Any]:
@@ -54,9 +57,13 @@ def run(args: Any) -> dict[str, Any]:
         0, hf_config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
     )
     rows: dict[str, dict[str, Any]] = {name: {"seconds": []} for name in MODES}
+    predictor = HistoryPredictor(survey.num_layers, window=8)
     for _ in range(args.repeats):
-        for name, groups in MODES.items():  # interleaved: the machine's noise falls on both alike
+        for name, (groups, predicts) in MODES.items():  # interleaved: the machine's noise falls on all alike
             runtime.step.stream_groups = default_groups if groups is None else groups
+            runtime.step.prefetcher = None
+            if predicts:
+                runtime.use_predictor(predictor)
             offload.override_routing(
                 model, ForcedRouting(trace, survey.num_layers, survey.num_experts, survey.top_k)
             )
@@ -82,13 +89,16 @@ def run(args: Any) -> dict[str, Any]:
             row["waves_per_layer_call"] = round(
                 (after.waves - before.waves) / max(1, after.layer_calls - before.layer_calls), 2
             )
+            row["prefetch_issued"] = after.prefetch_issued - before.prefetch_issued
+            row["prefetch_used"] = after.prefetch_used - before.prefetch_used
+            row["prefetch_late"] = after.prefetch_late - before.prefetch_late
     for row in rows.values():
         best = min(row["seconds"])
         row["prefill_seconds_best"] = round(best, 3)
         row["prefill_tokens_per_s"] = round(args.prompt_tokens / best, 1)
         row["seconds"] = [round(s, 3) for s in row["seconds"]]
     offload.close(model)
-    base, streamed = rows["wave-at-a-time"], rows["streamed"]
+    base, streamed, ahead = rows["wave-at-a-time"], rows["streamed"], rows["streamed+next-layer"]
     return dict(
         layers=layers,
         trace=trace.describe(),
@@ -99,5 +109,6 @@ def run(args: Any) -> dict[str, Any]:
         expert_bytes=survey.layout.nbytes,
         modes=rows,
         speedup=round(base["prefill_seconds_best"] / streamed["prefill_seconds_best"], 3),
+        speedup_next_layer=round(base["prefill_seconds_best"] / ahead["prefill_seconds_best"], 3),
         same_bytes=base["bytes_per_prefill_token"] == streamed["bytes_per_prefill_token"],
     )

@@ -8,7 +8,9 @@ decisions (:mod:`cache_policies.study.fast_lru`).
 Prefetch (``prefetch="history"``) runs the runtime's own protocol (:class:`cache_policies.prefetch.Prefetcher`)
 with a :class:`HistoryPredictor` of ``history_window`` accesses, so a recorded run replays with the same
 decisions: after each single-wave access, the next MoE layer's (after the last layer, the next token's layer
-0) most used experts are prefetched.
+0) most used experts are prefetched; after a multi-wave access (a prefill step with more experts than slots),
+the next layer's most used experts (all of them where it has no history yet), behind the last wave, never
+past the last layer.
 
 ``misses`` stay demand misses; prefetch copies are counted apart (``prefetch_issued``, of which
 ``prefetch_hits`` were then found resident by a demand access and ``prefetch_wasted`` were evicted unused; the

@@ -140,14 +140,16 @@ class LayerStep:
         pairs_out: torch.Tensor,
         slot_row: torch.Tensor | None,
     ) -> None:
-        """Each wave in turn: its copies, then its compute once they have all landed."""
+        """Each wave in turn: its copies, then its compute once they have all landed. The prefetch follows the
+        last wave's copies (the first's, with one wave): the slots of the waves before it are free then."""
+        last = len(plan.waves) - 1
         for i, wave in enumerate(plan.waves):
             # Misses still on disk (the disk tier): their reads start now, and the rest of the wave is
             # copied and computed while they run; they follow (invariant wave-independence).
             later = self.source.start_reads(layer, [wave.experts[j] for j in wave.loads])
             now, rest = _split(wave, later)
             self.serve(layer, now)
-            if i == 0 and self.prefetcher is not None:
+            if i == last and self.prefetcher is not None:
                 self.serve_prefetch(self.guess(layer, routed, plan))
             if now.experts:  # every expert of the call may be on the host
                 self.compute(routed, now, activation, pairs_out, slot_row)
@@ -167,7 +169,9 @@ class LayerStep:
         every decision and every result is theirs), with copies and compute overlapped. A wave's experts are
         computed in groups in the order their copies were issued, hits first, each group as soon as its own
         copies land; the next wave's copy into a slot is issued as soon as nothing in this wave will read that
-        slot (at once for slots this wave does not use, else when the group that read it releases it)."""
+        slot (at once for slots this wave does not use, else when the group that read it releases it). The
+        prefetch protocol's guess for the next layer is copied in behind the last wave's copies, while that wave
+        computes (cache_policies.prefetch: after a multi-wave access)."""
         waves = plan.waves
         issued: list[set[int]] = [set() for _ in waves]  # per wave, positions of its loads already copied
 
@@ -180,7 +184,7 @@ class LayerStep:
 
         for i, wave in enumerate(waves):
             issue(i, wave.loads)  # what the previous wave could not start early
-            if i == 0 and self.prefetcher is not None:
+            if i == len(waves) - 1 and self.prefetcher is not None:
                 self.serve_prefetch(self.guess(layer, routed, plan))
             after: dict[int, int] = {}  # the next wave's loads into slots this wave reads: slot -> position
             if i + 1 < len(waves):

@@ -1,5 +1,6 @@
-"""The prefetch protocol (cache_policies.prefetch), step by step: observe, guess only after single-wave
-accesses, reserve slots through the cache, and count used / late / wasted from what ``landed`` says."""
+"""The prefetch protocol (cache_policies.prefetch), step by step: observe, guess (after a multi-wave access,
+for the next layer behind its last wave), reserve slots through the cache, and count used / late / wasted from
+what ``landed`` says."""
 
 from __future__ import annotations
 
@@ -50,18 +51,29 @@ def test_observe_guess_reserve_and_count() -> None:
     assert prefetcher.wasted == 1
 
 
-def test_no_guess_after_a_multi_wave_access_and_nothing_to_copy_is_none() -> None:
+def test_after_a_multi_wave_access_the_next_layer_is_copied_behind_the_last_wave() -> None:
+    """A prefill chunk with more experts than slots: the next layer's guess (the predictor's where it names that
+    layer, else all of its experts) goes into the slots the last wave leaves free; never after the last layer."""
     c = cache(2)
     predictor = Scripted({0: Guess(1, [0])})
     prefetcher = Prefetcher(c, predictor, top_k=2)
     plan = c.access(0, [0, 1, 2])  # three experts, two slots: two waves
-    assert len(plan.waves) == 2
-    assert prefetcher.after_access(0, [0, 1, 2], plan) is None
-    assert predictor.observed == [(0, (0, 1, 2))] and predictor.asked == []  # observed, never asked
-    plan = c.access(1, [0])
+    assert len(plan.waves) == 2 and plan.waves[-1].experts == [2]
+    prefetch = prefetcher.after_access(0, [0, 1, 2], plan)
+    assert predictor.observed == [(0, (0, 1, 2))] and predictor.asked == [(0, 8, None)]  # count: every expert
+    assert prefetch is not None and (prefetch.layer, prefetch.experts) == (1, [0])
+    assert c.slot_of(0, 2) is not None and prefetch.slots != [c.slot_of(0, 2)]  # the last wave keeps its slot
+    predictor.guesses = {}  # nothing from the predictor: every expert of the next layer, as many as fit
+    plan = c.access(0, [3, 4, 5])  # evicts the prefetched (1, 0) unused: its waves need both slots
+    prefetch = prefetcher.after_access(0, [3, 4, 5], plan)
+    assert prefetch is not None and (prefetch.layer, prefetch.experts) == (1, [0])  # the first, in one slot
+    assert prefetch.evicted == [(0, 4)] and prefetch.slots != [c.slot_of(0, 5)]  # not the last wave's
+    plan = c.access(1, [4, 5, 6])  # the last layer: its next step starts over at layer 0
+    assert len(plan.waves) == 2 and prefetcher.after_access(1, [4, 5, 6], plan) is None
+    plan = c.access(1, [7])
     prefetcher.settle(plan, landed=None)  # no copy timing known: nothing counts as late
-    predictor.guesses = {1: Guess(1, [0])}  # already resident: nothing to copy
-    assert prefetcher.after_access(1, [0], plan) is None and prefetcher.issued == 0
+    predictor.guesses = {1: Guess(1, [7])}  # already resident: nothing to copy
+    assert prefetcher.after_access(1, [7], plan) is None
 
 
 def test_used_in_time() -> None:

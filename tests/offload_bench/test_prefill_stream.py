@@ -26,4 +26,5 @@ def test_both_modes_copy_the_same_bytes() -> None:
     assert modes["wave-at-a-time"]["stream_groups"] == 1 and modes["streamed"]["stream_groups"] > 1
     assert result["same_bytes"] and modes["streamed"]["bytes_per_prefill_token"] > 0
     assert modes["streamed"]["waves_per_layer_call"] > 1 and result["prefill_chunk"] == 32
-    assert result["speedup"] > 0
+    assert result["speedup"] > 0 and result["speedup_next_layer"] > 0
+    assert modes["streamed+next-layer"]["prefetch_issued"] > 0 and modes["streamed"]["prefetch_issued"] == 0

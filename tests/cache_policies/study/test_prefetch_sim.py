@@ -55,16 +55,15 @@ def test_wasted_prefetch() -> None:
     assert (none.hits, none.misses) == (4, 4) and none.bytes_moved is None  # no expert size in this trace
 
 
-def test_no_prefetch_on_multi_wave_accesses() -> None:
-    # Per-layer caches of 2 slots, top-1. Step 0 is a 3-token prefill using experts 0, 1, 2 in both layers:
-    # two waves each, which leave experts 1 and 2 resident. Step 1 is one token using expert 0 everywhere.
-    prefill = np.array([[[0], [0]], [[1], [1]], [[2], [2]]])  # [tokens, layers, k]
-    trace = RoutingTrace.from_steps([prefill, np.array([[[0], [0]]])], num_experts=4)
-    r = simulate(trace, "lru", 2, "layer", prefetch="history")
-    # Had the multi-wave access of layer 1 prefetched layer 0's predicted expert 0, step 1's layer 0 would hit.
-    # It misses; its single-wave access then prefetches expert 0 for layer 1, which hits.
-    assert (r.accesses, r.hits, r.misses) == (8, 1, 7)
-    assert (r.prefetch_issued, r.prefetch_hits, r.prefetch_wasted) == (1, 1, 0)
+def test_a_multi_wave_access_prefetches_the_next_layer_only() -> None:
+    # One global cache of 3 slots, top-1. One step, a 4-token prefill using experts 0-3 in both layers: two
+    # waves each. Behind layer 0's last wave (expert 3) the next layer's experts go into the two slots it
+    # leaves, ascending (history has seen nothing of layer 1: every expert): 0 and 1, which layer 1 then
+    # hits. Layer 1's own multi-wave access prefetches nothing: the next step starts over at layer 0.
+    prefill = np.array([[[0], [0]], [[1], [1]], [[2], [2]], [[3], [3]]])  # [tokens, layers, k]
+    r = simulate(RoutingTrace.from_steps([prefill], num_experts=4), "lru", 3, "global", prefetch="history")
+    assert (r.prefetch_issued, r.prefetch_hits, r.prefetch_wasted) == (2, 2, 0)
+    assert (r.accesses, r.hits, r.misses) == (8, 2, 6)  # without the prefetch: 8 accesses, 8 misses
 
 
 def test_prefetch_never_evicts_the_running_layers_experts() -> None:
@@ -98,8 +97,13 @@ def test_simulate_follows_the_protocol(policy: str, scope: str, capacity: int) -
     for layer, experts in zip(seq.layers, seq.experts, strict=True):
         plan = cache.access(layer, experts)
         predictor.observe(layer, experts)
-        if len(plan.waves) > 1:
+        if len(plan.waves) > 1:  # the next layer's predicted experts, else all of them, behind the last wave
             multi_wave += 1
+            if layer + 1 < seq.num_layers:
+                guessed = predictor.predict(layer + 1, seq.num_experts) or list(range(seq.num_experts))
+                last = plan.waves[-1].experts
+                issued = cache.prefetch(layer + 1, guessed, running_layer=layer, running=last)
+                assert not {(layer, e) for e in last} & set(issued.evicted)  # the last wave keeps its experts
             continue
         target = next_layer(layer, seq.num_layers, wrap=True)
         assert target is not None

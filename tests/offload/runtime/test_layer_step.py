@@ -99,41 +99,54 @@ def test_single_wave_order() -> None:
     assert step.pool.table[0, [0, 2]].tolist() == [0, 1] and step.pool.table[1, [4, 5]].tolist() == [2, 3]
 
 
-def test_waves_guess_once_after_the_first_waves_copies() -> None:
-    """One wave at a time (stream_groups 1): copy a wave, compute it, copy the next into the same slots."""
+def test_a_wave_at_a_time_then_the_next_layer_behind_the_last_wave() -> None:
+    """One wave at a time (stream_groups 1): copy a wave, compute it, copy the next into the freed slots; the
+    next layer's guess is copied in behind the last wave's copy, into the slot that wave leaves free."""
     step, log, store = build(slots=2)
     step.stream_groups = 1
     hidden = torch.randn(3, H)
-    index, weights = torch.tensor([[0, 1], [2, 3], [0, 3]]), torch.full((3, 2), 0.5)
-    out = step(0, ACTIVATION, hidden, index, weights)  # four experts, two slots: two waves
-    assert [entry[0] for entry in log] == ["load", "acquire", "release", "load", "acquire", "release"]
-    assert step.waves == 2 and step.layer_calls == 1  # a multi-wave access is never followed by a guess
+    index, weights = torch.tensor([[0, 1], [2, 0], [1, 2]]), torch.full((3, 2), 0.5)
+    out = step(0, ACTIVATION, hidden, index, weights)  # three experts, two slots: waves [0, 1] and [2]
+    last = step.cache.slot_of(0, 2)
+    free = 1 - last
+    assert log == [
+        ("load", [0, 1]),
+        ("acquire", [0, 1]),
+        ("release", [0, 1]),
+        ("load", [last]),  # the last wave's copy
+        ("guess", 0),
+        ("load", [free]),  # layer 1's guessed expert 4 (of 4 and 5: one slot is free)
+        ("acquire", [last]),
+        ("release", [last]),
+    ]
+    assert step.cache.slot_of(1, 4) == free and step.waves == 2 and step.layer_calls == 1
     assert torch.equal(out, reference(store, 0, hidden, index, weights))  # waves never change results
 
 
 def test_streamed_waves_compute_each_expert_as_it_lands_and_refill_its_slot_at_once() -> None:
     """A prefill-sized call streams (LayerStep._stream_waves): the first wave's experts are computed one group
     at a time, and the second wave's copy into a slot is issued right after the group that read it releases
-    it, before the rest of the first wave computes. The same results as a wave at a time, bitwise."""
+    it, before the rest of the first wave computes; the next layer's guess follows the last wave's copy. The
+    same results as a wave at a time, bitwise."""
     step, log, store = build(slots=2)
     hidden = torch.randn(3, H)
-    index, weights = torch.tensor([[0, 1], [2, 3], [0, 3]]), torch.full((3, 2), 0.5)
-    out = step(0, ACTIVATION, hidden, index, weights)  # four experts, two slots: two waves of two copies
-    first, second = log[0][1], log[3][1]
+    index, weights = torch.tensor([[0, 1], [2, 0], [1, 2]]), torch.full((3, 2), 0.5)
+    out = step(0, ACTIVATION, hidden, index, weights)
+    last = step.cache.slot_of(0, 2)
+    free = 1 - last
     assert log == [
-        ("load", first),  # the first wave's two copies
-        ("acquire", [first[0]]),
-        ("release", [first[0]]),
-        ("load", [first[0]]),  # the second wave's copy into the slot just released
-        ("acquire", [first[1]]),
-        ("release", [first[1]]),
-        ("load", [first[1]]),
-        ("acquire", [first[0]]),
-        ("release", [first[0]]),
-        ("acquire", [first[1]]),
-        ("release", [first[1]]),
+        ("load", [0, 1]),  # the first wave's two copies
+        ("acquire", [0]),
+        ("release", [0]),
+        ("load", [last]),  # the second wave's copy into the slot just released
+        ("acquire", [1]),
+        ("release", [1]),
+        ("guess", 0),
+        ("load", [free]),  # layer 1's guess, while the last wave computes
+        ("acquire", [last]),
+        ("release", [last]),
     ]
-    assert second == [first[0]] and step.waves == 2 and step.layer_calls == 1
+    assert last == 0 and step.waves == 2 and step.layer_calls == 1
     assert torch.equal(out, reference(store, 0, hidden, index, weights))
 
 
