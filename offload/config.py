@@ -82,11 +82,10 @@ class OffloadConfig:
     policy: str = "lru"
     cache_scope: Literal["global", "layer"] = "global"
     max_context: int = 4096  # tokens of KV cache the budget reserves (batch 1)
-    prefill_chunk: int | Literal["auto"] | None = (
-        "auto"  # generate() prefills a prompt in chunks of this many
-    )
-    # tokens and the budget reserves the workspace of one chunk (offload.runtime.budget.prefill_chunk_of);
-    # None: one forward over the whole prompt, whose workspace the budget reserves for max_context tokens
+    # generate() prefills a prompt in chunks of this many tokens and the budget reserves the workspace of one
+    # chunk (offload.runtime.budget.prefill_chunk_of); None: one forward over the whole prompt, whose
+    # workspace the budget reserves for max_context tokens
+    prefill_chunk: int | Literal["auto"] | None = "auto"
     kernel: KernelChoice = "auto"
     pin_memory: bool | None = None  # None: pin host experts when the device is CUDA
     workspace_bytes: int | None = None  # None: estimated from the model's shapes and max_context

@@ -147,9 +147,8 @@ def _scalar(action: argparse.Action, key: str, value: Any, where: str) -> Any:
     elif kind is float:
         ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
         value = float(value) if ok else value
-    elif callable(
-        kind
-    ):  # a parsing type: the text it parses, or a number written as one (prefill-chunk = 512)
+    elif callable(kind):
+        # a parsing type: the text it parses, or a number written as one (prefill-chunk = 512)
         ok, expected = isinstance(value, (str, int)) and not isinstance(value, bool), "a string or an integer"
         value = str(value) if ok else value
     else:

@@ -8,6 +8,7 @@ import weakref
 import torch
 
 from offload.memory.host_memory import host_buffer, pinning_error, unpin
+from offload.memory.int4pack import convert_layer
 from offload.memory.layout import ExpertLayout
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,11 @@ class HostExpertStore:
     def _repack_layer(self, layer: int, fields: dict[str, torch.Tensor]) -> None:
         buffer, pinned = self._new_buffer()
         views = self.layout.views(buffer)
-        for expert in range(self.num_experts):
-            for name, tensor in self.layout.repack({n: t[expert] for n, t in fields.items()}).items():
-                views[name][expert].copy_(tensor)
+        experts = [{name: tensor[e] for name, tensor in fields.items()} for e in range(self.num_experts)]
+        convert_layer(experts, self.layout.canonical, views)  # straight into the buffer
+        for name in ("gate_up_bias", "down_bias"):
+            if name in fields:
+                views[name].copy_(fields[name])
         self._layers[layer], self._pinned[layer] = buffer, pinned
 
     def _new_buffer(self) -> tuple[torch.Tensor, bool]:

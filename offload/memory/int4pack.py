@@ -136,6 +136,24 @@ def convert_expert(
     return out
 
 
+def convert_layer(
+    experts: list[dict[str, torch.Tensor]], layout: ExpertLayout, out: dict[str, torch.Tensor]
+) -> None:
+    """One layer's experts (their store fields, in expert order) -> their int4pack fields, written into ``out``'s
+    ``[experts, ...]`` tensors (other fields there are left alone)."""
+
+    def convert(expert: int) -> None:
+        convert_expert(experts[expert], layout, out={name: tensor[expert] for name, tensor in out.items()})
+
+    # experts side by side, one intra-op thread each, rather than torch spreading each op (a byte
+    # transpose, a table lookup) over the threads: on 2 cores twice as fast into memory already touched,
+    # 1.0-1.5 times into fresh memory (this VM's page faults cost about as much as the conversion)
+    workers = max(1, min(torch.get_num_threads(), len(experts)))
+    with torch_thread_pool(workers, 1, "offload-int4pack") as pool:
+        for _ in pool.map(convert, range(len(experts))):
+            pass  # map raises the first conversion that failed
+
+
 def _mxfp4_to_int4pack_layout(codes: torch.Tensor, out: torch.Tensor, torch_converter: bool = False) -> None:
     """e2m1 codes packed two per byte (``[R, C/2]``) -> ``[a | b]`` in torch's layout (``out`` ``[R, C]``).
 
@@ -256,18 +274,7 @@ class Int4PackCopy:
             name: torch.empty((self.num_experts, *shape), dtype=dtype)
             for name, (shape, dtype) in _shapes(self.layout).items()
         }
-
-        def convert(expert: int) -> None:
-            out = {name: tensor[expert] for name, tensor in tensors.items()}
-            convert_expert(experts[expert], self.layout, out=out)
-
-        # experts side by side, one intra-op thread each, rather than torch spreading each op (a byte
-        # transpose, a table lookup) over the threads: on 2 cores twice as fast into memory already touched,
-        # 1.0-1.5 times into fresh memory (this VM's page faults cost about as much as the conversion)
-        workers = max(1, min(torch.get_num_threads(), self.num_experts))
-        with torch_thread_pool(workers, 1, "offload-int4pack") as pool:
-            for _ in pool.map(convert, range(self.num_experts)):
-                pass  # map raises the first conversion that failed
+        convert_layer(experts, self.layout, tensors)
         self._layers[layer] = tensors
 
     def views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
@@ -310,9 +317,7 @@ def dequantize_int4pack(fields: dict[str, torch.Tensor], name: str, layout: Expe
             offset = (pairs[:, :full, 1].float() - 8 * pairs[:, :full, 0].float()).to(dtype).T
             values = codes.view(full, -1, g)
             values.mul_(scale[..., None]).add_(offset[..., None])
-            if (
-                full == rows and codes.shape[1] == cols
-            ):  # no padding, no partial block: the values as they are
+            if full == rows and codes.shape[1] == cols:  # no padding, no partial block: as they are
                 return codes
             out[:full] = codes[:, :cols]
     if full < rows:  # rows torch laid out itself: read back through its kernel, an identity matrix's product

@@ -224,8 +224,9 @@ class OffloadRuntime:
         layout = self.survey.layout
         given = self.config.host_rates
         need = host is not None and self.host_mode == "auto" and given is None
+        # a fixed table only on a CPU device, which has no link, so no rates to measure
         table, measured = self._fixed_table(), None
-        if table is None or need:
+        if table is None:
             table, measured = host_rates.resolve(
                 layout,
                 self.config.device,
