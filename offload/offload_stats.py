@@ -35,9 +35,7 @@ class OffloadStats:
     host_wait_seconds: float = 0.0  # time the layer step waited for them after its own work
     host_compute: str = "off"  # the mode in effect: off, auto, always (auto on CPU without rates: off)
     host_kernel: str = ""  # the host kernels by token count (offload.kernels.kernel_table), "" when off
-    prefill_chunk: int = (
-        0  # tokens per prefill forward generate() uses, its workspace planned; 0: whole prompts
-    )
+    prefill_chunk: int = 0  # tokens per prefill forward of generate(), as planned; 0: whole prompts
     kernels: str = ""  # what computes the experts in the slots: triton, torch, or a CPU device's host kernels
     # by token count ("int4pack up to 31 tokens, reference above on int4pack slots")
     host_kernel_copy_bytes: int = 0  # host RAM of the experts' copy for the int4pack kernel, 0: none

@@ -36,9 +36,8 @@ class BudgetPlan:
     slots: int
     min_slots: int
     total_experts: int
-    prefill_chunk: int | None = (
-        None  # tokens per prefill forward the workspace is planned for; None: max_context
-    )
+    # tokens per prefill forward the workspace is planned for; None: a whole max_context prompt
+    prefill_chunk: int | None = None
 
     @property
     def fixed_bytes(self) -> int:

@@ -193,10 +193,7 @@ class LayerStep:
                 after = {following.slots[j]: j for j in following.loads if following.slots[j] in reading}
             for group in _stream_groups(wave, self.stream_groups):
                 slots = [wave.slots[j] for j in group]
-                self.engine.acquire(slots)
-                experts = [wave.experts[j] for j in group]
-                self.kernel(routed, experts, slots, self.pool, activation, pairs_out, slot_row=None)
-                self.engine.release(slots)
+                self._compute_in(routed, [wave.experts[j] for j in group], slots, activation, pairs_out, None)
                 issue(i + 1, sorted(after[s] for s in slots if s in after))
             self.waves += 1
 
@@ -265,12 +262,24 @@ class LayerStep:
         pairs_out: torch.Tensor,
         slot_row: torch.Tensor | None,
     ) -> None:
-        """Wait for exactly the wave's slots, compute its experts' pairs, then let its slots be reused
-        (invariant *slot-safety*)."""
-        self.engine.acquire(wave.slots)
-        self.kernel(routed, wave.experts, wave.slots, self.pool, activation, pairs_out, slot_row=slot_row)
-        self.engine.release(wave.slots)
+        """Compute one wave's experts' pairs."""
+        self._compute_in(routed, wave.experts, wave.slots, activation, pairs_out, slot_row)
         self.waves += 1
+
+    def _compute_in(
+        self,
+        routed: RoutedTokens,
+        experts: Sequence[int],
+        slots: Sequence[int],
+        activation: ExpertActivation,
+        pairs_out: torch.Tensor,
+        slot_row: torch.Tensor | None,
+    ) -> None:
+        """Wait for exactly ``slots``' copies, compute their experts' pairs, then let the slots be reused
+        (invariant *slot-safety*)."""
+        self.engine.acquire(slots)
+        self.kernel(routed, experts, slots, self.pool, activation, pairs_out, slot_row=slot_row)
+        self.engine.release(slots)
 
     def _pairs_buffer(
         self, rows: int, hidden_states: torch.Tensor, dtype: torch.dtype, complete: bool
